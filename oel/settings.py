@@ -1,0 +1,284 @@
+"""Configuration of every OEL service, as one typed object.
+
+Sources, highest priority first:
+
+1. keyword arguments (tests, embedding code);
+2. environment variables ``OEL_<SECTION>__<FIELD>`` (for example ``OEL_KAFKA__BOOTSTRAP_SERVERS``);
+3. a TOML config file named by ``OEL_CONFIG_FILE`` (sections ``[kafka]``, ``[s3]``, ...);
+4. ``<state dir>/stack.env``, written by ``oel stack up`` with the local stack's endpoints and the
+   credentials it generated, so a developer machine needs no configuration at all;
+5. the defaults below.
+
+A bad value stops start-up with :class:`SettingsError`, whose message names the environment
+variable and says what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "OEL_"
+ENV_DELIMITER = "__"
+_HOST_PORT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
+
+
+def default_state_dir() -> Path:
+    """Where the local stack keeps data, logs and pid files (outside any checkout)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "oel"
+
+
+def default_cache_dir() -> Path:
+    """Where downloaded jars, built binaries and the converted default model are cached."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "oel"
+
+
+class PathSettings(BaseModel):
+    """Local directories."""
+
+    state_dir: Path = Field(default_factory=default_state_dir, description="Local stack data, logs, pid files.")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Caches: Kafka jars, MinIO binary, models.")
+
+
+class KafkaSettings(BaseModel):
+    """How to reach the Kafka cluster; passed to confluent-kafka/aiokafka as-is."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: Path | None = Field(None, description="CA bundle for SSL/SASL_SSL.")
+    client_id: str = "oel"
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        bad = [p for p in parts if not _HOST_PORT.match(p)]
+        if not parts or bad:
+            raise ValueError(f"expected a comma-separated list of host:port, got {value!r}")
+        return ",".join(parts)
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL"):
+            missing = [n for n in ("sasl_mechanism", "sasl_username", "sasl_password") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(
+                    f"security_protocol={self.security_protocol} also needs "
+                    + ", ".join(_env_name("kafka", m) for m in missing)
+                )
+        return self
+
+    def client_config(self) -> dict[str, str]:
+        """The librdkafka-style configuration shared by every producer, consumer and admin client."""
+        conf = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+            "client.id": self.client_id,
+        }
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username:
+            conf["sasl.username"] = self.sasl_username
+        if self.sasl_password:
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_ca_location:
+            conf["ssl.ca.location"] = str(self.ssl_ca_location)
+        return conf
+
+
+class TopicSettings(BaseModel):
+    """Topic names and sizing. Every input topic also gets ``<name>.dlq`` for events that fail validation."""
+
+    trajectories: str = "oel.trajectories"
+    experience: str = "oel.experience"
+    model_versions: str = "oel.model-versions"
+    trajectories_partitions: int = Field(6, ge=1, le=10_000)
+    experience_partitions: int = Field(3, ge=1, le=10_000)
+    model_versions_partitions: int = Field(1, ge=1, le=10_000)
+    replication_factor: int = Field(1, ge=1, le=32, description="3 in production.")
+    trajectories_retention_ms: int = Field(7 * 24 * 3600 * 1000, ge=-1, description="-1 keeps forever.")
+    experience_retention_ms: int = Field(30 * 24 * 3600 * 1000, ge=-1)
+    dlq_retention_ms: int = Field(14 * 24 * 3600 * 1000, ge=-1)
+    max_event_bytes: int = Field(1_048_576, ge=1024, description="Larger events are dead-lettered.")
+
+    @field_validator("trajectories", "experience", "model_versions")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._\-]{1,200}", value):
+            raise ValueError(f"expected a Kafka topic name (letters, digits, '.', '_', '-'), got {value!r}")
+        return value
+
+
+class S3Settings(BaseModel):
+    """The object store that holds the knowledge base, training data and adapters."""
+
+    endpoint: str = Field("127.0.0.1:9000", description="host:port, no scheme.")
+    secure: bool = Field(False, description="Use HTTPS.")
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
+    region: str | None = None
+    bucket: str = "oel"
+    attempts: int = Field(5, ge=1, le=100, description="Tries per operation before the store counts as down.")
+    backoff_s: float = Field(0.2, gt=0, le=60, description="First retry delay; doubles each try.")
+    timeout_s: float = Field(10.0, gt=0, le=600)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _no_scheme(cls, value: str) -> str:
+        if "://" in value or not _HOST_PORT.match(value):
+            raise ValueError(f"expected host:port without a scheme (set secure=true for HTTPS), got {value!r}")
+        return value
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", value):
+            raise ValueError(f"expected an S3 bucket name (3-63 lowercase letters, digits, '.', '-'), got {value!r}")
+        return value
+
+
+class ModelSettings(BaseModel):
+    """Which model serves the agents and is trained by the learner."""
+
+    path: Path | None = Field(None, description="A local Hugging Face model folder; unset = the bundled SmolLM2-135M-Instruct.")
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm_url: str = Field("http://127.0.0.1:8000", description="Base URL of the vLLM OpenAI-compatible server.")
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+
+    @field_validator("vllm_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"expected an http(s):// URL, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / "config.json").is_file():
+            raise ValueError(f"expected a Hugging Face model folder containing config.json, got {str(value)!r}")
+        return value
+
+
+class LearnerSettings(BaseModel):
+    """When a consolidation round starts and how it trains (OPCD)."""
+
+    min_new_items: int = Field(8, ge=1, description="New KB items since the last round that trigger a round.")
+    cooldown_s: float = Field(600.0, ge=0, description="Minimum time between two rounds of one namespace.")
+    steps: int = Field(40, ge=1, le=100_000)
+    batch_size: int = Field(4, ge=1, le=4096)
+    learning_rate: float = Field(1e-4, gt=0, lt=1)
+    temperature: float = Field(0.7, gt=0, le=5)
+    top_k: int = Field(256, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=32_768)
+    experience_token_budget: int = Field(2048, ge=16)
+    lora_rank: int = Field(16, ge=1, le=1024)
+
+
+class MetricsSettings(BaseModel):
+    """Where services expose Prometheus metrics."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9101, ge=0, le=65535, description="0 = no metrics endpoint.")
+
+
+class Settings(BaseSettings):
+    """Everything a service needs to know, read once at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    paths: PathSettings = Field(default_factory=PathSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    learner: LearnerSettings = Field(default_factory=LearnerSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(f"{ENV_PREFIX}CONFIG_FILE")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise SettingsError(f"{ENV_PREFIX}CONFIG_FILE: expected an existing TOML file, got {config_file!r}")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        stack_env = stack_env_file()
+        if stack_env.is_file():
+            sources.append(
+                type(dotenv_settings)(settings_cls, env_file=stack_env, env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER)
+            )
+        return tuple(sources)
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or invalid; the message names the setting."""
+
+
+def stack_env_file() -> Path:
+    """The file in which ``oel stack up`` records the local stack's endpoints and credentials."""
+    state = os.environ.get(f"{ENV_PREFIX}PATHS{ENV_DELIMITER}STATE_DIR")
+    return (Path(state) if state else default_state_dir()) / "stack.env"
+
+
+def _env_name(*loc: Any) -> str:
+    return ENV_PREFIX + ENV_DELIMITER.join(str(part).upper() for part in loc)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning validation errors into one readable :class:`SettingsError`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = [p for p in err["loc"] if not isinstance(p, int)]
+            name = _env_name(*loc) if loc else "OEL settings"
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            lines.append(f"{name}: {err['msg']}{shown}")
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def settings_reference() -> list[tuple[str, str, str]]:
+    """Every setting as (environment variable, default, description), for the README and ``oel config docs``."""
+    rows: list[tuple[str, str, str]] = []
+    for section, field in Settings.model_fields.items():
+        model = field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for name, sub in model.model_fields.items():
+            if sub.default_factory is not None:
+                default = "(derived)"
+            elif sub.default is None:
+                default = "(unset)"
+            else:
+                default = str(sub.default)
+            rows.append((_env_name(section, name), default, sub.description or ""))
+    return rows
