@@ -1,0 +1,1 @@
+"""Model access: the default model, the backend interface and its implementations."""
