@@ -225,6 +225,9 @@ def smoke(ctx: click.Context) -> None:
     click.echo(f"smoke test passed in {time.monotonic() - t0:.1f}s")
 
 
+cli.add_command(__import__("oel.model.cli", fromlist=["model"]).model)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

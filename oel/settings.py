@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -45,23 +45,29 @@ def default_cache_dir() -> Path:
     return Path(base) / "oel"
 
 
-class PathSettings(BaseModel):
+class Section(BaseModel):
+    """A settings section; unknown keys are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PathSettings(Section):
     """Local directories."""
 
     state_dir: Path = Field(default_factory=default_state_dir, description="Local stack data, logs, pid files.")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Caches: Kafka jars, MinIO binary, models.")
 
 
-class KafkaSettings(BaseModel):
+class KafkaSettings(Section):
     """How to reach the Kafka cluster; passed to confluent-kafka/aiokafka as-is."""
 
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field("PLAINTEXT", description="Kafka security protocol.")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(None, description="SASL mechanism (SASL_* protocols).")
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (secret).")
     ssl_ca_location: Path | None = Field(None, description="CA bundle for SSL/SASL_SSL.")
-    client_id: str = "oel"
+    client_id: str = Field("oel", description="Client id reported to the brokers.")
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -101,19 +107,19 @@ class KafkaSettings(BaseModel):
         return conf
 
 
-class TopicSettings(BaseModel):
+class TopicSettings(Section):
     """Topic names and sizing. Every input topic also gets ``<name>.dlq`` for events that fail validation."""
 
-    trajectories: str = "oel.trajectories"
-    experience: str = "oel.experience"
-    model_versions: str = "oel.model-versions"
-    trajectories_partitions: int = Field(6, ge=1, le=10_000)
-    experience_partitions: int = Field(3, ge=1, le=10_000)
-    model_versions_partitions: int = Field(1, ge=1, le=10_000)
+    trajectories: str = Field("oel.trajectories", description="Agents' trajectory events (key = episode id).")
+    experience: str = Field("oel.experience", description="Knowledge-base updates (key = namespace).")
+    model_versions: str = Field("oel.model-versions", description="Current model version per namespace (compacted).")
+    trajectories_partitions: int = Field(6, ge=1, le=10_000, description="Upper bound on processor workers.")
+    experience_partitions: int = Field(3, ge=1, le=10_000, description="Upper bound on learner instances.")
+    model_versions_partitions: int = Field(1, ge=1, le=10_000, description="Partitions of the model-versions topic.")
     replication_factor: int = Field(1, ge=1, le=32, description="3 in production.")
     trajectories_retention_ms: int = Field(7 * 24 * 3600 * 1000, ge=-1, description="-1 keeps forever.")
-    experience_retention_ms: int = Field(30 * 24 * 3600 * 1000, ge=-1)
-    dlq_retention_ms: int = Field(14 * 24 * 3600 * 1000, ge=-1)
+    experience_retention_ms: int = Field(30 * 24 * 3600 * 1000, ge=-1, description="Retention of KB updates.")
+    dlq_retention_ms: int = Field(14 * 24 * 3600 * 1000, ge=-1, description="Retention of dead-letter topics.")
     max_event_bytes: int = Field(1_048_576, ge=1024, description="Larger events are dead-lettered.")
 
     @field_validator("trajectories", "experience", "model_versions")
@@ -124,18 +130,18 @@ class TopicSettings(BaseModel):
         return value
 
 
-class S3Settings(BaseModel):
+class S3Settings(Section):
     """The object store that holds the knowledge base, training data and adapters."""
 
     endpoint: str = Field("127.0.0.1:9000", description="host:port, no scheme.")
     secure: bool = Field(False, description="Use HTTPS.")
-    access_key: str | None = None
-    secret_key: SecretStr | None = None
-    region: str | None = None
-    bucket: str = "oel"
+    access_key: str | None = Field(None, description="Access key (the local stack generates one).")
+    secret_key: SecretStr | None = Field(None, description="Secret key (secret).")
+    region: str | None = Field(None, description="Region, if the server needs one.")
+    bucket: str = Field("oel", description="Bucket for KBs, trajectories, adapters and manifests.")
     attempts: int = Field(5, ge=1, le=100, description="Tries per operation before the store counts as down.")
     backoff_s: float = Field(0.2, gt=0, le=60, description="First retry delay; doubles each try.")
-    timeout_s: float = Field(10.0, gt=0, le=600)
+    timeout_s: float = Field(10.0, gt=0, le=600, description="Read timeout of one request.")
 
     @field_validator("endpoint")
     @classmethod
@@ -152,13 +158,13 @@ class S3Settings(BaseModel):
         return value
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Section):
     """Which model serves the agents and is trained by the learner."""
 
     path: Path | None = Field(None, description="A local Hugging Face model folder; unset = the bundled SmolLM2-135M-Instruct.")
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["transformers", "vllm"] = Field("transformers", description="In-process transformers+peft, or a vLLM server.")
     vllm_url: str = Field("http://127.0.0.1:8000", description="Base URL of the vLLM OpenAI-compatible server.")
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    dtype: Literal["bfloat16", "float32", "float16"] = Field("bfloat16", description="Weights dtype of the in-process backend.")
 
     @field_validator("vllm_url")
     @classmethod
@@ -175,25 +181,25 @@ class ModelSettings(BaseModel):
         return value
 
 
-class LearnerSettings(BaseModel):
+class LearnerSettings(Section):
     """When a consolidation round starts and how it trains (OPCD)."""
 
     min_new_items: int = Field(8, ge=1, description="New KB items since the last round that trigger a round.")
     cooldown_s: float = Field(600.0, ge=0, description="Minimum time between two rounds of one namespace.")
-    steps: int = Field(40, ge=1, le=100_000)
-    batch_size: int = Field(4, ge=1, le=4096)
-    learning_rate: float = Field(1e-4, gt=0, lt=1)
-    temperature: float = Field(0.7, gt=0, le=5)
-    top_k: int = Field(256, ge=1)
-    max_new_tokens: int = Field(64, ge=1, le=32_768)
-    experience_token_budget: int = Field(2048, ge=16)
-    lora_rank: int = Field(16, ge=1, le=1024)
+    steps: int = Field(40, ge=1, le=100_000, description="Optimizer steps per round (paper: 20-100).")
+    batch_size: int = Field(4, ge=1, le=4096, description="Prefixes per step.")
+    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Constant AdamW LR (LoRA; the paper's 1e-6 is for full fine-tuning).")
+    temperature: float = Field(0.7, gt=0, le=5, description="Sampling temperature; logits are divided by it in the loss.")
+    top_k: int = Field(256, ge=1, description="Reverse KL over the student's top-k tokens.")
+    max_new_tokens: int = Field(64, ge=1, le=32_768, description="Longest sampled response.")
+    experience_token_budget: int = Field(2048, ge=16, description="Experience beyond this is cut, oldest items first.")
+    lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank of the student adapter.")
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(Section):
     """Where services expose Prometheus metrics."""
 
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="Address of the /metrics endpoint.")
     port: int = Field(9101, ge=0, le=65535, description="0 = no metrics endpoint.")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
@@ -66,6 +67,22 @@ def describe_topics(admin: AdminClient, names: list[str], timeout_s: float = 10.
     return states
 
 
+def _wait_visible(admin: AdminClient, names: list[str], timeout_s: float) -> None:
+    """Return once every named topic shows in the metadata with its leaders elected (usable right away)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        topics = admin.list_topics(timeout=timeout_s).topics
+        ready = [
+            n for n in names
+            if n in topics and topics[n].error is None and all(p.leader >= 0 for p in topics[n].partitions.values())
+        ]
+        if len(ready) == len(names):
+            return
+        if time.monotonic() > deadline:
+            raise KafkaUnavailable(f"topics not ready after {timeout_s}s: {sorted(set(names) - set(ready))}")
+        time.sleep(0.1)
+
+
 def ensure_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float = 30.0) -> list[TopicChange]:
     """Make every topic match its spec: create missing ones, raise partition counts, set differing configs.
 
@@ -80,14 +97,18 @@ def ensure_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float =
             [NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor, config=s.config) for s in missing],
             operation_timeout=timeout_s,
         )
+        raced = []
         for name, fut in futures.items():
             try:
                 fut.result(timeout_s)
                 changes.append(TopicChange(name, "created"))
             except KafkaException as exc:
-                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # created concurrently: fine
+                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                     raise
-                changes.append(TopicChange(name, "unchanged", "created concurrently"))
+                raced.append(name)  # created meanwhile (or not yet in our metadata): reconcile it below
+        _wait_visible(admin, [s.name for s in missing], timeout_s)
+        if raced:
+            existing.update(describe_topics(admin, raced))
     for spec in specs:
         state = existing.get(spec.name)
         if state is None:
