@@ -1,0 +1,514 @@
+"""Every Prometheus metric OEL exposes, in one registry, plus the helper that serves ``/metrics``.
+
+Conventions (https://prometheus.io/docs/practices/naming/):
+
+* every name starts with ``oel_``; units are base units and are part of the name (``_seconds``,
+  ``_bytes``); counters end in ``_total``; ratios are 0..1, never percent;
+* labels are bounded: ``namespace`` (the unit of learning: a handful per deployment), ``topic`` and
+  ``partition`` (the configured topics), a ``reason``/``outcome`` drawn from a fixed tuple below
+  (anything else is counted as ``other``), and ``model_version`` only on the per-version evaluation
+  gauges and the current-version info gauge, whose old versions are removed (see
+  :func:`observe_evaluation` and :func:`set_current_version`), so a long-lived learner does not grow
+  one series per version forever;
+* in Kubernetes the scrape must keep our ``namespace`` label (the PodMonitors set
+  ``honorLabels: true``); otherwise Prometheus renames it to ``exported_namespace``.
+
+Every metric lives in :data:`REGISTRY` (not prometheus-client's global one), together with the
+process and platform collectors; a process that runs several services (``oel demo``) shares it.
+Services call :func:`start_metrics_server` once with their ``MetricsSettings``. Instrument code
+with the objects below directly (``EVENTS_CONSUMED.labels(topic=t).inc()``) or through the small
+helpers where a label must stay bounded (:func:`count_dead_letter`, :func:`count_rejected_round`,
+:func:`observe_evaluation`, :func:`set_current_version`).
+
+Which service exposes what (default ports: processor 9101, learner 9102, agents 9103):
+
+======================  ==========================================================================
+processor               events consumed / dead-lettered, episodes, extraction latency, KB items and
+                        size, consumer lag of ``oel.trajectories``
+learner                 rounds, OPCD steps, training throughput, evaluation, current version,
+                        rollbacks, consumer lag of ``oel.experience``
+agents (producers)      recorder events sent / failed / pending, current version, adapter loads
+======================  ==========================================================================
+
+This module is part of the core: it imports no Kafka or Faust client.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import gc_collector, platform_collector, process_collector
+from prometheus_client.metrics import MetricWrapperBase
+
+if TYPE_CHECKING:  # pragma: no cover
+    from oel.settings import MetricsSettings
+
+log = logging.getLogger(__name__)
+
+#: The registry every OEL metric is registered in; serve it with :func:`start_metrics_server`.
+REGISTRY = CollectorRegistry(auto_describe=True)
+process_collector.ProcessCollector(registry=REGISTRY)
+platform_collector.PlatformCollector(registry=REGISTRY)
+gc_collector.GCCollector(registry=REGISTRY)
+
+# --- bounded label values -------------------------------------------------------------------
+
+#: Why an event went to a dead-letter topic (the ``reason`` label of ``oel_events_dead_lettered_total``).
+DLQ_REASONS = ("not_json", "schema", "too_large", "out_of_order", "other")
+#: Why the evaluation gate rejected a round (the ``reason`` label of ``oel_rounds_rejected_total``).
+REJECT_REASONS = ("pass_rate", "ood", "pass_rate_and_ood", "other")
+#: How an adapter load ended (the ``outcome`` label of ``oel_adapter_loads_total``).
+LOAD_OUTCOMES = ("ok", "error")
+#: How many versions per namespace keep their per-version evaluation series.
+EVALUATION_VERSIONS_KEPT = 10
+
+
+def _bounded(value: str, allowed: tuple[str, ...]) -> str:
+    return value if value in allowed else "other"
+
+
+# --- buckets ---------------------------------------------------------------------------------
+
+# A model call on 2 CPU cores takes seconds to minutes; on a GPU, 100 ms to seconds.
+_MODEL_CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
+_ROUND_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, float("inf"))
+# Reverse KL per token, nats: ~1e-3 once consolidated, ~0.1-1 at the start of a round.
+_KL_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, float("inf"))
+_ADAPTER_LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
+
+# --- stream: events and dead letters (processor, learner) -------------------------------------
+
+EVENTS_CONSUMED = Counter(
+    "oel_events_consumed_total",
+    "Events read from an input topic by a stream worker, valid or not (so DLQ ratio = "
+    "oel_events_dead_lettered_total / oel_events_consumed_total per topic).",
+    ["topic"],
+    registry=REGISTRY,
+)
+EVENTS_DEAD_LETTERED = Counter(
+    "oel_events_dead_lettered_total",
+    "Events sent to <topic>.dlq instead of being processed; topic is the source topic, reason one of "
+    + ", ".join(DLQ_REASONS)
+    + " (the full reason is in the DLQ record's oel.error header).",
+    ["topic", "reason"],
+    registry=REGISTRY,
+)
+LAST_EVENT_TIMESTAMP = Gauge(
+    "oel_last_event_timestamp_seconds",
+    "Unix time at which the worker last consumed an event from the topic (0 = none yet).",
+    ["topic"],
+    registry=REGISTRY,
+)
+CONSUMER_LAG = Gauge(
+    "oel_consumer_lag_messages",
+    "Messages between the consumer group's committed offset and the end of the partition, as last "
+    "seen by the worker that owns the partition.",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
+
+# --- processor: episodes, extraction, knowledge base -----------------------------------------
+
+EPISODES_COMPLETED = Counter(
+    "oel_episodes_completed_total",
+    "Episodes assembled from their trajectory events and handed to extraction.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+EPISODES_ABANDONED = Counter(
+    "oel_episodes_abandoned_total",
+    "Episodes dropped without an end event (timed out while open); their events are not learned from.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+EXTRACTION_DURATION = Histogram(
+    "oel_extraction_duration_seconds",
+    "Wall time of one extraction call (a batch of episodes -> experience items), including retries.",
+    ["namespace"],
+    buckets=_MODEL_CALL_BUCKETS,
+    registry=REGISTRY,
+)
+EXTRACTION_FAILURES = Counter(
+    "oel_extraction_failures_total",
+    "Extraction attempts that failed (model or store error) and will be retried; no episode is dropped.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+KB_ITEMS_APPENDED = Counter(
+    "oel_kb_items_appended_total",
+    "New experience items written to the namespace's knowledge base.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+KB_ITEMS_DEDUPLICATED = Counter(
+    "oel_kb_items_deduplicated_total",
+    "Extracted items whose id (hash of namespace + normalised text) already existed, so were not appended.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+KB_ITEMS = Gauge(
+    "oel_kb_items",
+    "Experience items in the namespace's knowledge base (all stored items, not only the current snapshot).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+KB_SNAPSHOT_TOKENS = Gauge(
+    "oel_kb_snapshot_tokens",
+    "Tokens of the namespace's current KB snapshot (the items that fit the experience token budget).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+KB_SIZE = Gauge(
+    "oel_kb_size_bytes",
+    "Bytes of the namespace's current KB snapshot text.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+
+# --- learner: rounds, OPCD, evaluation, versions ---------------------------------------------
+
+ROUNDS_STARTED = Counter(
+    "oel_rounds_started_total",
+    "Consolidation (OPCD) rounds started; a round resumed after a crash is not counted again.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+ROUNDS_FINISHED = Counter(
+    "oel_rounds_finished_total",
+    "Rounds that trained, passed the evaluation gate and published a new model version.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+ROUNDS_REJECTED = Counter(
+    "oel_rounds_rejected_total",
+    "Rounds whose new version the evaluation gate rejected (not rolled out); reason one of "
+    + ", ".join(REJECT_REASONS)
+    + ".",
+    ["namespace", "reason"],
+    registry=REGISTRY,
+)
+ROUNDS_FAILED = Counter(
+    "oel_rounds_failed_total",
+    "Rounds that ended with an error before the gate (they are retried with the same round id).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+ROUND_IN_PROGRESS = Gauge(
+    "oel_round_in_progress",
+    "1 while a round of the namespace is running, else 0.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+ROUND_DURATION = Histogram(
+    "oel_round_duration_seconds",
+    "Wall time of a round from start to the gate's decision (finished or rejected).",
+    ["namespace"],
+    buckets=_ROUND_BUCKETS,
+    registry=REGISTRY,
+)
+LAST_ROUND_TIMESTAMP = Gauge(
+    "oel_last_round_end_timestamp_seconds",
+    "Unix time at which the namespace's last round ended (finished or rejected).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+OPCD_STEPS = Counter(
+    "oel_opcd_steps_total",
+    "OPCD optimizer steps taken.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+OPCD_LAST_LOSS = Gauge(
+    "oel_opcd_last_step_loss",
+    "OPCD loss of the last optimizer step: mean over tokens of the student's top-k reverse KL to the "
+    "teacher (nats per token).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+OPCD_LAST_KL = Gauge(
+    "oel_opcd_last_step_kl",
+    "Reverse KL(student || teacher) per token of the last step, over the full vocabulary (nats).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+OPCD_STEP_LOSS = Histogram(
+    "oel_opcd_step_loss",
+    "Distribution of the OPCD loss per optimizer step (nats per token).",
+    ["namespace"],
+    buckets=_KL_BUCKETS,
+    registry=REGISTRY,
+)
+OPCD_STEP_KL = Histogram(
+    "oel_opcd_step_kl",
+    "Distribution of the full-vocabulary reverse KL per optimizer step (nats per token).",
+    ["namespace"],
+    buckets=_KL_BUCKETS,
+    registry=REGISTRY,
+)
+TRAINING_TOKENS = Counter(
+    "oel_training_tokens_total",
+    "Response tokens the student sampled and trained on (rate() of this = training tokens/s).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+TRAINING_TOKENS_PER_SECOND = Gauge(
+    "oel_training_tokens_per_second",
+    "Training throughput of the last optimizer step: response tokens / step wall time.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+EVALUATION_PASS_RATE = Gauge(
+    "oel_evaluation_pass_rate",
+    "Held-out pass rate (0..1, no experience in context) of a model version, as measured by the gate "
+    f"(the last {EVALUATION_VERSIONS_KEPT} versions per namespace are kept).",
+    ["namespace", "model_version"],
+    registry=REGISTRY,
+)
+EVALUATION_RESPONSE_TOKENS = Gauge(
+    "oel_evaluation_response_tokens",
+    "Mean response length in tokens of a model version on the held-out evaluation (falls as it learns).",
+    ["namespace", "model_version"],
+    registry=REGISTRY,
+)
+EVALUATION_OOD_SCORE = Gauge(
+    "oel_evaluation_ood_score",
+    "Out-of-distribution instruction-following score (0..1, IFEval-style checks) of a model version.",
+    ["namespace", "model_version"],
+    registry=REGISTRY,
+)
+MODEL_VERSION = Gauge(
+    "oel_model_version_info",
+    "1 for the model version currently rolled out to the namespace (exactly one series per namespace).",
+    ["namespace", "model_version"],
+    registry=REGISTRY,
+)
+MODEL_VERSIONS_PUBLISHED = Counter(
+    "oel_model_versions_published_total",
+    "ModelVersion events published to oel.model-versions (promotions and rollbacks included).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+MODEL_ROLLBACKS = Counter(
+    "oel_model_rollbacks_total",
+    "Rollbacks observed: the namespace's current version was set back to an earlier version.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+
+# --- agents: recorder and adapters --------------------------------------------------------------
+
+RECORDER_EVENTS_SENT = Counter(
+    "oel_recorder_events_sent_total",
+    "Trajectory events the recorder SDK delivered to Kafka (acknowledged by the broker).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+RECORDER_EVENTS_FAILED = Counter(
+    "oel_recorder_events_failed_total",
+    "Trajectory events the recorder could not deliver (broker down at close, delivery error).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+RECORDER_PENDING_EVENTS = Gauge(
+    "oel_recorder_pending_events",
+    "Events buffered in the recorder awaiting delivery (bounded by its back-pressure limit).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+AGENT_EPISODES = Counter(
+    "oel_agent_episodes_total",
+    "Episodes an agent played to the end.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+ADAPTER_LOAD_DURATION = Histogram(
+    "oel_adapter_load_duration_seconds",
+    "Time to load a model version's LoRA adapter (download + load into the backend).",
+    ["namespace"],
+    buckets=_ADAPTER_LOAD_BUCKETS,
+    registry=REGISTRY,
+)
+ADAPTER_LOADS = Counter(
+    "oel_adapter_loads_total",
+    "Adapter loads attempted, by outcome (" + ", ".join(LOAD_OUTCOMES) + ").",
+    ["namespace", "outcome"],
+    registry=REGISTRY,
+)
+
+# --- every process ----------------------------------------------------------------------------
+
+SERVICE_INFO = Gauge(
+    "oel_service_info",
+    "1 for each OEL service running in this process (service name, OEL package version).",
+    ["service", "version"],
+    registry=REGISTRY,
+)
+
+
+# --- helpers that keep labels bounded ----------------------------------------------------------
+
+
+def count_dead_letter(topic: str, reason: str, n: int = 1) -> None:
+    """Count ``n`` events of ``topic`` sent to its DLQ; a reason outside :data:`DLQ_REASONS` counts as ``other``."""
+    EVENTS_DEAD_LETTERED.labels(topic=topic, reason=_bounded(reason, DLQ_REASONS)).inc(n)
+
+
+def count_rejected_round(namespace: str, reason: str) -> None:
+    """Count a round the gate rejected; a reason outside :data:`REJECT_REASONS` counts as ``other``."""
+    ROUNDS_REJECTED.labels(namespace=namespace, reason=_bounded(reason, REJECT_REASONS)).inc()
+
+
+def count_adapter_load(namespace: str, seconds: float | None, ok: bool = True) -> None:
+    """Record one adapter load: its duration (if it succeeded) and its outcome."""
+    if ok and seconds is not None:
+        ADAPTER_LOAD_DURATION.labels(namespace=namespace).observe(seconds)
+    ADAPTER_LOADS.labels(namespace=namespace, outcome="ok" if ok else "error").inc()
+
+
+def observe_opcd_step(namespace: str, loss: float, kl: float, tokens: int, seconds: float) -> None:
+    """Record one OPCD optimizer step: last-step gauges, per-step histograms, tokens and tokens/s."""
+    OPCD_STEPS.labels(namespace=namespace).inc()
+    OPCD_LAST_LOSS.labels(namespace=namespace).set(loss)
+    OPCD_LAST_KL.labels(namespace=namespace).set(kl)
+    OPCD_STEP_LOSS.labels(namespace=namespace).observe(loss)
+    OPCD_STEP_KL.labels(namespace=namespace).observe(kl)
+    TRAINING_TOKENS.labels(namespace=namespace).inc(tokens)
+    if seconds > 0:
+        TRAINING_TOKENS_PER_SECOND.labels(namespace=namespace).set(tokens / seconds)
+
+
+_lock = threading.Lock()
+_evaluated: dict[str, OrderedDict[str, None]] = {}
+_current: dict[str, str] = {}
+
+
+def observe_evaluation(
+    namespace: str,
+    model_version: str,
+    pass_rate: float | None = None,
+    response_tokens: float | None = None,
+    ood_score: float | None = None,
+    keep: int = EVALUATION_VERSIONS_KEPT,
+) -> None:
+    """Set a version's evaluation gauges; the series of versions older than the last ``keep`` are removed."""
+    gauges = (EVALUATION_PASS_RATE, EVALUATION_RESPONSE_TOKENS, EVALUATION_OOD_SCORE)
+    with _lock:
+        seen = _evaluated.setdefault(namespace, OrderedDict())
+        seen[model_version] = None
+        seen.move_to_end(model_version)
+        while len(seen) > max(keep, 1):
+            old, _ = seen.popitem(last=False)
+            for gauge in gauges:
+                _remove(gauge, namespace, old)
+    for gauge, value in zip(gauges, (pass_rate, response_tokens, ood_score)):
+        if value is not None:
+            gauge.labels(namespace=namespace, model_version=model_version).set(value)
+
+
+def set_current_version(namespace: str, model_version: str, rollback: bool = False) -> None:
+    """Make ``model_version`` the namespace's one ``oel_model_version_info`` series; count a rollback if told."""
+    with _lock:
+        previous = _current.get(namespace)
+        _current[namespace] = model_version
+        if previous is not None and previous != model_version:
+            _remove(MODEL_VERSION, namespace, previous)
+    MODEL_VERSION.labels(namespace=namespace, model_version=model_version).set(1)
+    if rollback:
+        MODEL_ROLLBACKS.labels(namespace=namespace).inc()
+
+
+def _remove(metric: MetricWrapperBase, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass
+
+
+# --- exposition -----------------------------------------------------------------------------------
+
+
+def all_metrics() -> list[MetricWrapperBase]:
+    """Every OEL metric object defined in this module, in definition order."""
+    return [v for v in globals().values() if isinstance(v, MetricWrapperBase)]
+
+
+def exposed_names() -> set[str]:
+    """Every sample name OEL's metrics can expose (``_total``, ``_bucket``, ``_sum``, ``_count``,
+    ``_created``, ``_info`` included): what dashboards and alert rules may reference."""
+    names: set[str] = set()
+    for metric in all_metrics():
+        base = metric._name  # noqa: SLF001 (prometheus-client keeps the family name here)
+        kind = metric._type  # noqa: SLF001
+        if kind == "counter":
+            names |= {base + "_total", base + "_created"}
+        elif kind == "histogram":
+            names |= {base + s for s in ("_bucket", "_sum", "_count", "_created")}
+        elif kind == "info":
+            names.add(base + "_info")
+        else:
+            names.add(base)
+    return names
+
+
+def render() -> tuple[bytes, str]:
+    """The current exposition text and its content type, for a service that serves /metrics itself."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+_servers: dict[tuple[str, int], object] = {}
+
+
+def start_metrics_server(settings: MetricsSettings, service: str) -> int | None:
+    """Serve :data:`REGISTRY` on ``http://<host>:<port>/metrics`` in a daemon thread.
+
+    ``port`` 0 means no endpoint (returns None). Calling it again for an address this process already
+    serves is a no-op, so several services in one process (``oel demo``) can each call it. Returns the
+    port served. Sets ``oel_service_info{service=...}``.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        oel_version = version("oel")
+    except PackageNotFoundError:  # pragma: no cover (source checkout without install)
+        oel_version = "unknown"
+    SERVICE_INFO.labels(service=service, version=oel_version).set(1)
+    if settings.port == 0:
+        log.info("metrics endpoint off (OEL_METRICS__PORT=0)")
+        return None
+    from prometheus_client import start_http_server
+
+    key = (settings.host, settings.port)
+    with _lock:
+        if key not in _servers:
+            server, _thread = start_http_server(settings.port, addr=settings.host, registry=REGISTRY)
+            _servers[key] = server
+            log.info("metrics on http://%s:%d/metrics (%s)", settings.host, settings.port, service)
+    return settings.port
+
+
+def stop_metrics_servers() -> None:
+    """Stop every endpoint :func:`start_metrics_server` started (tests, orderly shutdown)."""
+    with _lock:
+        for server in _servers.values():
+            server.shutdown()  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]
+        _servers.clear()
+
+
+def sample_value(name: str, labels: dict[str, str] | None = None) -> float | None:
+    """The current value of one sample of :data:`REGISTRY` (tests): e.g.
+    ``sample_value("oel_events_consumed_total", {"topic": "oel.trajectories"})``."""
+    return REGISTRY.get_sample_value(name, labels or {})
+
