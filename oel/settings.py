@@ -113,6 +113,8 @@ class TopicSettings(Section):
     trajectories: str = Field("oel.trajectories", description="Agents' trajectory events (key = episode id).")
     experience: str = Field("oel.experience", description="Knowledge-base updates (key = namespace).")
     model_versions: str = Field("oel.model-versions", description="Current model version per namespace (compacted).")
+    episodes: str = Field("oel.episodes", description="Completed episodes and batch flushes, key = namespace (processor-internal).")
+    episodes_partitions: int = Field(3, ge=1, le=10_000, description="Partitions of the episodes topic.")
     trajectories_partitions: int = Field(6, ge=1, le=10_000, description="Upper bound on processor workers.")
     experience_partitions: int = Field(3, ge=1, le=10_000, description="Upper bound on learner instances.")
     model_versions_partitions: int = Field(1, ge=1, le=10_000, description="Partitions of the model-versions topic.")
@@ -122,7 +124,7 @@ class TopicSettings(Section):
     dlq_retention_ms: int = Field(14 * 24 * 3600 * 1000, ge=-1, description="Retention of dead-letter topics.")
     max_event_bytes: int = Field(1_048_576, ge=1024, description="Larger events are dead-lettered.")
 
-    @field_validator("trajectories", "experience", "model_versions")
+    @field_validator("trajectories", "experience", "model_versions", "episodes")
     @classmethod
     def _topic_name(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9._\-]{1,200}", value):
@@ -181,6 +183,20 @@ class ModelSettings(Section):
         return value
 
 
+class ProcessorSettings(Section):
+    """Episode assembly and extraction in the Faust processor."""
+
+    app_id: str = Field("oel-processor", description="Faust app id: the consumer group and the prefix of its internal topics.")
+    abandon_after_s: float = Field(300.0, gt=0, description="An episode with no event for this long is closed as abandoned.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Episodes of one namespace extracted together.")
+    batch_window_s: float = Field(30.0, gt=0, description="A partial batch is extracted after waiting this long.")
+    extraction_variant: Literal["structured", "unstructured"] = Field("structured", description="Extraction prompt variant.")
+    include_previous: bool = Field(True, description="Show the current KB in the extraction prompt.")
+    max_new_tokens: int = Field(256, ge=8, le=8192, description="Longest extraction answer.")
+    temperature: float = Field(0.7, ge=0, le=5, description="Extraction sampling temperature (seeded per batch).")
+    token_budget: int = Field(2048, ge=16, description="KB snapshot budget in tokens; oldest items are dropped beyond it.")
+
+
 class LearnerSettings(Section):
     """When a consolidation round starts and how it trains (OPCD)."""
 
@@ -200,7 +216,27 @@ class MetricsSettings(Section):
     """Where services expose Prometheus metrics."""
 
     host: str = Field("127.0.0.1", description="Address of the /metrics endpoint.")
-    port: int = Field(9101, ge=0, le=65535, description="0 = no metrics endpoint.")
+    port: int | None = Field(
+        None, ge=0, le=65535, description="Unset = the service's default (processor 9101, learner 9102, agents 9103); 0 = off."
+    )
+
+    def for_service(self, default_port: int) -> MetricsSettings:
+        """These settings with the port resolved to the service's default when unset."""
+        return self.model_copy(update={"port": default_port if self.port is None else self.port})
+
+
+class RecorderSettings(Section):
+    """The agents' trajectory recorder (producers.Recorder): batching, the bounded buffer, delivery."""
+
+    compression: Literal["lz4", "zstd", "gzip", "snappy", "none"] = Field("lz4", description="Batch compression; lz4 costs agents the least CPU.")
+    linger_ms: float = Field(20.0, ge=0, le=10_000, description="How long a batch waits to fill; more = bigger batches, later delivery.")
+    batch_max_kbytes: int = Field(1024, ge=1, le=1_048_576, description="Largest batch per partition, in KB.")
+    buffer_max_events: int = Field(20_000, ge=1, le=10_000_000, description="Events buffered before back-pressure starts.")
+    buffer_max_kbytes: int = Field(65_536, ge=1, le=2_097_151, description="KB buffered before back-pressure starts (bounds memory).")
+    when_full: Literal["block", "raise"] = Field("block", description="With a full buffer: block up to block_timeout_s, or raise BufferFull at once.")
+    block_timeout_s: float = Field(10.0, ge=0, le=3600, description="Longest a send blocks on a full buffer before raising BufferFull.")
+    delivery_timeout_s: float = Field(120.0, gt=0, le=86_400, description="An event not acknowledged within this long counts as failed.")
+    close_timeout_s: float = Field(30.0, ge=0, le=3600, description="Longest close() flushes; what is left is reported as lost.")
 
 
 class Settings(BaseSettings):
@@ -218,8 +254,10 @@ class Settings(BaseSettings):
     topics: TopicSettings = Field(default_factory=TopicSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    recorder: RecorderSettings = Field(default_factory=RecorderSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -66,4 +66,13 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                 f"events of {spec.name} that failed validation, reason in the 'oel.error' header",
             )
         )
+    specs.append(
+        TopicSpec(
+            t.episodes,
+            t.episodes_partitions,
+            rf,
+            {**delete, "retention.ms": str(t.experience_retention_ms)},
+            "completed episodes and batch flushes, key = namespace (processor-internal)",
+        )
+    )
     return specs

@@ -1,0 +1,169 @@
+"""From completed episodes to knowledge: the work the processor does per namespace, free of any transport.
+
+:class:`KnowledgeWriter` takes a batch of completed episodes of one namespace, asks the model for
+experience items (one conversation per episode, all in one batched generation call), and appends the
+items to the namespace's KB. It is idempotent under replay: what the model answered for an episode
+is stored under ``extractions/<namespace>/<episode id>.json`` and reused, episodes already applied are
+skipped, and every object is written under a deterministic key. The Faust processor and the one-machine
+demo both drive it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from oel import kb
+from oel.episodes import CompletedEpisode
+from oel.extraction import ExtractionConfig, build_prompt, item_id, parse_items, render_trajectory, validate_items
+from oel.model.backend import Backend, BackendError, SamplingParams
+from oel.schemas import ExperienceUpdate
+from oel.store import ObjectStore, StoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    """How extraction is run and how big the KB may grow."""
+
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    token_budget: int = 2048
+    """Experience beyond this many tokens is dropped, oldest first (paper: 8192; 2048 for small models)."""
+    attempts: int = 5
+    """Tries for a model or store failure before the batch fails (it is then retried by the caller, never dropped)."""
+    backoff_s: float = 0.5
+
+
+@dataclass
+class BatchResult:
+    """What one batch did."""
+
+    update: ExperienceUpdate | None
+    new_items: list[kb.ExperienceItem]
+    deduplicated: int
+    rejected: int
+    skipped_episodes: list[str]
+    extraction_seconds: float
+    reused_extractions: int
+
+
+class KnowledgeWriter:
+    """Extraction plus KB appends for the namespaces this worker owns."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        backend: Backend,
+        model_version: str,
+        config: WriterConfig | None = None,
+        count_tokens: kb.TokenCounter = kb.approx_tokens,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.store = store
+        self.backend = backend
+        self.model_version = model_version
+        self.config = config or WriterConfig()
+        self.count_tokens = count_tokens
+        self.clock = clock
+
+    def _retrying(self) -> Retrying:
+        return Retrying(
+            stop=stop_after_attempt(self.config.attempts),
+            wait=wait_exponential(multiplier=self.config.backoff_s, max=30),
+            retry=retry_if_exception_type((BackendError, StoreError, OSError)),
+            reraise=True,
+            before_sleep=lambda rs: log.warning("extraction failed (%s); retrying", rs.outcome.exception()),
+        )
+
+    def save_episode(self, episode: CompletedEpisode) -> bool:
+        """Store the episode as training data (idempotent)."""
+        return self._retrying()(self.store.put_json, episode.store_key, episode.model_dump(mode="json"))
+
+    def _extract(self, episodes: list[CompletedEpisode], previous: list[str]) -> tuple[dict[str, dict], int, float]:
+        """Model answers per episode id, reusing stored ones; returns (answers, reused count, model seconds)."""
+        answers: dict[str, dict] = {}
+        todo = []
+        for ep in episodes:
+            key = kb.extraction_key(ep.namespace, ep.episode_id)
+            if self.store.exists(key):
+                answers[ep.episode_id] = self.store.get_json(key)
+            else:
+                todo.append(ep)
+        reused = len(episodes) - len(todo)
+        seconds = 0.0
+        if todo:
+            cfg = self.config
+            prompts = [build_prompt(ep, previous, cfg.extraction) for ep in todo]
+            seed = int(hashlib.sha256(",".join(ep.episode_id for ep in todo).encode()).hexdigest()[:8], 16)
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
+            t0 = time.monotonic()
+            outputs = self._retrying()(self.backend.generate, prompts, params)
+            seconds = time.monotonic() - t0
+            for ep, out in zip(todo, outputs, strict=True):
+                answer = {
+                    "episode_id": ep.episode_id,
+                    "model_version": self.model_version,
+                    "variant": cfg.extraction.variant.value,
+                    "include_previous": cfg.extraction.include_previous,
+                    "output": out.text,
+                }
+                self._retrying()(self.store.put_json, kb.extraction_key(ep.namespace, ep.episode_id), answer)
+                answers[ep.episode_id] = answer
+        return answers, reused, seconds
+
+    def process_batch(self, state: kb.KBState, episodes: list[CompletedEpisode]) -> tuple[kb.KBState, BatchResult]:
+        """Extract from a batch of one namespace's episodes and append the items; safe to call again on a replay."""
+        assert all(ep.namespace == state.namespace for ep in episodes), "one namespace per batch"
+        fresh = [ep for ep in episodes if ep.episode_id not in state.applied_episodes]
+        skipped = [ep.episode_id for ep in episodes if ep.episode_id in state.applied_episodes]
+        if not fresh:
+            return state, BatchResult(None, [], 0, 0, skipped, 0.0, 0)
+        answers, reused, seconds = self._extract(fresh, state.window_texts)
+        items: list[kb.ExperienceItem] = []
+        rejected = 0
+        for ep in fresh:
+            answer = answers[ep.episode_id]
+            candidates = parse_items(answer["output"], self.config.extraction.variant)
+            kept, bad = validate_items(candidates, render_trajectory(ep))
+            rejected += len(bad)
+            for reason in bad:
+                log.info("episode %s: item rejected (%s): %.80s", ep.episode_id, reason.reason, reason.text)
+            items.extend(
+                kb.ExperienceItem(
+                    id=item_id(ep.namespace, text),
+                    namespace=ep.namespace,
+                    text=text,
+                    source_episode_ids=[ep.episode_id],
+                    extracted_by=answer["model_version"],
+                    variant=answer["variant"],
+                )
+                for text in kept
+            )
+        new_state, snapshot, new_items, dedup = kb.append(
+            state,
+            items,
+            episode_ids=[ep.episode_id for ep in fresh],
+            budget=self.config.token_budget,
+            count=self.count_tokens,
+            as_of=max(ep.ended_at for ep in fresh),
+        )
+        update = None
+        if snapshot is not None:
+            self._retrying()(kb.write_append, self.store, snapshot, new_items)
+            update = ExperienceUpdate(
+                namespace=state.namespace,
+                kb_version=snapshot.version,
+                new_item_ids=[i.id for i in new_items],
+                total_items=len(new_state.all_ids),
+                source_episode_ids=snapshot.source_episode_ids,
+                ts=snapshot.as_of,
+            )
+        return new_state, BatchResult(update, new_items, dedup, rejected, skipped, seconds, reused)

@@ -1,0 +1,27 @@
+"""The backend the settings ask for: the one place services turn ``settings.model`` into a Backend."""
+
+from __future__ import annotations
+
+from oel.model.backend import Backend
+from oel.settings import Settings
+
+
+def make_backend(settings: Settings) -> Backend:
+    """In-process transformers + peft, or a client of the vLLM server, per ``OEL_MODEL__BACKEND``."""
+    if settings.model.backend == "vllm":
+        from oel.model.vllm_backend import VLLMBackend
+
+        return VLLMBackend.from_settings(settings)
+    from oel.model.hf_backend import HFBackend
+
+    return HFBackend.from_settings(settings)
+
+
+def token_counter(backend: Backend):
+    """Count tokens with the backend's tokenizer when it has one, else estimate."""
+    tokenizer = getattr(backend, "tokenizer", None)
+    if tokenizer is None:
+        from oel.kb import approx_tokens
+
+        return approx_tokens
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))

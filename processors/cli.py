@@ -1,0 +1,58 @@
+"""`oel processor`: run a worker of the Faust processor."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+log = logging.getLogger(__name__)
+
+METRICS_PORT = 9101
+
+
+@click.command("processor")
+@click.option("--loglevel", default="info", show_default=True, help="Faust worker log level.")
+@click.pass_context
+def processor(ctx: click.Context, loglevel: str) -> None:
+    """Run one processor worker: assemble episodes from oel.trajectories, extract experience with the
+    model, append it to the knowledge base in the object store, publish updates on oel.experience.
+
+    Start several (on one or more machines) to share the partitions. Configuration: OEL_PROCESSOR__*
+    (batching, abandonment, extraction prompt), OEL_MODEL__* (which model extracts), OEL_KAFKA__*,
+    OEL_S3__*; metrics on OEL_METRICS__PORT (default 9101).
+    """
+    import faust
+
+    from oel.cli import _settings
+    from oel.extraction import ExtractionConfig, PromptVariant
+    from oel.knowledge import KnowledgeWriter, WriterConfig
+    from oel.metrics import start_metrics_server
+    from oel.model.factory import make_backend, token_counter
+    from oel.ops.topics import admin_client, ensure_topics
+    from oel.store import S3Store
+    from oel.topics import topic_specs
+    from processors.app import Processor
+
+    s = _settings(ctx)
+    p = s.processor
+    ensure_topics(admin_client(s.kafka), topic_specs(s))
+    store = S3Store(s.s3)
+    store.ensure_bucket()
+    backend = make_backend(s)
+    writer = KnowledgeWriter(
+        store,
+        backend,
+        model_version="base",
+        config=WriterConfig(
+            extraction=ExtractionConfig(variant=PromptVariant(p.extraction_variant), include_previous=p.include_previous),
+            max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature,
+            token_budget=p.token_budget,
+        ),
+        count_tokens=token_counter(backend),
+    )
+    start_metrics_server(s.metrics.for_service(METRICS_PORT), "processor")
+    proc = Processor(s, writer)
+    log.info("processor %s starting on %s", p.app_id, s.kafka.bootstrap_servers)
+    faust.Worker(proc.app, loglevel=loglevel, quiet=True).execute_from_commandline()
