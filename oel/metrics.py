@@ -429,6 +429,26 @@ def set_current_version(namespace: str, model_version: str, rollback: bool = Fal
         MODEL_ROLLBACKS.labels(namespace=namespace).inc()
 
 
+def init_namespace(namespace: str) -> None:
+    """Create the namespace's counter series at 0 (and ``oel_round_in_progress`` at 0).
+
+    Call it when a service first meets a namespace: Prometheus's ``increase()`` cannot see the first
+    increment of a series that is born at 1, so an alert on e.g. the first rollback would miss it.
+    """
+    bounded = {"reason": REJECT_REASONS, "outcome": LOAD_OUTCOMES}
+    for metric in all_metrics():
+        names = metric._labelnames  # noqa: SLF001
+        if metric._type != "counter" or "namespace" not in names:  # noqa: SLF001
+            continue
+        others = [n for n in names if n != "namespace"]
+        if not others:
+            metric.labels(namespace=namespace)
+        elif len(others) == 1 and others[0] in bounded:
+            for value in bounded[others[0]]:
+                metric.labels(**{"namespace": namespace, others[0]: value})
+    ROUND_IN_PROGRESS.labels(namespace=namespace).set(0)
+
+
 def _remove(metric: MetricWrapperBase, *labels: str) -> None:
     try:
         metric.remove(*labels)
