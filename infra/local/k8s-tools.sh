@@ -10,7 +10,7 @@ KUBERNETES_VALIDATE_VERSION="1.37.0"
 KUSTOMIZE_BIN="$OEL_CACHE_DIR/kustomize-$KUSTOMIZE_VERSION/kustomize"
 
 install_kustomize() {
-  if [[ -x "$KUSTOMIZE_BIN" ]] && "$KUSTOMIZE_BIN" version 2>/dev/null | grep -qF "$KUSTOMIZE_VERSION"; then return 0; fi
+  if [[ -x "$KUSTOMIZE_BIN" && "$("$KUSTOMIZE_BIN" version 2>/dev/null)" == "$KUSTOMIZE_VERSION" ]]; then return 0; fi
   command -v go >/dev/null || die "kustomize: needs the Go toolchain (go install) to build $KUSTOMIZE_VERSION"
   say "kustomize: building sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION with go install (once)"
   local start=$SECONDS tmp
@@ -30,7 +30,8 @@ install_kustomize() {
 install_validator() {
   local py="$OEL_REPO/.venv/bin/python"
   [[ -x "$py" ]] || die "kubernetes-validate: no .venv yet (run infra/install.sh first)"
-  if "$py" -m pip show kubernetes-validate 2>/dev/null | grep -qx "Version: $KUBERNETES_VALIDATE_VERSION"; then return 0; fi
+  local shown; shown="$("$py" -m pip show kubernetes-validate 2>/dev/null || true)"
+  if grep -qx "Version: $KUBERNETES_VALIDATE_VERSION" <<<"$shown"; then return 0; fi
   say "kubernetes-validate: installing $KUBERNETES_VALIDATE_VERSION into .venv"
   local constraints=()
   [[ -f "$OEL_REPO/constraints.txt" ]] && constraints=(-c "$OEL_REPO/constraints.txt")
