@@ -490,10 +490,11 @@ def render() -> tuple[bytes, str]:
 _servers: dict[tuple[str, int], object] = {}
 
 
-def start_metrics_server(settings: MetricsSettings, service: str) -> int | None:
+def start_metrics_server(settings: MetricsSettings, service: str, default_port: int | None = None) -> int | None:
     """Serve :data:`REGISTRY` on ``http://<host>:<port>/metrics`` in a daemon thread.
 
-    ``port`` 0 means no endpoint (returns None). Calling it again for an address this process already
+    ``port`` 0 means no endpoint (returns None); an unset port takes ``default_port`` (the service's
+    default: processor 9101, learner 9102, agents 9103). Calling it again for an address this process already
     serves is a no-op, so several services in one process (``oel demo``) can each call it. Returns the
     port served. Sets ``oel_service_info{service=...}``.
     """
@@ -504,18 +505,21 @@ def start_metrics_server(settings: MetricsSettings, service: str) -> int | None:
     except PackageNotFoundError:  # pragma: no cover (source checkout without install)
         oel_version = "unknown"
     SERVICE_INFO.labels(service=service, version=oel_version).set(1)
-    if settings.port == 0:
+    port = settings.port if settings.port is not None else default_port
+    if port is None:
+        raise ValueError(f"{service}: no metrics port (set OEL_METRICS__PORT, or pass the service's default_port)")
+    if port == 0:
         log.info("metrics endpoint off (OEL_METRICS__PORT=0)")
         return None
     from prometheus_client import start_http_server
 
-    key = (settings.host, settings.port)
+    key = (settings.host, port)
     with _lock:
         if key not in _servers:
-            server, _thread = start_http_server(settings.port, addr=settings.host, registry=REGISTRY)
+            server, _thread = start_http_server(port, addr=settings.host, registry=REGISTRY)
             _servers[key] = server
-            log.info("metrics on http://%s:%d/metrics (%s)", settings.host, settings.port, service)
-    return settings.port
+            log.info("metrics on http://%s:%d/metrics (%s)", settings.host, port, service)
+    return port
 
 
 def stop_metrics_servers() -> None:

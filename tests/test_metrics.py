@@ -157,3 +157,15 @@ def test_metrics_server_port_zero_is_off_and_a_port_serves_metrics_once():
     assert "process_cpu_seconds_total" in body
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_metrics_server_unset_port_takes_the_service_default():
+    port = _free_port()
+    settings = MetricsSettings(host="127.0.0.1", port=None)
+    try:
+        assert metrics.start_metrics_server(settings, "test-default", default_port=port) == port
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    finally:
+        metrics.stop_metrics_servers()
+    with pytest.raises(ValueError, match="OEL_METRICS__PORT"):
+        metrics.start_metrics_server(settings, "test-none")
