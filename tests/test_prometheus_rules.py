@@ -342,3 +342,45 @@ def test_every_panel_returns_data_and_a_provoked_rollback_fires(prometheus_url, 
     for ann in _dashboard()["annotations"]["list"]:
         assert _query(prom, ann["expr"])["data"]["result"]
     print(f"panels with data and alert firing {time.time() - started:.0f}s after the exporter started")
+
+
+@pytest.mark.stack
+def test_ensure_loaded_reloads_a_prometheus_that_lacks_the_fixture_job(tmp_path):
+    """A Prometheus started before infra/prometheus gained the fixture job (or the rules) is reloaded
+    from disk through its lifecycle endpoint, as the local stack enables it."""
+    import shutil
+    import socket
+
+    conf_dir = tmp_path / "prometheus"
+    shutil.copytree(PROM_DIR, conf_dir)
+    full = (conf_dir / "prometheus.yml").read_text()
+    stale = yaml.safe_load(full)
+    stale["scrape_configs"] = [j for j in stale["scrape_configs"] if j["job_name"] != FIXTURE_JOB]
+    stale["rule_files"] = []
+    (conf_dir / "prometheus.yml").write_text(yaml.safe_dump(stale))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        ["/usr/bin/prometheus", f"--config.file={conf_dir / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        prom = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return urllib.request.urlopen(f"{prom}/-/ready", timeout=2).status == 200
+            except OSError:
+                return False
+
+        _poll("the temporary Prometheus to be ready", ready, 60, every=0.2)
+        assert f"job_name: {FIXTURE_JOB}" not in _get(f"{prom}/api/v1/status/config")["data"]["yaml"]
+        (conf_dir / "prometheus.yml").write_text(full)
+        _ensure_loaded(prom)
+        rules = {r["name"] for g in _get(f"{prom}/api/v1/rules")["data"]["groups"] for r in g["rules"]}
+        assert "OELModelRollback" in rules
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
