@@ -522,13 +522,14 @@ def start_metrics_server(settings: MetricsSettings, service: str, default_port: 
     return port
 
 
-def stop_metrics_servers() -> None:
-    """Stop every endpoint :func:`start_metrics_server` started (tests, orderly shutdown)."""
+def stop_metrics_servers(port: int | None = None) -> None:
+    """Stop the endpoint on ``port``, or every endpoint :func:`start_metrics_server` started (tests,
+    orderly shutdown)."""
     with _lock:
-        for server in _servers.values():
+        for key in [k for k in _servers if port is None or k[1] == port]:
+            server = _servers.pop(key)
             server.shutdown()  # type: ignore[attr-defined]
             server.server_close()  # type: ignore[attr-defined]
-        _servers.clear()
 
 
 def sample_value(name: str, labels: dict[str, str] | None = None) -> float | None:

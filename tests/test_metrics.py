@@ -152,7 +152,7 @@ def test_metrics_server_port_zero_is_off_and_a_port_serves_metrics_once():
         assert metrics.start_metrics_server(MetricsSettings(host="127.0.0.1", port=port), "test-b") == port
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
-        metrics.stop_metrics_servers()
+        metrics.stop_metrics_servers(port)
     assert 'oel_service_info{service="test-a"' in body and 'oel_service_info{service="test-b"' in body
     assert "process_cpu_seconds_total" in body
     with pytest.raises(OSError):
@@ -166,6 +166,6 @@ def test_metrics_server_unset_port_takes_the_service_default():
         assert metrics.start_metrics_server(settings, "test-default", default_port=port) == port
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
     finally:
-        metrics.stop_metrics_servers()
+        metrics.stop_metrics_servers(port)
     with pytest.raises(ValueError, match="OEL_METRICS__PORT"):
         metrics.start_metrics_server(settings, "test-none")
