@@ -18,7 +18,10 @@ process and platform collectors; a process that runs several services (``oel dem
 Services call :func:`start_metrics_server` once with their ``MetricsSettings``. Instrument code
 with the objects below directly (``EVENTS_CONSUMED.labels(topic=t).inc()``) or through the small
 helpers where a label must stay bounded (:func:`count_dead_letter`, :func:`count_rejected_round`,
-:func:`observe_evaluation`, :func:`set_current_version`).
+:func:`observe_evaluation`, :func:`set_current_version`) or several series move together
+(:func:`observe_opcd_step`, :func:`count_adapter_load`). Call :func:`init_namespace` when a service
+first meets a namespace, so that the first increment of a counter (e.g. the first rollback) is visible
+to ``increase()``.
 
 Which service exposes what (default ports: processor 9101, learner 9102, agents 9103):
 
