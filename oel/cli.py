@@ -226,6 +226,7 @@ def smoke(ctx: click.Context) -> None:
 
 
 cli.add_command(__import__("oel.model.cli", fromlist=["model"]).model)
+cli.add_command(__import__("processors.cli", fromlist=["processor"]).processor)
 
 
 def main() -> None:

@@ -121,7 +121,8 @@ def item_id(namespace: str, text: str) -> str:
 def parse_items(output: str, variant: PromptVariant) -> list[str]:
     """Candidate item texts in the order the model wrote them (not yet validated)."""
     if variant is PromptVariant.unstructured:
-        text = normalise_item(_MARKER_RE.sub(" ", output))
+        paragraph = next((p for p in re.split(r"\n\s*\n", output.strip()) if p.strip()), "")
+        text = _first_sentences(normalise_item(_MARKER_RE.sub(" ", paragraph)), MAX_ITEM_CHARS)
         return [text] if text else []
     items = []
     for line in output.splitlines():
@@ -130,6 +131,23 @@ def parse_items(output: str, variant: PromptVariant) -> list[str]:
             continue
         items.extend(p for p in (normalise_item(x) for x in parts[1:]) if p)
     return items
+
+
+def _first_sentences(text: str, limit: int) -> str:
+    """Whole sentences from the start of ``text`` that fit ``limit`` characters (a hard cut if none does)."""
+    if len(text) <= limit:
+        return text
+    cut = max(text.rfind(end, 0, limit) for end in (". ", "! ", "? "))
+    return text[: cut + 1] if cut > 0 else text[:limit].rstrip()
+
+
+COPY_WORDS = 8
+"""An item sharing this many consecutive words with the trajectory is treated as copied from it."""
+
+
+def _shingles(text: str, n: int = COPY_WORDS) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.casefold())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,7 @@ class Rejected:
 def validate_items(candidates: list[str], trajectory_text: str) -> tuple[list[str], list[Rejected]]:
     """Keep items of sane length that are not copies of the trajectory's (untrusted) text."""
     haystack = normalise_item(trajectory_text).casefold()
+    copied = _shingles(trajectory_text)
     kept: list[str] = []
     rejected: list[Rejected] = []
     for text in candidates:
@@ -148,7 +167,7 @@ def validate_items(candidates: list[str], trajectory_text: str) -> tuple[list[st
             rejected.append(Rejected(text, f"shorter than {MIN_ITEM_CHARS} characters"))
         elif len(text) > MAX_ITEM_CHARS:
             rejected.append(Rejected(text, f"longer than {MAX_ITEM_CHARS} characters"))
-        elif text.casefold() in haystack:
+        elif text.casefold() in haystack or _shingles(text) & copied:
             rejected.append(Rejected(text, "copies trajectory text (possible injection)"))
         elif text.casefold() in (k.casefold() for k in kept):
             rejected.append(Rejected(text, "repeated in the same answer"))

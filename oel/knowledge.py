@@ -155,15 +155,18 @@ class KnowledgeWriter:
             count=self.count_tokens,
             as_of=max(ep.ended_at for ep in fresh),
         )
-        update = None
         if snapshot is not None:
             self._retrying()(kb.write_append, self.store, snapshot, new_items)
+        # One update per batch, also when nothing was new, so consumers can follow progress;
+        # none while the namespace has no KB version at all.
+        update = None
+        if new_state.version is not None:
             update = ExperienceUpdate(
                 namespace=state.namespace,
-                kb_version=snapshot.version,
+                kb_version=new_state.version,
                 new_item_ids=[i.id for i in new_items],
                 total_items=len(new_state.all_ids),
-                source_episode_ids=snapshot.source_episode_ids,
-                ts=snapshot.as_of,
+                source_episode_ids=sorted(ep.episode_id for ep in fresh),
+                ts=max(ep.ended_at for ep in fresh),
             )
         return new_state, BatchResult(update, new_items, dedup, rejected, skipped, seconds, reused)

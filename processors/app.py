@@ -37,7 +37,7 @@ from oel.kb import KBState
 from oel.knowledge import KnowledgeWriter
 from oel.schemas import InvalidMessage, TrajectoryEvent, decode
 from oel.settings import KafkaSettings, Settings
-from oel.topics import dlq_name
+from oel.topics import TopicSpec, dlq_name
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,14 @@ class Processor:
             p.app_id,
             **broker_settings(settings.kafka),
             store="memory://",
+            datadir=str(settings.paths.state_dir / "processor" / p.app_id),
             topic_partitions=t.trajectories_partitions,
             table_standby_replicas=0,
             web_enabled=False,
             topic_disable_leader=True,
+            # Faust creates topics with CreateTopics v1, which Kafka 4 no longer accepts (it drops the
+            # connection): every topic the app uses is created beforehand by internal_topic_specs().
+            topic_allow_declare=False,
             broker_max_poll_interval=3600.0,
             broker_commit_interval=1.0,
             stream_wait_empty=True,
@@ -104,12 +108,12 @@ class Processor:
         self.trajectories = app.topic(t.trajectories, key_serializer="raw", value_serializer="raw")
         self.dlq = app.topic(dlq_name(t.trajectories), key_serializer="raw", value_serializer="raw")
         self.control = app.topic(
-            f"{p.app_id}-control", key_serializer="raw", value_serializer="json", partitions=t.trajectories_partitions, internal=True
+            control_topic(p.app_id), key_serializer="raw", value_serializer="json", partitions=t.trajectories_partitions, internal=True
         )
         self.episodes_topic = app.topic(t.episodes, key_serializer="raw", value_serializer="raw")
         self.experience = app.topic(t.experience, key_serializer="raw", value_serializer="raw")
-        self.episodes = app.Table("episodes", default=None, partitions=t.trajectories_partitions, value_serializer="json")
-        self.kb = app.Table("kb", default=None, partitions=t.episodes_partitions, value_serializer="json")
+        self.episodes = app.Table("episodes", default=None, partitions=t.trajectories_partitions)
+        self.kb = app.Table("kb", default=None, partitions=t.episodes_partitions)
         app.agent(self.trajectories, name="assemble")(self._assemble)
         app.agent(self.control, name="control")(self._control)
         app.agent(self.episodes_topic, name="extract")(self._extract)
@@ -265,6 +269,34 @@ class Processor:
             high = consumer.highwater(tp)
             if committed is not None and high is not None:
                 metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, high - committed))
+
+
+TABLES = ("episodes", "kb")
+
+
+def control_topic(app_id: str) -> str:
+    return f"{app_id}-control"
+
+
+def internal_topic_specs(settings: Settings) -> list[TopicSpec]:
+    """The processor's own topics: table changelogs (compacted) and the control topic.
+
+    Partition counts must equal those of the stream each table is keyed by.
+    """
+    t, p = settings.topics, settings.processor
+    rf = t.replication_factor
+    parts = {"episodes": t.trajectories_partitions, "kb": t.episodes_partitions}
+    specs = [
+        TopicSpec(f"{p.app_id}-{name}-changelog", parts[name], rf, {"cleanup.policy": "compact"}, f"changelog of the {name} table")
+        for name in TABLES
+    ]
+    specs.append(
+        TopicSpec(
+            control_topic(p.app_id), t.trajectories_partitions, rf,
+            {"cleanup.policy": "delete", "retention.ms": str(24 * 3600 * 1000)}, "abandon/purge commands for the episodes table",
+        )
+    )
+    return specs
 
 
 def event_partition() -> int:

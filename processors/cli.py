@@ -32,11 +32,11 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     from oel.ops.topics import admin_client, ensure_topics
     from oel.store import S3Store
     from oel.topics import topic_specs
-    from processors.app import Processor
+    from processors.app import Processor, internal_topic_specs
 
     s = _settings(ctx)
     p = s.processor
-    ensure_topics(admin_client(s.kafka), topic_specs(s))
+    ensure_topics(admin_client(s.kafka), topic_specs(s) + internal_topic_specs(s))
     store = S3Store(s.s3)
     store.ensure_bucket()
     backend = make_backend(s)
