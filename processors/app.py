@@ -86,11 +86,13 @@ class Processor:
         self.tick_s = tick_s or max(0.5, min(p.abandon_after_s, p.batch_window_s) / 4)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oel-extract")
         self.locks: dict[str, asyncio.Lock] = {}
+        datadir = settings.paths.state_dir / "processor" / p.app_id
+        datadir.mkdir(parents=True, exist_ok=True)
         app = faust.App(
             p.app_id,
             **broker_settings(settings.kafka),
             store="memory://",
-            datadir=str(settings.paths.state_dir / "processor" / p.app_id),
+            datadir=str(datadir),
             topic_partitions=t.trajectories_partitions,
             table_standby_replicas=0,
             web_enabled=False,

@@ -113,7 +113,8 @@ class Env:
 
     def read(self, topic: str, n: int, timeout: float) -> list:
         consumer = Consumer({**self.settings.kafka.client_config(), "group.id": f"reader-{time.monotonic_ns()}", "auto.offset.reset": "earliest"})
-        consumer.assign([TopicPartition(topic, 0, 0)])
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         out, deadline = [], time.monotonic() + timeout
         while len(out) < n and time.monotonic() < deadline:
             msg = consumer.poll(1.0)
