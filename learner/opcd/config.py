@@ -1,0 +1,154 @@
+"""The one configuration object of the OPCD trainer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from learner.opcd.data import EXPERIENCE_HEADER, SITUATION_HEADER
+
+
+@dataclass
+class OPCDConfig:
+    """On-policy context distillation (OPCD) of an experience into the weights.
+
+    Each step: the student (current weights) samples one answer per training prefix, **without**
+    experience in context, at ``temperature``; the frozen teacher (the round-start weights) scores
+    the same answer tokens **with** an experience block in context (one experience set drawn at
+    random per sample); the student takes one AdamW step on the mean, over answer tokens, of the
+    reverse KL restricted to its own ``top_k`` tokens (see :mod:`learner.opcd.loss`).
+    """
+
+    # --- model -------------------------------------------------------------------------------
+    model_path: str | Path | None = None
+    """A local Hugging Face model folder. ``None``: the project's default model (SmolLM2-135M-Instruct),
+    converted on first use (``oel.model.prepare.resolve_model_path``)."""
+    dtype: Literal["bfloat16", "float32", "float16"] | None = None
+    """Weights dtype. ``None``: bfloat16 for LoRA (frozen base, float32 adapter), float32 for a full
+    fine-tune (AdamW updates of ~1e-6 vanish in bfloat16 weights)."""
+    finetune: Literal["lora", "full"] = "lora"
+    """Train a LoRA adapter (default) or every weight."""
+    init_adapter: str | Path | None = None
+    """The parent adapter (the previous round's output) that this round continues from. It is both the
+    student's starting point and, frozen, the teacher (base + parent = the round-start weights).
+    ``None``: a fresh adapter; the teacher is then the base model with the adapter disabled, which is
+    exactly the round-start model because a fresh LoRA's B matrices are zero."""
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    """LoRA scaling numerator; ``None`` = 2 x rank."""
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list[str] = "all-linear"
+    """Which linear layers get adapters (peft's ``target_modules``; ``"all-linear"`` = every linear but the head)."""
+
+    # --- optimisation ------------------------------------------------------------------------
+    steps: int = 40
+    """Optimizer steps (the paper uses 20-100 per round)."""
+    batch_size: int = 4
+    """Prefixes per step; one on-policy sample each."""
+    learning_rate: float | None = None
+    """Constant AdamW learning rate. ``None``: 1e-4 for LoRA, 1e-6 for a full fine-tune (the paper's)."""
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm); 0 disables it."""
+
+    # --- sampling ----------------------------------------------------------------------------
+    temperature: float = 0.7
+    """Sampling temperature; the loss divides both models' logits by it too."""
+    top_p: float = 1.0
+    max_prompt_tokens: int = 2048
+    """Longest student prompt (chat template applied). Longer prefixes are left out and counted, never truncated."""
+    max_new_tokens: int = 64
+    """Longest sampled answer."""
+    min_new_tokens: int = 0
+    """Suppress end-of-sequence before this many tokens (benchmarks use it to fix the answer length)."""
+
+    # --- loss --------------------------------------------------------------------------------
+    top_k: int | None = 256
+    """Size of the student's top-k support of the KL; ``None`` = exact full-vocabulary reverse KL."""
+    loss_chunk_tokens: int = 256
+    """Answer positions projected to the vocabulary at once (bounds the memory of the logits)."""
+    teacher_cache_tokens: int = 32768
+    """The teacher is frozen for the round, so the keys/values of the part of its prompt that every prefix
+    shares (chat-template opening + experience block) are computed once per experience set and reused;
+    this bounds the cached tokens (least recently used dropped first). 0 disables the cache."""
+    teacher_cache_min_tokens: int = 32
+    """Shared parts shorter than this are not worth caching and are recomputed with the rest."""
+
+    # --- experience --------------------------------------------------------------------------
+    experience_token_budget: int = 2048
+    """Most tokens of experience in the teacher prompt; a larger set loses its oldest items (reported)."""
+    experience_header: str = EXPERIENCE_HEADER
+    situation_header: str = SITUATION_HEADER
+    experience_position: Literal["first_user", "last_user"] = "first_user"
+    """Which user message of a prefix gets the experience block."""
+
+    # --- run ---------------------------------------------------------------------------------
+    seed: int = 0
+    """Seeds prefix order, experience draws, sampling and a fresh adapter's initialisation."""
+    num_threads: int | None = None
+    """torch intra-op threads; ``None`` leaves torch's default."""
+
+    def __post_init__(self) -> None:
+        if self.finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+        if self.finetune == "full" and self.init_adapter is not None:
+            raise ValueError("init_adapter is for LoRA; for a full fine-tune point model_path at the round-start weights")
+        for name in ("steps", "batch_size", "max_new_tokens", "max_prompt_tokens", "experience_token_budget", "loss_chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if not 0 < self.temperature:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError("min_new_tokens must be between 0 and max_new_tokens")
+
+    @property
+    def effective_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.finetune == "lora" else 1e-6
+
+    @property
+    def effective_dtype(self) -> str:
+        if self.dtype is not None:
+            return self.dtype
+        return "bfloat16" if self.finetune == "lora" else "float32"
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Path):
+                d[k] = str(v)
+        return d
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> "OPCDConfig":
+        """The trainer's configuration from the service settings (``Settings.learner`` and ``Settings.model``),
+        with keyword overrides on top."""
+        learner = settings.learner
+        values: dict[str, Any] = dict(
+            model_path=settings.model.path,
+            steps=learner.steps,
+            batch_size=learner.batch_size,
+            learning_rate=learner.learning_rate,
+            temperature=learner.temperature,
+            top_k=learner.top_k,
+            max_new_tokens=learner.max_new_tokens,
+            experience_token_budget=learner.experience_token_budget,
+            lora_rank=learner.lora_rank,
+        )
+        names = {f.name for f in fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"unknown OPCDConfig fields: {sorted(unknown)}")
+        values.update(overrides)
+        return cls(**values)
+

@@ -1,0 +1,644 @@
+"""The OPCD trainer: one consolidation round of experience into the weights.
+
+How a step runs (``OPCDTrainer.step``):
+
+1. **Sample** (student, no experience): ``batch_size`` training prefixes, each tokenised with the
+   project's chat rule (:func:`oel.model.chat.encode_chat`), are answered once by the student at
+   ``temperature`` (full-vocabulary sampling, top-p 1 by default) with a KV-cache decoding loop;
+   each answer's exact token ids are kept, end-of-sequence token included.
+2. **Score** (teacher, experience in context): each sample draws one experience set; the teacher's
+   prompt is the same conversation with the experience block in front of one user message, encoded
+   by the same rule. The *same* answer ids are appended to both prompts; the final hidden state at
+   position ``len(prompt) - 1 + j`` predicts answer token ``j`` on each side.
+3. **Update**: the loss of :mod:`learner.opcd.loss` (mean over answer tokens of the top-k reverse
+   KL), its analytic gradient, global-norm clipping, one AdamW step at a constant learning rate.
+
+Who the teacher is (the frozen round-start weights, without keeping a second copy of the base):
+
+* LoRA, fresh adapter (round 1, or any round that starts a new adapter on the base): the teacher
+  is the base with the adapter **disabled**. That equals the round-start student exactly, because a
+  fresh LoRA's B matrices are zero.
+* LoRA continuing a parent adapter (``init_adapter``): the parent is loaded twice, as the trainable
+  ``default`` adapter and as a frozen ``teacher`` adapter; the teacher forward switches to the
+  latter. Disabling the adapter here would be wrong: it would give the base model, i.e. the weights
+  from before *every* earlier round, not the round-start weights. An adapter costs megabytes, a
+  second base model would cost its full size.
+* Full fine-tune: a frozen deep copy of the round-start model (twice the weights in memory).
+
+The prompts are never truncated: prefixes whose student prompt is longer than
+``max_prompt_tokens`` are left out (counted in ``skipped_prefixes``); an experience set over
+``experience_token_budget`` loses its oldest items, which is logged and returned
+(``OPCDTrainer.experience_cuts``, ``OPCDResult.experience_cuts``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+import json
+import logging
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from learner.opcd.config import OPCDConfig
+from learner.opcd.data import (
+    Conversation,
+    DataError,
+    ExperienceCut,
+    ExperienceTemplate,
+    fit_experience,
+    parse_conversation,
+)
+from learner.opcd.loss import LossStats, chunked_opcd_loss
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "opcd-summary.json"
+TEACHER_ADAPTER = "teacher"
+STUDENT_ADAPTER = "default"
+
+
+@dataclass
+class Rollout:
+    """One on-policy sample and the two contexts it is scored in."""
+
+    prefix_index: int
+    experience_index: int
+    student_prompt_ids: list[int]
+    teacher_prompt_ids: list[int]
+    response_ids: list[int]
+    """The sampled token ids, exactly; the end-of-sequence token included when the student emitted one."""
+    finish_reason: str
+    """"stop" (end-of-sequence) or "length" (``max_new_tokens`` reached)."""
+
+
+@dataclass
+class StepMetrics:
+    """What one optimizer step measured."""
+
+    step: int
+    loss: float
+    """Mean OPCD loss per answer token (top-k reverse KL; full KL when ``top_k`` is None)."""
+    kl: float
+    """Mean full-vocabulary reverse KL(student || teacher) per answer token, before the update."""
+    response_tokens: int
+    tokens_per_s: float
+    """Answer tokens of this step / wall time of the whole step (sampling + scoring + update)."""
+    seconds: float
+    sample_seconds: float
+    train_seconds: float
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    learning_rate: float
+    mean_response_tokens: float
+    stopped_fraction: float
+    """Share of answers that ended with end-of-sequence rather than the length limit."""
+
+
+@dataclass
+class OPCDResult:
+    """A finished run."""
+
+    steps: list[StepMetrics]
+    experience_cuts: list[ExperienceCut]
+    skipped_prefixes: int
+    seconds: float
+
+    @property
+    def response_tokens(self) -> int:
+        return sum(s.response_tokens for s in self.steps)
+
+    @property
+    def tokens_per_s(self) -> float:
+        busy = sum(s.seconds for s in self.steps)
+        return self.response_tokens / busy if busy > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": [asdict(s) for s in self.steps],
+            "experience_cuts": [asdict(c) | {"items_dropped": c.items_dropped} for c in self.experience_cuts],
+            "skipped_prefixes": self.skipped_prefixes,
+            "seconds": self.seconds,
+            "response_tokens": self.response_tokens,
+            "tokens_per_s": self.tokens_per_s,
+            "first_loss": self.steps[0].loss if self.steps else None,
+            "last_loss": self.steps[-1].loss if self.steps else None,
+        }
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
+
+
+def _resolve_model_path(config: OPCDConfig) -> Path:
+    if config.model_path is not None:
+        return Path(config.model_path)
+    from oel.model.prepare import resolve_model_path
+    from oel.settings import load_settings
+
+    return resolve_model_path(load_settings())
+
+
+def _encode(tokenizer: Any, conversation: Conversation) -> list[int]:
+    from oel.model.chat import encode_chat
+
+    return encode_chat(tokenizer, conversation, add_generation_prompt=True)
+
+
+class OPCDTrainer:
+    """On-policy context distillation of experience sets into a student model.
+
+    ``prefixes``: training prefixes (conversations ending with a user message; dicts or
+    :class:`~oel.schemas.ChatMessage` lists). ``experience_sets``: one or more lists of experience
+    items, oldest first (the K independent extraction runs; one is drawn per sample; an empty set
+    means "no experience", which makes the teacher's context equal to the student's).
+    ``model`` / ``tokenizer``: an already loaded causal LM and its tokenizer (tests, embedding
+    code); otherwise both are loaded from ``config.model_path``.
+    """
+
+    def __init__(
+        self,
+        config: OPCDConfig,
+        prefixes: Sequence[Conversation | Sequence[dict[str, str]]],
+        experience_sets: Sequence[Sequence[str]],
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.rng = random.Random(config.seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.template = ExperienceTemplate(config.experience_header, config.situation_header, config.experience_position)
+        t0 = time.monotonic()
+        if model is None or tokenizer is None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.model_path: Path | None = _resolve_model_path(config)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(self.model_path))
+            model = model or AutoModelForCausalLM.from_pretrained(str(self.model_path), dtype=_dtype(config.effective_dtype))
+        else:
+            self.model_path = Path(config.model_path) if config.model_path is not None else None
+        self.tokenizer = tokenizer
+        self.eos_ids = self._eos_ids(model)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+
+        self._setup_models(model)
+        self._setup_data(prefixes, experience_sets)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable_params = params
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=config.effective_learning_rate,
+            betas=config.adam_betas,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+        self.step_count = 0
+        self.history: list[StepMetrics] = []
+        self._order: list[int] = []
+        log.info(
+            "OPCD trainer ready in %.1f s: %s, %d trainable parameters, %d prefixes (%d skipped), %d experience sets",
+            time.monotonic() - t0, config.finetune, sum(p.numel() for p in params), len(self.prefixes),
+            self.skipped_prefixes, len(self.experience_sets),
+        )
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _eos_ids(model: Any) -> list[int]:
+        ids: list[int] = []
+        gen = getattr(model, "generation_config", None)
+        for source in (getattr(gen, "eos_token_id", None), getattr(model.config, "eos_token_id", None)):
+            if source is None:
+                continue
+            for i in source if isinstance(source, (list, tuple)) else [source]:
+                if int(i) not in ids:
+                    ids.append(int(i))
+        return ids
+
+    def _setup_models(self, model: Any) -> None:
+        cfg = self.config
+        model.config.use_cache = False
+        self.teacher_model: Any = None
+        if cfg.finetune == "full":
+            model.requires_grad_(True)
+            self.teacher_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.model = model
+        else:
+            from peft import LoraConfig, PeftModel, get_peft_model
+
+            model.requires_grad_(False)
+            if cfg.init_adapter is not None:
+                self.model = PeftModel.from_pretrained(model, str(cfg.init_adapter), adapter_name=STUDENT_ADAPTER, is_trainable=True)
+                self.model.load_adapter(str(cfg.init_adapter), adapter_name=TEACHER_ADAPTER, is_trainable=False)
+                self.model.set_adapter(STUDENT_ADAPTER)
+            else:
+                torch.manual_seed(cfg.seed)  # a fresh adapter's A matrices are random
+                lora = LoraConfig(
+                    r=cfg.lora_rank,
+                    lora_alpha=cfg.effective_lora_alpha,
+                    lora_dropout=cfg.lora_dropout,
+                    target_modules=cfg.lora_target_modules,
+                    task_type="CAUSAL_LM",
+                )
+                self.model = get_peft_model(model, lora, adapter_name=STUDENT_ADAPTER)
+        self.model.train()
+
+    def _causal_lm(self, which: str) -> Any:
+        """The underlying transformers CausalLM of the student or teacher."""
+        m = self.teacher_model if (which == "teacher" and self.teacher_model is not None) else self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def _setup_data(self, prefixes: Sequence[Any], experience_sets: Sequence[Sequence[str]]) -> None:
+        cfg = self.config
+        if not experience_sets:
+            raise DataError("at least one experience set is needed (an empty list means: no experience)")
+        self.prefixes: list[Conversation] = []
+        self.prompt_ids: list[list[int]] = []
+        self.skipped_prefixes = 0
+        for raw in prefixes:
+            conv = parse_conversation(raw)
+            ids = _encode(self.tokenizer, conv)
+            if len(ids) > cfg.max_prompt_tokens:
+                self.skipped_prefixes += 1
+                continue
+            self.prefixes.append(conv)
+            self.prompt_ids.append(ids)
+        if self.skipped_prefixes:
+            log.warning(
+                "left out %d prefixes longer than max_prompt_tokens=%d (prompts are never truncated)",
+                self.skipped_prefixes, cfg.max_prompt_tokens,
+            )
+        if not self.prefixes:
+            raise DataError(f"no prefix fits max_prompt_tokens={cfg.max_prompt_tokens}")
+
+        def count(text: str) -> int:
+            return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+        self.experience_sets: list[list[str]] = []
+        self.experience_cuts: list[ExperienceCut] = []
+        for i, items in enumerate(experience_sets):
+            kept, cut = fit_experience(list(items), count, cfg.experience_token_budget, set_index=i)
+            if cut is not None:
+                self.experience_cuts.append(cut)
+                log.warning(cut.describe())
+                if not kept:
+                    raise DataError(f"experience set {i}: even its newest item is over the budget of {cfg.experience_token_budget} tokens")
+            self.experience_sets.append(kept)
+        self._teacher_cache: dict[tuple[int, int], list[int]] = {}
+        self._shared_len: dict[tuple[int, int], int] = {}
+        self._kv_cache: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+
+    def teacher_prompt_ids(self, prefix_index: int, experience_index: int) -> list[int]:
+        """The teacher's prompt: the prefix with experience set ``experience_index`` in its block."""
+        key = (prefix_index, experience_index)
+        ids = self._teacher_cache.get(key)
+        if ids is None:
+            conv = self.template.apply(self.prefixes[prefix_index], self.experience_sets[experience_index])
+            ids = _encode(self.tokenizer, conv)
+            self._teacher_cache[key] = ids
+        return ids
+
+    # --- models in their roles ----------------------------------------------------------------
+
+    @contextmanager
+    def _teacher(self) -> Iterator[Any]:
+        """The causal LM with the round-start weights active (see the module docstring)."""
+        if self.teacher_model is not None:
+            yield self.teacher_model
+            return
+        if self.config.init_adapter is None:
+            with self.model.disable_adapter():
+                yield self._causal_lm("student")
+            return
+        self.model.set_adapter(TEACHER_ADAPTER)  # also freezes the student adapter while active ...
+        try:
+            yield self._causal_lm("student")
+        finally:
+            self.model.set_adapter(STUDENT_ADAPTER)  # ... and this makes it trainable again
+
+    def _hidden(self, causal_lm: Any, rows: list[list[int]], past: Any = None, past_len: int = 0) -> torch.Tensor:
+        """Final hidden states (after the last norm) of right-padded rows: [batch, width, hidden].
+        With ``past`` (a cache holding ``past_len`` shared leading tokens of every row), ``rows`` are the rest."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), past_len + width), dtype=torch.long)
+        mask[:, :past_len] = 1
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, past_len : past_len + len(r)] = 1
+        device = next(causal_lm.parameters()).device
+        kwargs: dict[str, Any] = {"use_cache": past is not None}
+        if past is not None:
+            kwargs["past_key_values"] = past
+            kwargs["position_ids"] = torch.arange(past_len, past_len + width, device=device)[None].expand(len(rows), -1)
+        out = causal_lm.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        return out.last_hidden_state
+
+    @staticmethod
+    def _gather(hidden: torch.Tensor, prompt_lens: list[int], response_lens: list[int]) -> torch.Tensor:
+        """Hidden states that predict the answer tokens: row i, positions len(prompt_i)-1 .. len(prompt_i)+n_i-2."""
+        parts = [hidden[i, p - 1 : p - 1 + n] for i, (p, n) in enumerate(zip(prompt_lens, response_lens)) if n > 0]
+        return torch.cat(parts, dim=0) if parts else hidden.new_zeros((0, hidden.shape[-1]))
+
+    def _head(self, causal_lm: Any, role: str = "student") -> Callable[[torch.Tensor], torch.Tensor]:
+        """The output projection (hidden -> logits). A head that carries a LoRA adapter itself is run, for the
+        teacher, inside the teacher's context (the chunked loss calls it outside)."""
+        head = causal_lm.get_output_embeddings()
+        cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+
+        def project(h: torch.Tensor) -> torch.Tensor:
+            if role == "teacher" and self.teacher_model is None and hasattr(head, "base_layer"):
+                with self._teacher():
+                    logits = head(h)
+            else:
+                logits = head(h)
+            return torch.tanh(logits / cap) * cap if cap else logits
+
+        return project
+
+    # --- sampling -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]]) -> list[tuple[list[int], str]]:
+        """Sample one answer per prompt from the student (current weights): (token ids, finish reason)."""
+        from transformers import DynamicCache
+
+        cfg = self.config
+        lm = self.model
+        was_training = lm.training
+        lm.eval()
+        try:
+            n = len(prompts)
+            width = max(len(p) for p in prompts)
+            ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((n, width), dtype=torch.long)
+            for i, p in enumerate(prompts):
+                ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[i, width - len(p):] = 1
+            cache = DynamicCache(config=self._causal_lm("student").config)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+            eos = torch.tensor(self.eos_ids, dtype=torch.long)
+            responses: list[list[int]] = [[] for _ in range(n)]
+            reasons = ["length"] * n
+            active = list(range(n))
+            for step in range(cfg.max_new_tokens):
+                if step < cfg.min_new_tokens and len(eos):
+                    logits[:, eos] = float("-inf")
+                nxt = self._sample(logits)
+                keep: list[int] = []
+                for pos_in_batch, (row, tok) in enumerate(zip(active, nxt.tolist())):
+                    responses[row].append(tok)
+                    if tok in self.eos_ids:
+                        reasons[row] = "stop"
+                    else:
+                        keep.append(pos_in_batch)
+                if not keep or step == cfg.max_new_tokens - 1:
+                    break
+                if len(keep) < len(active):
+                    sel = torch.tensor(keep, dtype=torch.long)
+                    cache.batch_select_indices(sel)
+                    mask = mask[sel]
+                    nxt = nxt[sel]
+                    active = [active[k] for k in keep]
+                mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
+                position = mask.sum(-1, keepdim=True) - 1
+                logits = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
+                            use_cache=True).logits[:, -1, :].float()
+            return list(zip(responses, reasons))
+        finally:
+            lm.train(was_training)
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits / self.config.temperature, dim=-1)
+        if self.config.top_p < 1.0:
+            sorted_p, idx = probs.sort(-1, descending=True)
+            cum = sorted_p.cumsum(-1)
+            sorted_p[(cum - sorted_p) >= self.config.top_p] = 0.0
+            probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+    def next_prefixes(self, n: int) -> list[int]:
+        """The next ``n`` prefix indices: epochs over the prefixes, each in a fresh random order."""
+        out: list[int] = []
+        while len(out) < n:
+            if not self._order:
+                self._order = list(range(len(self.prefixes)))
+                self.rng.shuffle(self._order)
+            out.append(self._order.pop())
+        return out
+
+    def rollout(self, prefix_indices: Sequence[int] | None = None) -> list[Rollout]:
+        """Sample answers (student, no experience) and attach the teacher prompts (one experience set drawn per sample)."""
+        if prefix_indices is None:
+            prefix_indices = self.next_prefixes(self.config.batch_size)
+        prompts = [self.prompt_ids[i] for i in prefix_indices]
+        answers = self.generate(prompts)
+        out = []
+        for i, (resp, reason) in zip(prefix_indices, answers):
+            e = self.rng.randrange(len(self.experience_sets))
+            out.append(Rollout(i, e, self.prompt_ids[i], self.teacher_prompt_ids(i, e), resp, reason))
+        return out
+
+    # --- loss and update ----------------------------------------------------------------------
+
+    def loss(self, batch: Sequence[Rollout], backward: bool = False) -> LossStats:
+        """The OPCD loss of a batch; with ``backward`` the student's gradients are accumulated too."""
+        cfg = self.config
+        with torch.no_grad(), self._teacher() as teacher:
+            t_hidden = self._teacher_hidden(teacher, batch)
+            teacher_head = self._head(teacher, role="teacher")
+        student = self._causal_lm("student")
+        with torch.set_grad_enabled(backward):
+            s_graph = self._gather(
+                self._hidden(student, [r.student_prompt_ids + r.response_ids for r in batch]),
+                [len(r.student_prompt_ids) for r in batch], [len(r.response_ids) for r in batch],
+            )
+        stats, grad = chunked_opcd_loss(
+            s_graph, t_hidden, self._head(student), teacher_head,
+            temperature=cfg.temperature, top_k=cfg.top_k, chunk_tokens=cfg.loss_chunk_tokens, backward=backward,
+        )
+        if backward and grad is not None and s_graph.requires_grad:
+            s_graph.backward(grad.to(s_graph.dtype))
+        return stats
+
+    # --- the teacher's shared-prefix cache ----------------------------------------------------
+
+    def _prefix_cache_supported(self, causal_lm: Any) -> bool:
+        cfg = causal_lm.config.get_text_config(decoder=True) if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
+        types = getattr(cfg, "layer_types", None) or []
+        if any(t != "full_attention" for t in types):
+            return False
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            return False
+        return True
+
+    def shared_teacher_prefix(self, prefix_index: int, experience_index: int) -> int:
+        """How many leading tokens of the teacher's prompt are shared by every prefix with the same system
+        message and experience set: the chat template's opening and the experience block. The teacher is frozen
+        for the whole round, so their keys and values are computed once and reused (``teacher_cache_tokens``)."""
+        key = (prefix_index, experience_index)
+        n = self._shared_len.get(key)
+        if n is None:
+            from oel.model.chat import render_chat
+
+            n = 0
+            items = self.experience_sets[experience_index]
+            if items:
+                conv = self.template.apply(self.prefixes[prefix_index], items)
+                text = render_chat(self.tokenizer, conv, add_generation_prompt=True)
+                block = self.template.block(items)
+                at = text.find(block)
+                if at >= 0:
+                    head = self.tokenizer.encode(text[: at + len(block)], add_special_tokens=False)
+                    full = self.teacher_prompt_ids(prefix_index, experience_index)
+                    while n < min(len(head), len(full)) and head[n] == full[n]:
+                        n += 1
+                    n = min(n, len(full) - 1)  # the last prompt token must be fed: it predicts the first answer token
+                    if n < self.config.teacher_cache_min_tokens:
+                        n = 0
+            self._shared_len[key] = n
+        return n
+
+    def _prefix_kv(self, teacher: Any, ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        from transformers import DynamicCache
+
+        kv = self._kv_cache.get(ids)
+        if kv is not None:
+            self._kv_cache.move_to_end(ids)
+            return kv
+        cache = DynamicCache()
+        device = next(teacher.parameters()).device
+        teacher.get_decoder()(input_ids=torch.tensor([list(ids)], device=device), past_key_values=cache, use_cache=True)
+        kv = [(k, v) for k, v, *_ in cache]
+        self._kv_cache[ids] = kv
+        total = sum(len(key) for key in self._kv_cache)
+        while len(self._kv_cache) > 1 and total > self.config.teacher_cache_tokens:
+            old, _ = self._kv_cache.popitem(last=False)
+            total -= len(old)
+        return kv
+
+    def _teacher_hidden(self, teacher: Any, batch: Sequence[Rollout]) -> torch.Tensor:
+        """The teacher's final hidden states at the answer positions, [answer tokens, hidden], in batch order.
+        Rows whose teacher prompt starts with a cached shared prefix run only their remainder."""
+        use_cache = self.config.teacher_cache_tokens > 0 and self._prefix_cache_supported(teacher)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(batch):
+            n = self.shared_teacher_prefix(r.prefix_index, r.experience_index) if use_cache else 0
+            if n and r.teacher_prompt_ids == self.teacher_prompt_ids(r.prefix_index, r.experience_index):
+                groups.setdefault(tuple(r.teacher_prompt_ids[:n]), []).append(i)
+            else:
+                groups.setdefault((), []).append(i)
+        parts: list[torch.Tensor | None] = [None] * len(batch)
+        for shared, rows in groups.items():
+            p = len(shared)
+            sub = [batch[i] for i in rows]
+            if p == 0:
+                hidden = self._hidden(teacher, [r.teacher_prompt_ids + r.response_ids for r in sub])
+            else:
+                from transformers import DynamicCache
+
+                kv = self._prefix_kv(teacher, shared)
+                b = len(sub)
+                cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
+                hidden = self._hidden(teacher, [r.teacher_prompt_ids[p:] + r.response_ids for r in sub], past=cache, past_len=p)
+            for j, (i, r) in enumerate(zip(rows, sub)):
+                start = len(r.teacher_prompt_ids) - 1 - p
+                parts[i] = hidden[j, start : start + len(r.response_ids)]
+        return torch.cat([x for x in parts if x is not None], dim=0)
+
+    def train_step(self, batch: Sequence[Rollout]) -> tuple[LossStats, float]:
+        """One optimizer step on a given batch: (loss stats before the update, gradient norm before clipping)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self.loss(batch, backward=True)
+        if self.config.max_grad_norm and self.config.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, self.config.max_grad_norm)
+        else:
+            grads = [p.grad.norm() for p in self.trainable_params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
+        self.optimizer.step()
+        self.step_count += 1
+        return stats, float(norm)
+
+    def step(self) -> StepMetrics:
+        """Sample a batch on-policy and take one optimizer step on it."""
+        t0 = time.perf_counter()
+        batch = self.rollout()
+        t1 = time.perf_counter()
+        stats, norm = self.train_step(batch)
+        t2 = time.perf_counter()
+        n_tok = sum(len(r.response_ids) for r in batch)
+        m = StepMetrics(
+            step=self.step_count,
+            loss=stats.loss,
+            kl=stats.kl,
+            response_tokens=n_tok,
+            tokens_per_s=n_tok / (t2 - t0) if t2 > t0 else 0.0,
+            seconds=t2 - t0,
+            sample_seconds=t1 - t0,
+            train_seconds=t2 - t1,
+            grad_norm=norm,
+            learning_rate=self.optimizer.param_groups[0]["lr"],
+            mean_response_tokens=n_tok / max(1, len(batch)),
+            stopped_fraction=sum(r.finish_reason == "stop" for r in batch) / max(1, len(batch)),
+        )
+        self.history.append(m)
+        log.info("step %d: loss %.4f kl %.4f tokens %d (%.1f tok/s)", m.step, m.loss, m.kl, n_tok, m.tokens_per_s)
+        return m
+
+    def train(self, steps: int | None = None, callback: Callable[[StepMetrics], None] | None = None) -> OPCDResult:
+        """Run ``steps`` (default ``config.steps``) steps; ``callback`` sees each step's metrics."""
+        t0 = time.monotonic()
+        first = len(self.history)
+        for _ in range(steps if steps is not None else self.config.steps):
+            m = self.step()
+            if callback is not None:
+                callback(m)
+        return OPCDResult(self.history[first:], list(self.experience_cuts), self.skipped_prefixes, time.monotonic() - t0)
+
+    # --- saving -------------------------------------------------------------------------------
+
+    def save(self, out_dir: str | Path, result: OPCDResult | None = None, extra: dict[str, Any] | None = None) -> Path:
+        """Write the adapter (peft ``save_pretrained``; the whole model for a full fine-tune) and
+        ``opcd-summary.json`` (configuration, per-step metrics, experience cuts) into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.config.finetune == "lora":
+            self.model.save_pretrained(str(out), selected_adapters=[STUDENT_ADAPTER])
+        else:
+            self.model.save_pretrained(str(out))
+            self.tokenizer.save_pretrained(str(out))
+        summary: dict[str, Any] = {
+            "config": self.config.to_dict(),
+            "model_path": str(self.model_path) if self.model_path else None,
+            "finetune": self.config.finetune,
+            "learning_rate": self.config.effective_learning_rate,
+            "dtype": self.config.effective_dtype,
+            "prefixes": len(self.prefixes),
+            "experience_sets": [len(s) for s in self.experience_sets],
+            "steps_done": self.step_count,
+        }
+        if self.model_path is not None and (self.model_path / "config.json").is_file():
+            try:
+                from oel.model.prepare import model_hash
+
+                summary["base_model_hash"] = model_hash(self.model_path)
+            except Exception:  # a model folder without weight files in the expected form
+                log.debug("no model hash for %s", self.model_path, exc_info=True)
+        summary.update((result or OPCDResult(self.history, list(self.experience_cuts), self.skipped_prefixes, 0.0)).to_dict())
+        if extra:
+            summary.update(extra)
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        return out
+
