@@ -162,10 +162,20 @@ def append(
     return nxt, snapshot, new, deduplicated
 
 
-def write_append(store: ObjectStore, snapshot: KBSnapshot, new_items: list[ExperienceItem]) -> None:
-    """Persist the new items, then the snapshot that names them (so a snapshot never points at nothing)."""
-    for item in new_items:
-        store.put_json(item_key(item.namespace, item.id), item.model_dump(mode="json"))
+def write_append(
+    store: ObjectStore,
+    snapshot: KBSnapshot,
+    new_items: list[ExperienceItem],
+    put_many: Callable[[list[tuple[str, object]]], None] | None = None,
+) -> None:
+    """Persist the new items (``put_many`` may write them side by side), then the snapshot that names
+    them, so a snapshot never points at nothing."""
+    objects = [(item_key(i.namespace, i.id), i.model_dump(mode="json")) for i in new_items]
+    if put_many is not None:
+        put_many(objects)
+    else:
+        for key, obj in objects:
+            store.put_json(key, obj)
     store.put_json(snapshot_key(snapshot.namespace, snapshot.version), snapshot.model_dump(mode="json"))
 
 

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -73,6 +74,7 @@ class KnowledgeWriter:
         self.config = config or WriterConfig()
         self.count_tokens = count_tokens
         self.clock = clock
+        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="oel-store")
 
     def _retrying(self) -> Retrying:
         return Retrying(
@@ -83,17 +85,29 @@ class KnowledgeWriter:
             before_sleep=lambda rs: log.warning("extraction failed (%s); retrying", rs.outcome.exception()),
         )
 
-    def save_episode(self, episode: CompletedEpisode) -> bool:
-        """Store the episode as training data (idempotent)."""
-        return self._retrying()(self.store.put_json, episode.store_key, episode.model_dump(mode="json"))
+    def _put_all(self, objects: list[tuple[str, object]]) -> None:
+        """Write several JSON objects side by side (each idempotent, each retried)."""
+        if not objects:
+            return
+        put = self._retrying()
+
+        def one(item: tuple[str, object]) -> bool:
+            return put(self.store.put_json, item[0], item[1])
+
+        list(self._io.map(one, objects))
+
+    def save_episodes(self, episodes: list[CompletedEpisode]) -> None:
+        """Store episodes as training data (idempotent), in parallel."""
+        self._put_all([(ep.store_key, ep.model_dump(mode="json")) for ep in episodes])
 
     def _extract(self, episodes: list[CompletedEpisode], previous: list[str]) -> tuple[dict[str, dict], int, float]:
         """Model answers per episode id, reusing stored ones; returns (answers, reused count, model seconds)."""
         answers: dict[str, dict] = {}
+        stored = set(self.store.list(f"extractions/{episodes[0].namespace}/")) if episodes else set()
         todo = []
         for ep in episodes:
             key = kb.extraction_key(ep.namespace, ep.episode_id)
-            if self.store.exists(key):
+            if key in stored:
                 answers[ep.episode_id] = self.store.get_json(key)
             else:
                 todo.append(ep)
@@ -108,15 +122,14 @@ class KnowledgeWriter:
             outputs = self._retrying()(self.backend.generate, prompts, params)
             seconds = time.monotonic() - t0
             for ep, out in zip(todo, outputs, strict=True):
-                answer = {
+                answers[ep.episode_id] = {
                     "episode_id": ep.episode_id,
                     "model_version": self.model_version,
                     "variant": cfg.extraction.variant.value,
                     "include_previous": cfg.extraction.include_previous,
                     "output": out.text,
                 }
-                self._retrying()(self.store.put_json, kb.extraction_key(ep.namespace, ep.episode_id), answer)
-                answers[ep.episode_id] = answer
+            self._put_all([(kb.extraction_key(ep.namespace, ep.episode_id), answers[ep.episode_id]) for ep in todo])
         return answers, reused, seconds
 
     def process_batch(self, state: kb.KBState, episodes: list[CompletedEpisode]) -> tuple[kb.KBState, BatchResult]:
@@ -126,6 +139,7 @@ class KnowledgeWriter:
         skipped = [ep.episode_id for ep in episodes if ep.episode_id in state.applied_episodes]
         if not fresh:
             return state, BatchResult(None, [], 0, 0, skipped, 0.0, 0)
+        self.save_episodes(fresh)
         answers, reused, seconds = self._extract(fresh, state.window_texts)
         items: list[kb.ExperienceItem] = []
         rejected = 0
@@ -156,7 +170,7 @@ class KnowledgeWriter:
             as_of=max(ep.ended_at for ep in fresh),
         )
         if snapshot is not None:
-            self._retrying()(kb.write_append, self.store, snapshot, new_items)
+            self._retrying()(kb.write_append, self.store, snapshot, new_items, self._put_all)
         # One update per batch, also when nothing was new, so consumers can follow progress;
         # none while the namespace has no KB version at all.
         update = None

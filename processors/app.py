@@ -158,11 +158,9 @@ class Processor:
                 self.episodes[ev.episode_id] = {"partition": event.message.partition, "buffer": buffer.model_dump(mode="json")}
 
     async def _finish(self, buffer: EpisodeBuffer, *, abandoned: bool) -> None:
-        """Close an episode: store it, hand it to extraction, leave a tombstone (inside a stream)."""
+        """Close an episode: hand it to extraction (which stores it), leave a tombstone (inside a stream)."""
         p = self.settings.processor
         episode = close(buffer, abandoned=abandoned, idle_s=p.abandon_after_s if abandoned else None)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.writer.save_episode, episode)
         await self.episodes_topic.send(key=episode.namespace.encode(), value=episode.model_dump_json().encode())
         partition = event_partition()
         self.episodes[buffer.episode_id] = {"partition": partition, "closed_at": time.time()}
