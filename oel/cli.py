@@ -229,6 +229,7 @@ cli.add_command(__import__("oel.model.cli", fromlist=["model"]).model)
 cli.add_command(__import__("processors.cli", fromlist=["processor"]).processor)
 cli.add_command(__import__("producers.cli", fromlist=["loadgen"]).loadgen)
 cli.add_command(__import__("learner.cli", fromlist=["learner"]).learner)
+cli.add_command(__import__("learner.models_cli", fromlist=["models"]).models)
 
 
 def main() -> None:

@@ -1,0 +1,169 @@
+"""The model-version registry on the real MinIO, and `oel models` publishing on a real Kafka topic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from learner.policy import round_id
+from learner.versions import ModelRegistry, RegistryError, VersionManifest, manifest_key, status_key
+from oel.ops.topics import admin_client, ensure_topics
+from oel.schemas import VersionStatus
+from oel.settings import load_settings
+from oel.topics import TopicSpec
+from producers import VersionFollower
+
+
+def make_version(reg: ModelRegistry, ns: str, kb_seq: int, parent: str | None, adapter_dir=None, **extra):
+    kb = f"{kb_seq:06d}-{kb_seq:012x}"
+    rid = round_id(ns, parent, kb)
+    name, generation = reg.next_version_name(ns, rid, parent)
+    manifest = VersionManifest(
+        namespace=ns, version=name, generation=generation, round_id=rid, base_model="SmolLM2-135M-Instruct",
+        base_model_hash="sha256:00", parent_version=parent, kb_version=kb, kb_versions=[kb],
+        round_config={"steps": 2, "learning_rate": 1e-4}, training={"last_loss": 0.1}, **extra,
+    )
+    return reg.save_version(manifest, adapter_dir)
+
+
+@pytest.fixture
+def ns(unique) -> str:
+    return f"reg-{unique}"
+
+
+def adapter(tmp_path, payload: bytes):
+    d = tmp_path / f"adapter-{payload.hex()}"
+    d.mkdir()
+    (d / "adapter_config.json").write_text('{"r": 4}')
+    (d / "adapter_model.safetensors").write_bytes(payload)
+    return d
+
+
+def test_manifest_and_adapter_round_trip(s3_store, ns, tmp_path):
+    reg = ModelRegistry(s3_store)
+    record, created = make_version(reg, ns, 3, None, adapter(tmp_path, b"weights-1"), eval={"pass_rate": 0.25})
+    assert created
+    m = record.manifest
+    assert m.version == f"g0001-{m.round_id}" and m.generation == 1
+    assert m.adapter_uri.startswith(f"models/{ns}/{m.version}/adapter/") and m.adapter_uri.endswith("/")
+    assert set(m.adapter_files) == {"adapter_config.json", "adapter_model.safetensors"}
+    back = reg.get(ns, m.version)
+    assert back.manifest == m and back.status is VersionStatus.candidate and back.history == []
+    assert s3_store.exists(manifest_key(ns, m.version))
+    out = reg.download_adapter(back, tmp_path / "out")
+    assert (out / "adapter_model.safetensors").read_bytes() == b"weights-1"
+    event = back.to_event()
+    assert (event.version, event.adapter_uri, event.kb_version, event.round_id, event.eval) == (
+        m.version, m.adapter_uri, m.kb_version, m.round_id, {"pass_rate": 0.25})
+
+
+def test_a_replayed_round_reuses_its_version(s3_store, ns, tmp_path):
+    reg = ModelRegistry(s3_store)
+    first, created = make_version(reg, ns, 5, None, adapter(tmp_path, b"attempt-1"))
+    # The replay after a crash retrains: different adapter bytes, same round id -> the same version, nothing new.
+    again, created_again = make_version(reg, ns, 5, None, adapter(tmp_path, b"attempt-2"))
+    assert created and not created_again
+    assert again.manifest == first.manifest
+    assert len(reg.list(ns)) == 1
+    assert reg.find_round(ns, first.manifest.round_id).manifest.version == first.manifest.version
+    assert len([k for k in s3_store.list(f"models/{ns}/") if k.endswith("manifest.json")]) == 1
+
+
+def test_list_show_lineage_and_status_history(s3_store, ns, tmp_path):
+    reg = ModelRegistry(s3_store)
+    v1, _ = make_version(reg, ns, 1, None)
+    v2, _ = make_version(reg, ns, 2, v1.manifest.version)
+    assert v2.manifest.generation == 2 and v2.manifest.parent_version == v1.manifest.version
+    assert [r.manifest.version for r in reg.list(ns)] == [v1.manifest.version, v2.manifest.version]
+    assert ns in reg.namespaces()
+    assert reg.find(v2.manifest.version).manifest.namespace == ns
+    assert reg.latest(ns).manifest.version == v2.manifest.version
+    assert reg.current(ns) is None
+
+    name = v1.manifest.version
+    reg.record_status(ns, name, VersionStatus.promoted, "first")
+    reg.record_status(ns, name, VersionStatus.rolled_back, "bad")
+    hist = reg.history(ns, name)
+    assert [(c.seq, c.status, c.reason) for c in hist] == [(0, VersionStatus.promoted, "first"), (1, VersionStatus.rolled_back, "bad")]
+    assert reg.get(ns, name).status is VersionStatus.rolled_back
+    # every change is its own object; the manifest is untouched
+    assert s3_store.exists(status_key(ns, name, 0)) and s3_store.exists(status_key(ns, name, 1))
+    assert reg.manifest(ns, name).status is VersionStatus.candidate
+
+    reg.reject(ns, v2.manifest.version, "ood score fell")
+    with pytest.raises(RegistryError, match="rejected"):
+        reg.promote(ns, v2.manifest.version)
+    with pytest.raises(RegistryError, match="no model version"):
+        reg.get(ns, "g0009-nothing")
+
+
+def _topic(settings, unique: str) -> str:
+    topic = f"t-{unique}.model-versions"
+    ensure_topics(admin_client(settings.kafka), [TopicSpec(topic, 1, 1, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"})])
+    return topic
+
+
+def test_models_cli_promote_and_rollback_are_seen_by_a_follower(kafka, s3_store, ns, unique, tmp_path, monkeypatch):
+    from oel.cli import cli
+
+    topic = _topic(kafka, unique)
+    monkeypatch.setenv("OEL_TOPICS__MODEL_VERSIONS", topic)
+    settings = load_settings(topics={"model_versions": topic})
+    reg = ModelRegistry(s3_store)
+    v1, _ = make_version(reg, ns, 1, None, adapter(tmp_path, b"v1"))
+    v2, _ = make_version(reg, ns, 2, v1.manifest.version, adapter(tmp_path, b"v2"))
+    n1, n2 = v1.manifest.version, v2.manifest.version
+    runner = CliRunner()
+
+    res = runner.invoke(cli, ["models", "promote", n1], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    with VersionFollower(ns, settings, topic=topic) as follower:
+        assert follower.current().version == n1
+        res = runner.invoke(cli, ["models", "promote", n2, "--namespace", ns], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert follower.wait_for(lambda v: v is not None and v.version == n2, 30).adapter_uri == v2.manifest.adapter_uri
+
+        res = runner.invoke(cli, ["models", "list", "--namespace", ns], catch_exceptions=False)
+        assert res.exit_code == 0 and n1 in res.output and n2 in res.output
+        current_line = next(line for line in res.output.splitlines() if n2 in line)
+        assert current_line.startswith("*") and "promoted" in current_line
+
+        res = runner.invoke(cli, ["models", "rollback", "--namespace", ns, "--reason", "test"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert f"{n2} -> {n1}" in res.output
+        back = follower.wait_for(lambda v: v is not None and v.version == n1, 30)
+        assert back.status is VersionStatus.promoted
+
+    assert reg.get(ns, n2).status is VersionStatus.rolled_back
+    assert reg.current(ns).manifest.version == n1
+    # A follower that starts now (after compaction could have run) also serves v1.
+    with VersionFollower(ns, settings, topic=topic) as late:
+        assert late.current().version == n1
+
+    res = runner.invoke(cli, ["models", "show", n2], catch_exceptions=False)
+    doc = json.loads(res.output)
+    assert doc["status"] == "rolled_back" and [h["status"] for h in doc["history"]] == ["promoted", "rolled_back"]
+    assert doc["manifest"]["parent_version"] == n1
+
+    # Rolling back to the version just rolled back is refused; rolling v1 back leaves the base model.
+    res = runner.invoke(cli, ["models", "rollback", "--namespace", ns, "--to", n2])
+    assert res.exit_code != 0 and "not a good version" in res.output, res.output
+    assert reg.current(ns).manifest.version == n1
+    res = runner.invoke(cli, ["models", "rollback", "--namespace", ns], catch_exceptions=False)
+    assert res.exit_code == 0 and "the base model" in res.output
+    with VersionFollower(ns, settings, topic=topic) as late:
+        assert late.current() is None
+
+
+def test_models_cli_errors_are_clear(s3_store, ns):
+    from oel.cli import cli
+
+    runner = CliRunner()
+    res = runner.invoke(cli, ["models", "show", "g0001-missing", "--namespace", ns])
+    assert res.exit_code != 0 and "no model version" in res.output
+    res = runner.invoke(cli, ["models", "rollback", "--namespace", ns])
+    assert res.exit_code != 0 and "no promoted version" in res.output
+    res = runner.invoke(cli, ["models", "list", "--namespace", ns])
+    assert res.exit_code == 0 and "no model versions" in res.output
