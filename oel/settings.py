@@ -210,6 +210,13 @@ class LearnerSettings(Section):
     max_new_tokens: int = Field(64, ge=1, le=32_768, description="Longest sampled response.")
     experience_token_budget: int = Field(2048, ge=16, description="Experience beyond this is cut, oldest items first.")
     lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank of the student adapter.")
+    experience_sets: int = Field(
+        3, ge=1, le=100, description="Newest KB snapshots the teacher draws experience from, one per sample (the paper's K runs)."
+    )
+    auto_promote: bool = Field(
+        False, description="Promote a round's version at once (there is no evaluation gate yet); false = a candidate for `oel models promote`."
+    )
+    group_id: str = Field("oel-learner", min_length=1, description="Kafka consumer group of the learner service.")
 
 
 class MetricsSettings(Section):

@@ -167,3 +167,110 @@ def test_models_cli_errors_are_clear(s3_store, ns):
     assert res.exit_code != 0 and "no promoted version" in res.output
     res = runner.invoke(cli, ["models", "list", "--namespace", ns])
     assert res.exit_code == 0 and "no model versions" in res.output
+
+
+# --- a round and the learner service, with a tiny random model (seconds, not minutes) -------------------
+
+
+def _seed_namespace(store, ns: str, n_items: int = 3) -> list:
+    """Two stored episodes and two KB snapshots for ``ns``; returns the ExperienceUpdates the processor would send."""
+    from datetime import UTC, datetime
+
+    from oel.episodes import CompletedEpisode, EpisodeStatus
+    from oel.kb import ExperienceItem, KBState, append, approx_tokens, write_append
+    from oel.schemas import EndPayload, ExperienceUpdate, StepPayload
+
+    now = datetime.now(UTC)
+    for e in range(2):
+        ep = CompletedEpisode(
+            namespace=ns, episode_id=f"ep{e}", agent_id="a", model_version="base", status=EpisodeStatus.completed,
+            steps=[StepPayload(prompt=f"What colour is the sky? ({e}.{t})", response="blue") for t in range(2)],
+            end=EndPayload(outcome="done"), started_at=now, ended_at=now,
+        )
+        store.put_json(ep.store_key, ep.model_dump(mode="json"))
+    state, updates = KBState(namespace=ns), []
+    for batch in (range(0, 2), range(2, n_items)):
+        items = [ExperienceItem(id=f"i{i}", namespace=ns, text=f"Answer in one word ({i}).", source_episode_ids=["ep0"],
+                                extracted_by="base", variant="structured") for i in batch]
+        state, snap, new, _ = append(state, items, episode_ids=["ep0"], budget=512, count=approx_tokens, as_of=now)
+        write_append(store, snap, new)
+        updates.append(ExperienceUpdate(namespace=ns, kb_version=snap.version, new_item_ids=[i.id for i in new], total_items=len(state.all_ids)))
+    return updates
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from learner.opcd.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+_FAST = {"steps": 2, "batch_size": 2, "max_new_tokens": 6, "num_threads": 1, "learning_rate": 1e-2}
+
+
+def test_a_round_trains_stores_and_a_replay_publishes_nothing_new(s3_store, ns, tiny_model_dir, kafka, unique):
+    from learner.policy import TriggerPolicy
+    from learner.rounds import RoundRunner
+
+    updates = _seed_namespace(s3_store, ns)
+    topic = _topic(kafka, unique)
+    settings = load_settings(model={"path": str(tiny_model_dir)}, learner={"experience_sets": 2}, topics={"model_versions": topic})
+    policy = TriggerPolicy(min_new_items=3, cooldown_s=0)
+    for u in updates:
+        policy.observe(u)
+    trigger = policy.due(ns, 0.0)
+    runner = RoundRunner(s3_store, settings, auto_promote=True, config_overrides=_FAST)
+    first = runner.run(trigger)
+    assert first.created and first.status is VersionStatus.promoted and first.published is not None
+    m = first.record.manifest
+    assert m.round_id == trigger.round_id and m.kb_version == updates[-1].kb_version
+    assert m.kb_versions == [updates[-1].kb_version, updates[0].kb_version]
+    assert m.base_model_hash.startswith("sha256:") and m.round_config["steps"] == 2 and m.training["prefixes"] == 4
+    assert "adapter_config.json" in m.adapter_files
+    # The same trigger again (a restart after a crash): no training, no second version.
+    again = runner.run(trigger)
+    assert not again.created and again.record.manifest == m and again.published is None
+    assert len(ModelRegistry(s3_store).list(ns)) == 1
+    with VersionFollower(ns, settings, topic=topic) as f:
+        assert f.current().version == m.version
+
+
+def test_service_runs_a_round_and_commits_only_after_it(s3_store, ns, tiny_model_dir, kafka, unique):
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from learner.rounds import RoundRunner
+    from learner.service import LearnerService
+
+    updates = _seed_namespace(s3_store, ns)
+    exp_topic = f"t-{unique}.experience"
+    ensure_topics(admin_client(kafka.kafka), [TopicSpec(exp_topic, 1, 1), TopicSpec(exp_topic + ".dlq", 1, 1)])
+    settings = load_settings(
+        model={"path": str(tiny_model_dir)}, topics={"experience": exp_topic},
+        learner={"min_new_items": 3, "cooldown_s": 0, "group_id": f"g-{unique}"},
+    )
+    producer = Producer(kafka.kafka.client_config())
+    for u in [updates[0], updates[0], updates[1]]:  # one delivered twice
+        producer.produce(exp_topic, u.to_bytes(), ns)
+    producer.produce(exp_topic, b"{not json", ns)
+    producer.flush(15)
+
+    runner = RoundRunner(s3_store, settings, config_overrides=_FAST)  # no auto-promote: a candidate
+    svc = LearnerService(settings, s3_store, runner=runner)
+    svc.run(max_rounds=1, poll_s=0.2)
+    assert len(svc.rounds) == 1 and svc.rounds[0].status is VersionStatus.candidate
+    version = svc.rounds[0].record.manifest.version
+
+    c = Consumer({**kafka.kafka.client_config(), "group.id": f"g-{unique}"})
+    committed = c.committed([TopicPartition(exp_topic, 0)], timeout=10)[0].offset
+    c.close()
+    assert committed == 3  # the three updates, consolidated; the bad message after them is not yet read or is in the DLQ
+
+    # A restarted service (same group) reads on, finds nothing new, and starts no second round.
+    svc2 = LearnerService(settings, s3_store, runner=runner)
+    import threading
+    t = threading.Timer(3.0, svc2.stop)
+    t.start()
+    svc2.run(poll_s=0.2)
+    t.cancel()
+    assert svc2.rounds == []
+    assert [r.manifest.version for r in ModelRegistry(s3_store).list(ns)] == [version]

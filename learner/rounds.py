@@ -1,0 +1,229 @@
+"""One consolidation round: stored trajectories + KB snapshots -> OPCD -> a new model version in the registry.
+
+A round, given a :class:`~learner.policy.RoundTrigger`:
+
+1. asks the registry whether the round id already produced a version; if so, nothing is trained again
+   (a round replayed after a crash finishes the remaining steps only: see below);
+2. loads every training prefix of the namespace (``trajectories/<ns>/*.json``, each turn's prompt) and
+   the newest ``learner.experience_sets`` KB snapshots up to the trigger's KB version (one is drawn per
+   sample by the trainer, as the paper's K extraction runs);
+3. downloads the parent version's adapter (the round-start weights: student start and frozen teacher);
+4. runs :class:`learner.opcd.OPCDTrainer` (seeded from the round id) and saves the adapter;
+5. stores adapter + manifest under the version name derived from the round id (the manifest last: it is
+   the commit point);
+6. **evaluation gate: not built yet.** :data:`EvaluationGate` is the place for it; without one the
+   version stays ``candidate`` (promote it with ``oel models promote``) unless
+   ``learner.auto_promote`` is set, which promotes it at once and publishes it.
+
+Crash safety: everything before the manifest is repeatable (immutable keys; the adapter folder is
+content-addressed); after the manifest, step 1 finds the version and step 6 is idempotent (promoting a
+version already promoted publishes the same version again, harmless on a compacted topic).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from learner.policy import RoundTrigger
+from learner.versions import ModelRegistry, VersionManifest, VersionRecord
+from oel import metrics
+from oel.episodes import CompletedEpisode
+from oel.kb import load_snapshot
+from oel.schemas import ModelVersion, VersionStatus
+from oel.settings import Settings
+from oel.store import ObjectNotFound, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class RoundError(RuntimeError):
+    """A round that cannot run (no training prefixes, a KB snapshot missing, ...); it is retried later."""
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What the evaluation gate decided (the gate itself is the next slice of issue 6)."""
+
+    accepted: bool
+    reason: str | None = None
+    eval: dict[str, float] = field(default_factory=dict)
+
+
+EvaluationGate = Callable[[VersionRecord, Path], GateDecision]
+"""``(candidate record, local adapter folder) -> decision``. Not implemented yet: pass one to
+:class:`RoundRunner` to have rejected versions recorded as ``rejected`` (and never published)."""
+
+
+@dataclass
+class RoundOutcome:
+    """What a round left behind."""
+
+    trigger: RoundTrigger
+    record: VersionRecord
+    created: bool
+    """False when the round id already had a version (a replay): nothing was trained."""
+    status: VersionStatus
+    published: ModelVersion | None
+    seconds: float
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+def load_training_prefixes(store: ObjectStore, namespace: str, limit: int | None = None) -> list[list[dict[str, str]]]:
+    """Every turn-prefix of the namespace's stored episodes, in key order (the newest ``limit`` when given)."""
+    prefixes: list[list[dict[str, str]]] = []
+    for key in store.list(f"trajectories/{namespace}/"):
+        if not key.endswith(".json"):
+            continue
+        episode = CompletedEpisode.model_validate(store.get_json(key))
+        prefixes.extend([m.model_dump() for m in prefix] for prefix in episode.training_prefixes)
+    return prefixes[-limit:] if limit else prefixes
+
+
+def load_experience_sets(store: ObjectStore, namespace: str, kb_version: str, k: int) -> tuple[list[list[str]], list[str]]:
+    """The KB snapshot ``kb_version`` and up to ``k - 1`` of its ancestors, newest first: (item lists, versions)."""
+    sets: list[list[str]] = []
+    versions: list[str] = []
+    version: str | None = kb_version
+    while version is not None and len(sets) < k:
+        try:
+            snap = load_snapshot(store, namespace, version)
+        except ObjectNotFound:
+            if not sets:
+                raise RoundError(f"{namespace}: KB snapshot {version} is not in the object store") from None
+            break
+        if snap.items:
+            sets.append(list(snap.items))
+            versions.append(snap.version)
+        version = snap.parent_version
+    if not sets:
+        raise RoundError(f"{namespace}: KB snapshot {kb_version} has no items")
+    return sets, versions
+
+
+class RoundRunner:
+    """Runs rounds for the learner service (and for ``oel demo``); see the module docstring.
+
+    ``trainer_factory(config, prefixes, experience_sets)`` builds the trainer (default
+    :class:`learner.opcd.OPCDTrainer`); ``gate`` is the evaluation gate (none yet); ``auto_promote``
+    overrides ``settings.learner.auto_promote``; ``topic`` the model-versions topic.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        settings: Settings,
+        *,
+        registry: ModelRegistry | None = None,
+        trainer_factory: Callable[..., Any] | None = None,
+        gate: EvaluationGate | None = None,
+        auto_promote: bool | None = None,
+        topic: str | None = None,
+        config_overrides: dict[str, Any] | None = None,
+    ):
+        self.store = store
+        self.settings = settings
+        self.registry = registry or ModelRegistry(store)
+        self.trainer_factory = trainer_factory
+        self.gate = gate
+        self.auto_promote = settings.learner.auto_promote if auto_promote is None else auto_promote
+        self.topic = topic
+        self.config_overrides = dict(config_overrides or {})
+
+    def run(self, trigger: RoundTrigger) -> RoundOutcome:
+        ns = trigger.namespace
+        t0 = time.monotonic()
+        existing = self.registry.find_round(ns, trigger.round_id)
+        if existing is not None:
+            log.info("%s: round %s already produced %s (%s); finishing it", ns, trigger.round_id, existing.manifest.version, existing.status.value)
+            published = self._finish(existing)
+            record = self.registry.get(ns, existing.manifest.version)
+            return RoundOutcome(trigger, record, False, record.status, published, time.monotonic() - t0)
+
+        metrics.ROUNDS_STARTED.labels(namespace=ns).inc()
+        metrics.ROUND_IN_PROGRESS.labels(namespace=ns).set(1)
+        try:
+            record, training = self._train(trigger)
+        except Exception:
+            metrics.ROUNDS_FAILED.labels(namespace=ns).inc()
+            raise
+        finally:
+            metrics.ROUND_IN_PROGRESS.labels(namespace=ns).set(0)
+        published = self._finish(record)
+        record = self.registry.get(ns, record.manifest.version)
+        seconds = time.monotonic() - t0
+        metrics.ROUND_DURATION.labels(namespace=ns).observe(seconds)
+        metrics.LAST_ROUND_TIMESTAMP.labels(namespace=ns).set(time.time())
+        log.info("%s: round %s -> %s (%s) in %.1f s", ns, trigger.round_id, record.manifest.version, record.status.value, seconds)
+        return RoundOutcome(trigger, record, True, record.status, published, seconds, training)
+
+    # --- the steps ----------------------------------------------------------------------------
+
+    def _train(self, trigger: RoundTrigger) -> tuple[VersionRecord, dict[str, Any]]:
+        from learner.opcd import OPCDConfig
+        from oel.model.prepare import model_hash, resolve_model_path
+
+        ns = trigger.namespace
+        prefixes = load_training_prefixes(self.store, ns)
+        if not prefixes:
+            raise RoundError(f"{ns}: no stored training prefixes under trajectories/{ns}/")
+        experience, kb_versions = load_experience_sets(self.store, ns, trigger.kb_version, self.settings.learner.experience_sets)
+        model_path = resolve_model_path(self.settings)
+        name, generation = self.registry.next_version_name(ns, trigger.round_id, trigger.parent_version)
+        with tempfile.TemporaryDirectory(prefix=f"oel-round-{trigger.round_id}-") as tmp:
+            init_adapter = None
+            if trigger.parent_version is not None:
+                parent = self.registry.get(ns, trigger.parent_version)
+                if parent.manifest.adapter_uri is not None:
+                    init_adapter = self.registry.download_adapter(parent, Path(tmp) / "parent")
+            overrides = {"model_path": model_path, "init_adapter": init_adapter, "seed": int(trigger.round_id[:8], 16)}
+            overrides.update(self.config_overrides)
+            config = OPCDConfig.from_settings(self.settings, **overrides)
+            factory = self.trainer_factory
+            if factory is None:
+                from learner.opcd import OPCDTrainer as factory  # noqa: N813
+            trainer = factory(config, prefixes, experience)
+
+            def on_step(m) -> None:
+                metrics.observe_opcd_step(ns, m.loss, m.kl, m.response_tokens, m.seconds)
+
+            result = trainer.train(callback=on_step)
+            adapter_dir = trainer.save(Path(tmp) / "adapter", result, extra={"round_id": trigger.round_id, "namespace": ns})
+            summary = result.to_dict()
+            training = {k: summary[k] for k in ("first_loss", "last_loss", "response_tokens", "tokens_per_s", "seconds", "skipped_prefixes")}
+            training.update(steps=len(result.steps), prefixes=len(prefixes), new_items=trigger.new_items)
+            round_config = config.to_dict()
+            round_config["init_adapter"] = trigger.parent_version  # the version, not a temporary path
+            manifest = VersionManifest(
+                namespace=ns, version=name, generation=generation, round_id=trigger.round_id,
+                base_model=Path(model_path).name, base_model_hash=model_hash(Path(model_path)),
+                parent_version=trigger.parent_version, kb_version=trigger.kb_version, kb_versions=kb_versions,
+                round_config=round_config, training=training,
+            )
+            record, _ = self.registry.save_version(manifest, adapter_dir)
+            return record, training
+
+    def _finish(self, record: VersionRecord) -> ModelVersion | None:
+        """The gate's place, then promotion if configured. Idempotent."""
+        m = record.manifest
+        if record.status is not VersionStatus.candidate:
+            return None  # decided already (promoted, rejected or rolled back by hand): leave it
+        if self.gate is not None:
+            with tempfile.TemporaryDirectory(prefix="oel-gate-") as tmp:
+                decision = self.gate(record, self.registry.download_adapter(record, tmp))
+            if not decision.accepted:
+                self.registry.reject(m.namespace, m.version, decision.reason or "rejected by the evaluation gate")
+                metrics.count_rejected_round(m.namespace, decision.reason or "other")
+                return None
+        if not self.auto_promote:
+            return None
+        event = self.registry.promote(m.namespace, m.version, self.settings, topic=self.topic,
+                                      reason="auto-promoted (no evaluation gate)" if self.gate is None else "passed the evaluation gate")
+        metrics.ROUNDS_FINISHED.labels(namespace=m.namespace).inc()
+        metrics.set_current_version(m.namespace, m.version)
+        return event

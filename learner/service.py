@@ -1,0 +1,238 @@
+"""The learner service: consume ``oel.experience``, apply the trigger policy, run rounds.
+
+One loop in one thread (confluent-kafka consumer, group ``learner.group_id``, no auto-commit):
+
+* every :class:`~oel.schemas.ExperienceUpdate` is validated (invalid ones go to ``<topic>.dlq`` with the
+  reason in the ``oel.error`` header) and given to the :class:`~learner.policy.TriggerPolicy`;
+* when a namespace's round is due (checked after every poll, so a cool-down ends on time), the round runs
+  in the loop (:class:`~learner.rounds.RoundRunner`; ``max.poll.interval.ms`` is one hour for that);
+* **offsets are committed only after a round's outcome is recorded**, and only up to the first update
+  that is not consolidated yet: per partition, the committed offset is the smallest offset of a pending
+  (observed but not yet trained) update of any namespace on it, or the end when none is pending. A
+  restart therefore re-reads exactly the updates whose items still count towards the next round, and the
+  registry (newest version, its KB version and time) restores what was consolidated. A crash mid-round
+  re-reads the trigger's updates, computes the same round id, and the registry makes the replay finish
+  the existing version instead of publishing a second one.
+
+Partitions are keyed by namespace, so each namespace has one learner. On a rebalance (eager protocol:
+everything is revoked) the in-memory state is dropped; the committed offsets make the new owner
+rebuild it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from learner.policy import RoundTrigger, TriggerPolicy
+from learner.rounds import RoundOutcome, RoundRunner
+from learner.versions import ModelRegistry
+from oel import metrics
+from oel.schemas import ExperienceUpdate, InvalidMessage, decode
+from oel.settings import Settings
+from oel.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+ERROR_HEADER = "oel.error"
+SOURCE_HEADER = "oel.source"
+FAILED_ROUND_RETRY_S = 60.0
+
+
+class LearnerService:
+    """The learner's consume-decide-train loop (see the module docstring). ``runner`` defaults to a
+    :class:`RoundRunner` on ``store``; ``clock`` returns Unix seconds (tests pass a fake one)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ObjectStore,
+        *,
+        runner: RoundRunner | None = None,
+        policy: TriggerPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+        consumer_config: Mapping[str, Any] | None = None,
+        on_round: Callable[[RoundOutcome], None] | None = None,
+    ):
+        self.settings = settings
+        self.store = store
+        self.registry = ModelRegistry(store)
+        self.runner = runner or RoundRunner(store, settings, registry=self.registry)
+        self.policy = policy or TriggerPolicy.from_settings(settings.learner)
+        self.clock = clock
+        self.on_round = on_round
+        self.topic = settings.topics.experience
+        self._consumer_config = {
+            **settings.kafka.client_config(),
+            "group.id": settings.learner.group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "max.poll.interval.ms": 3_600_000,
+            "logger": logging.getLogger("learner.service.librdkafka"),
+            **(consumer_config or {}),
+        }
+        self._restored: set[str] = set()
+        self._pending: dict[tuple[int, str], int] = {}  # (partition, namespace) -> first pending offset
+        self._namespace_partition: dict[str, int] = {}
+        self._next: dict[int, int] = {}  # partition -> offset after the last message read
+        self._committed: dict[int, int] = {}
+        self._retry_at: dict[str, float] = {}
+        self.rounds: list[RoundOutcome] = []
+        self._stop = threading.Event()
+        self._consumer: Consumer | None = None
+        self._dlq: Producer | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, max_rounds: int | None = None, poll_s: float = 1.0) -> None:
+        """Consume until :meth:`stop` (or ``max_rounds`` rounds ran)."""
+        consumer = Consumer(self._consumer_config)
+        self._consumer = consumer
+        consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        log.info("learner: consuming %s as group %s", self.topic, self._consumer_config["group.id"])
+        try:
+            while not self._stop.is_set():
+                msg = consumer.poll(poll_s)
+                if msg is not None:
+                    self._handle(msg)
+                for trigger in self.policy.all_due(self.clock()):
+                    self._round(trigger)
+                    if max_rounds is not None and len(self.rounds) >= max_rounds:
+                        return
+                self._commit()
+        finally:
+            self._commit()
+            consumer.close()
+            self._consumer = None
+            if self._dlq is not None:
+                self._dlq.flush(10)
+
+    # --- messages -------------------------------------------------------------------------------
+
+    def _handle(self, msg) -> None:
+        if msg.error() is not None:
+            if msg.error().code() != KafkaError._PARTITION_EOF:
+                log.warning("learner: consumer error: %s", msg.error())
+            return
+        partition, offset = msg.partition(), msg.offset()
+        self._next[partition] = offset + 1
+        metrics.EVENTS_CONSUMED.labels(topic=self.topic).inc()
+        try:
+            update = decode(msg.value(), ExperienceUpdate, max_bytes=self.settings.topics.max_event_bytes)
+        except InvalidMessage as exc:
+            self._dead_letter(msg, exc.reason)
+            return
+        ns = update.namespace
+        if ns not in self._restored:
+            self._restore(ns)
+        if self.policy.observe(update):
+            self._pending.setdefault((partition, ns), offset)
+            self._namespace_partition[ns] = partition
+
+    def _restore(self, namespace: str) -> None:
+        """What the registry says was consolidated last: the newest version, its KB version and time."""
+        metrics.init_namespace(namespace)
+        latest = self.registry.latest(namespace)
+        if latest is not None:
+            m = latest.manifest
+            self.policy.restore(namespace, parent_version=m.version, consolidated_kb_version=m.kb_version,
+                                last_round_at=m.created_at.timestamp())
+        self._restored.add(namespace)
+
+    def _dead_letter(self, msg, reason: str) -> None:
+        if self._dlq is None:
+            self._dlq = Producer({**self.settings.kafka.client_config(), "enable.idempotence": True, "acks": "all"})
+        headers = [(ERROR_HEADER, reason.encode()), (SOURCE_HEADER, f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode())]
+        self._dlq.produce(f"{self.topic}.dlq", msg.value(), msg.key(), headers=headers)
+        self._dlq.flush(15)
+        kind = "not_json" if reason.startswith("not valid JSON") else "too_large" if "over the limit" in reason else "schema"
+        metrics.count_dead_letter(self.topic, kind)
+        log.warning("learner: %s[%d]@%d to the DLQ: %s", msg.topic(), msg.partition(), msg.offset(), reason)
+
+    # --- rounds ---------------------------------------------------------------------------------
+
+    def _round(self, trigger: RoundTrigger) -> None:
+        ns = trigger.namespace
+        now = self.clock()
+        if self._retry_at.get(ns, 0.0) > now:
+            return
+        self.policy.round_started(trigger, now)
+        try:
+            outcome = self.runner.run(trigger)
+        except Exception:
+            log.exception("%s: round %s failed; retrying in %.0f s at the earliest", ns, trigger.round_id, FAILED_ROUND_RETRY_S)
+            self._retry_at[ns] = now + FAILED_ROUND_RETRY_S
+            return
+        self._retry_at.pop(ns, None)
+        self.policy.round_finished(trigger, outcome.record.manifest.version)
+        for key in [k for k in self._pending if k[1] == ns]:
+            del self._pending[key]
+        self.rounds.append(outcome)
+        self._commit()  # the outcome is recorded in the registry: the updates it consumed are done
+        if self.on_round is not None:
+            self.on_round(outcome)
+
+    # --- offsets --------------------------------------------------------------------------------
+
+    def commit_positions(self) -> dict[int, int]:
+        """The offset per partition that is safe to commit now (see the module docstring)."""
+        out = {}
+        for partition, nxt in self._next.items():
+            pending = [off for (p, _), off in self._pending.items() if p == partition]
+            out[partition] = min(pending) if pending else nxt
+        return out
+
+    def _commit(self) -> None:
+        if self._consumer is None:
+            return
+        todo = {p: o for p, o in self.commit_positions().items() if self._committed.get(p) != o}
+        if not todo:
+            return
+        self._consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in todo.items()], asynchronous=False)
+        self._committed.update(todo)
+
+    def _on_assign(self, consumer, partitions) -> None:
+        log.info("learner: assigned %s", [p.partition for p in partitions])
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        try:
+            self._commit()
+        except Exception:  # noqa: BLE001 - a failed commit only means more re-reading
+            log.warning("learner: commit on revoke failed", exc_info=True)
+        self.policy = TriggerPolicy(self.policy.min_new_items, self.policy.cooldown_s)
+        self._restored.clear()
+        self._pending.clear()
+        self._next.clear()
+        self._committed.clear()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m learner.service``: run the learner on the settings' Kafka and object store until Ctrl-C."""
+    import signal
+
+    from oel.settings import load_settings
+    from oel.store import S3Store
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings()
+    store = S3Store(settings.s3)
+    store.ensure_bucket()
+    metrics.start_metrics_server(settings.metrics, "learner", default_port=9102)
+    service = LearnerService(settings, store)
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    try:
+        service.run()
+    except KeyboardInterrupt:
+        service.stop()
+
+
+if __name__ == "__main__":
+    main()
