@@ -141,7 +141,7 @@ class RoundRunner:
         existing = self.registry.find_round(ns, trigger.round_id)
         if existing is not None:
             log.info("%s: round %s already produced %s (%s); finishing it", ns, trigger.round_id, existing.manifest.version, existing.status.value)
-            published = self._finish(existing)
+            published = self.finish(existing)
             record = self.registry.get(ns, existing.manifest.version)
             return RoundOutcome(trigger, record, False, record.status, published, time.monotonic() - t0)
 
@@ -154,7 +154,7 @@ class RoundRunner:
             raise
         finally:
             metrics.ROUND_IN_PROGRESS.labels(namespace=ns).set(0)
-        published = self._finish(record)
+        published = self.finish(record)
         record = self.registry.get(ns, record.manifest.version)
         seconds = time.monotonic() - t0
         metrics.ROUND_DURATION.labels(namespace=ns).observe(seconds)
@@ -208,8 +208,9 @@ class RoundRunner:
             record, _ = self.registry.save_version(manifest, adapter_dir)
             return record, training
 
-    def _finish(self, record: VersionRecord) -> ModelVersion | None:
-        """The gate's place, then promotion if configured. Idempotent."""
+    def finish(self, record: VersionRecord) -> ModelVersion | None:
+        """The steps after the manifest: the gate's place, then promotion if configured. Idempotent; the
+        service also calls it at start-up for a candidate left by a crash right after its manifest."""
         m = record.manifest
         if record.status is not VersionStatus.candidate:
             return None  # decided already (promoted, rejected or rolled back by hand): leave it

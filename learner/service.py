@@ -10,9 +10,10 @@ One loop in one thread (confluent-kafka consumer, group ``learner.group_id``, no
   that is not consolidated yet: per partition, the committed offset is the smallest offset of a pending
   (observed but not yet trained) update of any namespace on it, or the end when none is pending. A
   restart therefore re-reads exactly the updates whose items still count towards the next round, and the
-  registry (newest version, its KB version and time) restores what was consolidated. A crash mid-round
-  re-reads the trigger's updates, computes the same round id, and the registry makes the replay finish
-  the existing version instead of publishing a second one.
+  registry (newest version, its KB version and time) restores what was consolidated. After a crash
+  mid-round the trigger's updates are read again: if the round's manifest was written, they count as
+  consolidated and the version's remaining steps (gate, promotion) run at start-up; if not, the round
+  runs again under the same id. Either way one round gives one version.
 
 Partitions are keyed by namespace, so each namespace has one learner. On a rebalance (eager protocol:
 everything is revoked) the in-memory state is dropped; the committed offsets make the new owner
@@ -145,6 +146,9 @@ class LearnerService:
             m = latest.manifest
             self.policy.restore(namespace, parent_version=m.version, consolidated_kb_version=m.kb_version,
                                 last_round_at=m.created_at.timestamp())
+            if not latest.history:
+                # A crash right after the manifest: the round's remaining steps (gate, promotion) run now.
+                self.runner.finish(latest)
         self._restored.add(namespace)
 
     def _dead_letter(self, msg, reason: str) -> None:

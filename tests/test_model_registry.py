@@ -274,3 +274,92 @@ def test_service_runs_a_round_and_commits_only_after_it(s3_store, ns, tiny_model
     t.cancel()
     assert svc2.rounds == []
     assert [r.manifest.version for r in ModelRegistry(s3_store).list(ns)] == [version]
+
+
+_CRASHING_LEARNER = """
+import json, os, signal, sys
+from learner.rounds import RoundRunner
+from learner.service import LearnerService
+from learner.versions import ModelRegistry
+from oel.settings import load_settings
+from oel.store import S3Store
+
+settings = load_settings()
+store = S3Store(settings.s3)
+registry = ModelRegistry(store)
+save = registry.save_version
+
+def save_then_die(*args, **kwargs):
+    out = save(*args, **kwargs)          # the manifest is written: the worst moment to die
+    os.kill(os.getpid(), signal.SIGKILL)  # before promotion, before the offsets are committed
+    return out
+
+registry.save_version = save_then_die
+runner = RoundRunner(store, settings, registry=registry, config_overrides=json.loads(sys.argv[1]))
+# The broker's minimum session timeout, so that the restarted learner need not wait 45 s for this member to expire.
+LearnerService(settings, store, runner=runner, consumer_config={"session.timeout.ms": 6000}).run(poll_s=0.2)
+"""
+
+
+def test_kill_9_after_the_manifest_then_restart_publishes_exactly_one_version(s3_store, ns, tiny_model_dir, kafka, unique, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+    import uuid
+
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from learner.rounds import RoundRunner
+    from learner.service import LearnerService
+    from oel.schemas import ModelVersion, decode
+
+    updates = _seed_namespace(s3_store, ns)
+    exp_topic, versions_topic = f"t-{unique}.experience", _topic(kafka, unique)
+    ensure_topics(admin_client(kafka.kafka), [TopicSpec(exp_topic, 1, 1)])
+    env = {**os.environ, "OEL_MODEL__PATH": str(tiny_model_dir), "OEL_TOPICS__EXPERIENCE": exp_topic,
+           "OEL_TOPICS__MODEL_VERSIONS": versions_topic, "OEL_LEARNER__MIN_NEW_ITEMS": "3", "OEL_LEARNER__COOLDOWN_S": "0",
+           "OEL_LEARNER__GROUP_ID": f"g-{unique}", "OEL_LEARNER__AUTO_PROMOTE": "true"}
+    producer = Producer(kafka.kafka.client_config())
+    for u in updates:
+        producer.produce(exp_topic, u.to_bytes(), ns)
+    producer.flush(15)
+
+    script = tmp_path / "crashing_learner.py"
+    script.write_text(_CRASHING_LEARNER)
+    proc = subprocess.run([sys.executable, str(script), json.dumps(_FAST)], env=env, cwd=str(tmp_path.parent),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    reg = ModelRegistry(s3_store)
+    [crashed] = reg.list(ns)
+    assert crashed.status is VersionStatus.candidate and crashed.history == []
+
+    settings = load_settings(model={"path": str(tiny_model_dir)}, topics={"experience": exp_topic, "model_versions": versions_topic},
+                             learner={"min_new_items": 3, "cooldown_s": 0, "group_id": f"g-{unique}", "auto_promote": True})
+    svc = LearnerService(settings, s3_store, runner=RoundRunner(s3_store, settings, config_overrides=_FAST))
+    thread = threading.Thread(target=svc.run, kwargs={"poll_s": 0.2})
+    thread.start()
+    g = Consumer({**kafka.kafka.client_config(), "group.id": f"g-{unique}"})
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:  # the dead member's session expires, then the group rebalances
+            if g.committed([TopicPartition(exp_topic, 0)], timeout=10)[0].offset == len(updates):
+                break
+            time.sleep(0.5)
+    finally:
+        svc.stop()
+        thread.join(30)
+    assert g.committed([TopicPartition(exp_topic, 0)], timeout=10)[0].offset == len(updates)
+    g.close()
+    assert svc.rounds == []  # nothing trained again
+    [after] = reg.list(ns)
+    assert after.manifest == crashed.manifest and after.status is VersionStatus.promoted
+
+    c = Consumer({**kafka.kafka.client_config(), "group.id": f"read-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
+    c.assign([TopicPartition(versions_topic, 0, 0)])
+    published = []
+    while (msg := c.poll(2.0)) is not None:
+        published.append(decode(msg.value(), ModelVersion))
+    c.close()
+    assert [(v.version, v.status) for v in published] == [(after.manifest.version, VersionStatus.promoted)]
