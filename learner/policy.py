@@ -77,7 +77,7 @@ class NamespaceState:
 
     namespace: str
     parent_version: str | None = None
-    """The namespace's newest model version (what the next round continues from)."""
+    """The model version the next round continues from (the service sets the currently promoted one)."""
     consolidated_kb_version: str | None = None
     """The KB version the newest model version was trained on."""
     last_round_at: float | None = None

@@ -144,12 +144,17 @@ class LearnerService:
         latest = self.registry.latest(namespace)
         if latest is not None:
             m = latest.manifest
-            self.policy.restore(namespace, parent_version=m.version, consolidated_kb_version=m.kb_version,
-                                last_round_at=m.created_at.timestamp())
             if not latest.history:
                 # A crash right after the manifest: the round's remaining steps (gate, promotion) run now.
                 self.runner.finish(latest)
+            self.policy.restore(namespace, parent_version=self._parent(namespace), consolidated_kb_version=m.kb_version,
+                                last_round_at=m.created_at.timestamp())
         self._restored.add(namespace)
+
+    def _parent(self, namespace: str) -> str | None:
+        """The parent of the namespace's next round: its current (promoted) version; None = the base model."""
+        current = self.registry.current(namespace)
+        return current.manifest.version if current is not None else None
 
     def _dead_letter(self, msg, reason: str) -> None:
         if self._dlq is None:
@@ -176,7 +181,12 @@ class LearnerService:
             self._retry_at[ns] = now + FAILED_ROUND_RETRY_S
             return
         self._retry_at.pop(ns, None)
-        self.policy.round_finished(trigger, outcome.record.manifest.version)
+        self.policy.round_finished(trigger, None)
+        # The next round continues from what is served (a candidate, a rejected or a rolled-back version is
+        # no parent); its KB version counts as consolidated whatever the outcome, so it is not retrained.
+        st = self.policy.state(ns)
+        self.policy.restore(ns, parent_version=self._parent(ns), consolidated_kb_version=trigger.kb_version,
+                            last_round_at=st.last_round_at)
         for key in [k for k in self._pending if k[1] == ns]:
             del self._pending[key]
         self.rounds.append(outcome)

@@ -259,6 +259,9 @@ def test_service_runs_a_round_and_commits_only_after_it(s3_store, ns, tiny_model
     svc.run(max_rounds=1, poll_s=0.2)
     assert len(svc.rounds) == 1 and svc.rounds[0].status is VersionStatus.candidate
     version = svc.rounds[0].record.manifest.version
+    state = svc.policy.state(ns)
+    # A candidate is no parent: the next round still starts from the base model, but this KB version is done.
+    assert state.parent_version is None and state.consolidated_kb_version == updates[-1].kb_version and state.pending == {}
 
     c = Consumer({**kafka.kafka.client_config(), "group.id": f"g-{unique}"})
     committed = c.committed([TopicPartition(exp_topic, 0)], timeout=10)[0].offset
