@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from oel.extraction import MARKER
 from oel.model.backend import Backend, Generation, SamplingParams
 from oel.ops.topics import admin_client, ensure_topics
 from oel.schemas import ExperienceUpdate, TrajectoryEvent, decode
@@ -47,7 +48,7 @@ class NoopBackend(Backend):
         out = []
         for conv in conversations:
             tag = abs(hash(conv[-1].content)) % 10**8
-            out.append(Generation(f"Lesson {tag}: quote the order number and sign off politely.", [], [], "stop"))
+            out.append(Generation(f"{MARKER} Lesson {tag}: quote the order number and sign off politely.", [], [], "stop"))
         return out
 
     def load_adapter(self, name, path):  # pragma: no cover
@@ -184,6 +185,19 @@ def main() -> None:
             time.sleep(0.05)
         proc_rate = (total - c_first) / (time.monotonic() - t_first)
 
+        # Until every backlog episode is in the KB (items, snapshot and training data stored).
+        upd = Consumer({**s.kafka.client_config(), "group.id": f"drain-{tag}", "auto.offset.reset": "earliest"})
+        upd.subscribe([s.topics.experience])
+        backlog = {f"{tag}-{i}" for i in range(args.episodes)}
+        while backlog:
+            msg = upd.poll(1.0)
+            if worker.poll() is not None:
+                sys.exit(f"worker exited with {worker.returncode}")
+            if msg is not None and not msg.error():
+                backlog -= set(ExperienceUpdate.model_validate_json(msg.value()).source_episode_ids)
+        pipeline_rate = (total - c_first) / (time.monotonic() - t_first)
+        upd.close()
+
         # 3. Latency at a steady rate, worker warm.
         upd = Consumer({**s.kafka.client_config(), "group.id": f"lat-{tag}", "auto.offset.reset": "latest"})
         upd.subscribe([s.topics.experience])
@@ -225,11 +239,12 @@ def main() -> None:
     print(f"{'':38s} {'events/s':>10s}")
     print(f"{'bare confluent-kafka consumer':38s} {bare_rate:10.0f}")
     print(f"{'oel processor (no-op extractor)':38s} {proc_rate:10.0f}")
+    print(f"{'  ... until all episodes are in the KB':38s} {pipeline_rate:10.0f}")
     print(f"{'ratio processor / bare':38s} {proc_rate / bare_rate:10.2f}   (target: >= 5000 events/s per worker)")
     print()
     print(f"end event -> items in store, {len(latencies)} episodes at {args.rate:.0f}/s, batch {args.batch}, window 0.5 s:")
     print(f"  p50 {p50 * 1000:.0f} ms   p99 {p99 * 1000:.0f} ms   (lost: {len(sent)})")
-    print(json.dumps({"bare_events_per_s": bare_rate, "processor_events_per_s": proc_rate, "p50_s": p50, "p99_s": p99}))
+    print(json.dumps({"bare_events_per_s": bare_rate, "processor_events_per_s": proc_rate, "pipeline_events_per_s": pipeline_rate, "p50_s": p50, "p99_s": p99}))
 
 
 if __name__ == "__main__":

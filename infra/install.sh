@@ -17,7 +17,9 @@ start=$SECONDS
 stack_pid=""
 if [[ "${OEL_INSTALL_STACK:-1}" == 1 ]]; then
   # Service installs (network and compile bound) run beside the Python install.
-  bash "$REPO/infra/local/stack.sh" install > /tmp/oel-stack-install.$$.log 2>&1 &
+  # ... and kustomize for the Kubernetes manifest tests (after the Python env: it installs kubernetes-validate there).
+  { bash "$REPO/infra/local/stack.sh" install && bash "$REPO/infra/local/k8s-tools.sh" install-kustomize; } \
+    > /tmp/oel-stack-install.$$.log 2>&1 &
   stack_pid=$!
 fi
 vllm_pid=""

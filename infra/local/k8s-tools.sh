@@ -2,7 +2,7 @@
 # Tools that render and validate the Kubernetes manifests under k8s/ offline, installed idempotently:
 #   kustomize            built with `go install` from the Go module proxy into the cache dir;
 #   kubernetes-validate  from PyPI into .venv (pinned in pyproject's dev extra and constraints.txt).
-# Usage: k8s-tools.sh install | path      (path prints the kustomize binary's path)
+# Usage: k8s-tools.sh install | install-kustomize | path   (path prints the kustomize binary's path)
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 KUSTOMIZE_VERSION="v5.8.2"  # v5.8.3 needs go >= 1.27; this machine has go 1.26
@@ -40,6 +40,7 @@ install_validator() {
 
 case "${1:-}" in
   install) install_kustomize; install_validator ;;
+  install-kustomize) install_kustomize ;;
   path) echo "$KUSTOMIZE_BIN" ;;
   *) echo "usage: $0 install|path" >&2; exit 2 ;;
 esac
