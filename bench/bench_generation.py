@@ -2,12 +2,13 @@
 
 Same prompts, same sampling (greedy), batch 1 and 8, with and without a LoRA adapter. Throughput is
 generated tokens (``response_token_ids``, end token included) divided by the wall time of one
-``generate`` call; each cell is the median of ``--repeats`` timed calls after one warm-up call.
+``generate`` call; each cell is the median of ``--repeats`` timed calls after one warm-up call, the
+two backends alternating call by call so that both see the same background load.
 The adapter is a random rank-8 LoRA on q_proj/v_proj (as in tests/test_vllm_backend.py), loaded in
 both backends under a versioned name, unless ``--adapter`` names a PEFT folder.
 
 The vLLM server must be running (``bash infra/local/vllm.sh up``); the in-process backend runs in this
-process, so the two never compete for the cores while one of them is being timed.
+process. Only one backend works at a time, so they never compete with each other for the cores.
 
 Run:  .venv/bin/python bench/bench_generation.py            (all cells)
       .venv/bin/python bench/bench_generation.py --backends hf --batch-sizes 1
@@ -62,19 +63,13 @@ def make_random_adapter(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def measure(backend: Backend, batch: int, adapter: str | None, params: SamplingParams, repeats: int) -> tuple[float, int, float]:
-    """(median tokens/s, tokens of one call, median seconds of one call)."""
-    convs = conversations(batch)
-    backend.generate(convs[: min(batch, 2)], SamplingParams(max_new_tokens=4, temperature=0), adapter=adapter)  # warm-up
-    rates, secs, tokens = [], [], 0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        gens = backend.generate(convs, params, adapter=adapter)
-        elapsed = time.perf_counter() - start
-        tokens = sum(g.response_tokens for g in gens)
-        rates.append(tokens / elapsed)
-        secs.append(elapsed)
-    return statistics.median(rates), tokens, statistics.median(secs)
+def timed(backend: Backend, convs: list, adapter: str | None, params: SamplingParams) -> tuple[float, int, float]:
+    """(tokens/s, tokens, seconds) of one generate call."""
+    start = time.perf_counter()
+    gens = backend.generate(convs, params, adapter=adapter)
+    elapsed = time.perf_counter() - start
+    tokens = sum(g.response_tokens for g in gens)
+    return tokens / elapsed, tokens, elapsed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,37 +97,49 @@ def main(argv: list[str] | None = None) -> int:
     adapter_name = f"bench-{uuid.uuid4().hex[:8]}-v1"
     adapters: list[str | None] = [None] if adapter_dir is None else [None, adapter_name]
 
-    results: dict[tuple[str, int, str | None], tuple[float, int, float]] = {}
-    load_before = os.getloadavg()
-    for name in backends:
-        if name == "hf":
-            from oel.model.hf_backend import HFBackend
+    # Both backends are loaded first; then every cell alternates between them call by call, so
+    # the two see the same background load on a shared machine.
+    live: dict[str, Backend] = {}
+    try:
+        for name in backends:
+            if name == "hf":
+                from oel.model.hf_backend import HFBackend
 
-            t0 = time.perf_counter()
-            backend: Backend = HFBackend(model_dir, dtype=settings.model.dtype, max_batch_size=max(args.batch_sizes))
-            print(f"in-process backend loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        elif name == "vllm":
-            from oel.model.vllm_backend import VLLMBackend
+                t0 = time.perf_counter()
+                live[name] = HFBackend(model_dir, dtype=settings.model.dtype, max_batch_size=max(args.batch_sizes))
+                print(f"in-process backend loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+            elif name == "vllm":
+                from oel.model.vllm_backend import VLLMBackend
 
-            backend = VLLMBackend(args.vllm_url)
-            backend.health()
-            if Path(backend.base_model).resolve() != Path(model_dir).resolve():
-                print(f"warning: vLLM serves {backend.base_model}, the in-process backend loads {model_dir}", file=sys.stderr)
-        else:
-            parser.error(f"unknown backend {name!r}")
-        try:
+                live[name] = VLLMBackend(args.vllm_url)
+                live[name].health()
+                if Path(live[name].base_model).resolve() != Path(model_dir).resolve():
+                    print(f"warning: vLLM serves {live[name].base_model}, the in-process backend loads {model_dir}", file=sys.stderr)
+            else:
+                parser.error(f"unknown backend {name!r}")
             if adapter_dir is not None:
-                backend.load_adapter(adapter_name, adapter_dir)
-            for adapter in adapters:
-                for batch in args.batch_sizes:
-                    results[(name, batch, adapter)] = measure(backend, batch, adapter, params, args.repeats)
-                    rate, tokens, secs = results[(name, batch, adapter)]
-                    print(f"  {name:5s} batch {batch:2d} adapter {'yes' if adapter else 'no ':3s}: {rate:7.1f} tok/s "
-                          f"({tokens} tokens in {secs:.1f}s)", file=sys.stderr)
-            if adapter_dir is not None:
+                live[name].load_adapter(adapter_name, adapter_dir)
+
+        samples: dict[tuple[str, int, str | None], list[tuple[float, int, float]]] = {}
+        load_before = os.getloadavg()
+        for adapter in adapters:
+            for batch in args.batch_sizes:
+                convs = conversations(batch)
+                for name in backends:  # warm-up
+                    live[name].generate(convs[: min(batch, 2)], SamplingParams(max_new_tokens=4, temperature=0), adapter=adapter)
+                for _ in range(args.repeats):
+                    for name in backends:
+                        sample = timed(live[name], convs, adapter, params)
+                        samples.setdefault((name, batch, adapter), []).append(sample)
+                        print(f"  {name:5s} batch {batch:2d} adapter {'yes' if adapter else 'no ':3s}: {sample[0]:7.1f} tok/s "
+                              f"({sample[1]} tokens in {sample[2]:.1f}s)", file=sys.stderr)
+        if adapter_dir is not None:
+            for backend in live.values():
                 backend.unload_adapter(adapter_name)
-        finally:
+    finally:
+        for backend in live.values():
             backend.close()
+    results = {key: statistics.median(s[0] for s in runs) for key, runs in samples.items()}
     load_after = os.getloadavg()
 
     label = {"hf": "in-process (transformers)", "vllm": "vLLM CPU"}
@@ -143,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     for adapter in adapters:
         for batch in args.batch_sizes:
             row = [str(batch), "LoRA r8" if adapter else "none"]
-            row += [f"{results[(b, batch, adapter)][0]:.1f}" for b in backends]
+            row += [f"{results[(b, batch, adapter)]:.1f}" for b in backends]
             if backends == ["hf", "vllm"]:
-                row.append(f"{results[('vllm', batch, adapter)][0] / results[('hf', batch, adapter)][0]:.2f}x")
+                row.append(f"{results[('vllm', batch, adapter)] / results[('hf', batch, adapter)]:.2f}x")
             rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print(f"\nGeneration throughput, {model_dir.name}, greedy, {args.max_new_tokens} new tokens max, median of {args.repeats}")

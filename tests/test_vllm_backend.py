@@ -206,7 +206,7 @@ def test_unload_waits_for_in_flight_requests(vllm: VLLMBackend, adapters, unique
 
     def generate() -> None:
         try:
-            vllm.generate(long, SamplingParams(max_new_tokens=64, temperature=0.7, seed=5), adapter=name)
+            vllm.generate(long, SamplingParams(max_new_tokens=32, temperature=0.7, seed=5), adapter=name)
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
         done["generation"] = time.monotonic()

@@ -6,7 +6,9 @@
 # infra/local/vllm-constraints.txt.
 # Usage: vllm.sh install | up | down | status
 # Environment: OEL_STACK_VLLM_PORT (8000), OEL_MODEL__PATH (the bundled SmolLM2 bf16 folder),
-#   OEL_STACK_VLLM_MAX_MODEL_LEN (2048), OEL_STACK_VLLM_KV_GB (1), OEL_STACK_VLLM_MAX_LORA_RANK (64),
+#   OEL_STACK_VLLM_MAX_MODEL_LEN (2048), OEL_STACK_VLLM_KV_GB (1),
+#   OEL_STACK_VLLM_MAX_LORA_RANK (OEL_LEARNER__LORA_RANK, else 16: the learner's default rank; the
+#   CPU LoRA kernels cost in proportion to it, so keep it at the rank actually trained),
 #   OEL_STACK_VLLM_MAX_LORAS (4), OEL_STACK_VLLM_LORA_TARGETS (the attention and MLP projections),
 #   OEL_STACK_VLLM_START_TIMEOUT (600 s), OEL_WHEELS_DIR (../shared/wheels).
 # LoRA is restricted to the attention and MLP projections: with lm_head among the LoRA targets (the
@@ -59,7 +61,10 @@ up() {
   : > "$(log_file vllm)"
   local t0=$SECONDS
   # Two shared cores and little memory: reserve no core for the front end, a small KV cache and
-  # context. Nothing is downloaded (offline), and no usage statistics are sent.
+  # context; OpenMP threads sleep instead of spinning when they wait (on cores shared with other
+  # processes, spinning stalls every parallel region). Nothing is downloaded (offline), and no
+  # usage statistics are sent.
+  OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" \
   VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
   VLLM_CPU_KVCACHE_SPACE="${OEL_STACK_VLLM_KV_GB:-1}" \
   VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \
@@ -69,7 +74,7 @@ up() {
       --host "$OEL_BIND" --port "$VLLM_PORT" \
       --model "$VLLM_MODEL" --dtype bfloat16 \
       --max-model-len "${OEL_STACK_VLLM_MAX_MODEL_LEN:-2048}" \
-      --enable-lora --max-lora-rank "${OEL_STACK_VLLM_MAX_LORA_RANK:-64}" \
+      --enable-lora --max-lora-rank "${OEL_STACK_VLLM_MAX_LORA_RANK:-${OEL_LEARNER__LORA_RANK:-16}}" \
       --max-loras "${OEL_STACK_VLLM_MAX_LORAS:-4}" \
       --lora-target-modules ${OEL_STACK_VLLM_LORA_TARGETS:-q_proj k_proj v_proj o_proj gate_proj up_proj down_proj} \
       --disable-uvicorn-access-log
@@ -99,11 +104,12 @@ down() {
   if ! pid="$(running_pid "$NAME" "$MARKER")"; then
     rm -f "$(pid_file vllm)"; say "vllm: not running"; return 0
   fi
+  # kill -0 -PGID: is any process of the group (server, engine, worker) still there?
   kill -INT -- "-$pid" 2>/dev/null || true
-  for _ in $(seq 1 10); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  for _ in $(seq 1 10); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
   kill -INT -- "-$pid" 2>/dev/null || true
-  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-  if kill -0 "$pid" 2>/dev/null; then
+  for _ in $(seq 1 60); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
+  if kill -0 -- "-$pid" 2>/dev/null; then
     say "vllm: still alive after two SIGINTs and 35s, killing"
     kill -KILL -- "-$pid" 2>/dev/null || true
   fi
