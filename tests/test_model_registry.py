@@ -255,13 +255,14 @@ def test_service_runs_a_round_and_commits_only_after_it(s3_store, ns, tiny_model
     producer.flush(15)
 
     runner = RoundRunner(s3_store, settings, config_overrides=_FAST)  # no auto-promote: a candidate
-    svc = LearnerService(settings, s3_store, runner=runner)
+    states = []
+    svc = LearnerService(settings, s3_store, runner=runner, on_round=lambda o: states.append(
+        (svc.policy.state(ns).parent_version, svc.policy.state(ns).consolidated_kb_version, dict(svc.policy.state(ns).pending))))
     svc.run(max_rounds=1, poll_s=0.2)
     assert len(svc.rounds) == 1 and svc.rounds[0].status is VersionStatus.candidate
     version = svc.rounds[0].record.manifest.version
-    state = svc.policy.state(ns)
     # A candidate is no parent: the next round still starts from the base model, but this KB version is done.
-    assert state.parent_version is None and state.consolidated_kb_version == updates[-1].kb_version and state.pending == {}
+    assert states == [(None, updates[-1].kb_version, {})]
 
     c = Consumer({**kafka.kafka.client_config(), "group.id": f"g-{unique}"})
     committed = c.committed([TopicPartition(exp_topic, 0)], timeout=10)[0].offset
