@@ -278,6 +278,16 @@ def test_service_runs_a_round_and_commits_only_after_it(s3_store, ns, tiny_model
     t.cancel()
     assert svc2.rounds == []
     assert [r.manifest.version for r in ModelRegistry(s3_store).list(ns)] == [version]
+    # The invalid message went to the DLQ with its reason, and was committed past.
+    c = Consumer({**kafka.kafka.client_config(), "group.id": f"g-{unique}"})
+    assert c.committed([TopicPartition(exp_topic, 0)], timeout=10)[0].offset == 4
+    c.close()
+    d = Consumer({**kafka.kafka.client_config(), "group.id": f"dlq-{unique}", "enable.auto.commit": False})
+    d.assign([TopicPartition(exp_topic + ".dlq", 0, 0)])
+    msg = d.poll(10)
+    d.close()
+    assert msg is not None and msg.value() == b"{not json"
+    assert dict(msg.headers())["oel.error"].startswith(b"not valid JSON")
 
 
 _CRASHING_LEARNER = """
