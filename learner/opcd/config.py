@@ -68,7 +68,7 @@ class OPCDConfig:
     # --- loss --------------------------------------------------------------------------------
     top_k: int | None = 256
     """Size of the student's top-k support of the KL; ``None`` = exact full-vocabulary reverse KL."""
-    loss_chunk_tokens: int = 256
+    loss_chunk_tokens: int = 64
     """Answer positions projected to the vocabulary at once (bounds the memory of the logits)."""
     teacher_cache_tokens: int = 32768
     """The teacher is frozen for the round, so the keys/values of the part of its prompt that every prefix

@@ -39,18 +39,34 @@ def opcd_token_loss(
     ``student_logits`` and ``teacher_logits``: ``[..., vocab]`` at the same response positions.
     Returns ``(loss [...], kl [...])``; ``loss`` carries the gradient to ``student_logits``.
     With ``top_k=None`` (or ``top_k >= vocab``) the loss is the full-vocabulary reverse KL.
+
+    Memory: besides the two float32 copies of the logits, only a few ``[..., vocab]`` temporaries
+    exist at once (the log-softmax is never materialised for the top-k loss).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
-    log_ps = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_pt = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = student_logits.float()
+    # divide in place when .float() made a fresh copy; never modify the caller's tensor
+    s = s / temperature if s is student_logits else s.div_(temperature)
     with torch.no_grad():
-        full_kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
-    if top_k is None or top_k >= log_ps.shape[-1]:
+        t = teacher_logits.float()
+        t = t / temperature if t is teacher_logits else t.div_(temperature)
+        lse_t = torch.logsumexp(t, dim=-1, keepdim=True)
+    lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
+    with torch.no_grad():
+        # full reverse KL, in place on one temporary: sum_v p_s(v) * ((s_v - lse_s) - (t_v - lse_t))
+        diff = s.detach() - t
+        diff.sub_(lse_s.detach() - lse_t)
+        p_s = (s.detach() - lse_s.detach()).exp_()
+        full_kl = diff.mul_(p_s).sum(-1)
+        del diff, p_s
+    if top_k is None or top_k >= s.shape[-1]:
+        log_ps = s - lse_s
+        log_pt = t - lse_t
         return (log_ps.exp() * (log_ps - log_pt)).sum(-1), full_kl
-    idx = torch.topk(log_ps.detach(), top_k, dim=-1, sorted=False).indices
-    ls = log_ps.gather(-1, idx)
-    lt = log_pt.gather(-1, idx)
+    idx = torch.topk(s.detach(), top_k, dim=-1, sorted=False).indices
+    ls = s.gather(-1, idx) - lse_s
+    lt = t.gather(-1, idx) - lse_t
     return (ls.exp() * (ls - lt)).sum(-1), full_kl
 
 
@@ -74,7 +90,7 @@ def chunked_opcd_loss(
     *,
     temperature: float = 0.7,
     top_k: int | None = 256,
-    chunk_tokens: int = 256,
+    chunk_tokens: int = 64,
     backward: bool = True,
 ) -> tuple[LossStats, torch.Tensor | None]:
     """OPCD loss from final hidden states at the response positions (``[n_tokens, hidden]`` each).
