@@ -15,6 +15,7 @@ def _settings_with_unique_topics(unique: str):
             "trajectories": f"t-{unique}.trajectories",
             "experience": f"t-{unique}.experience",
             "model_versions": f"t-{unique}.model-versions",
+            "episodes": f"t-{unique}.episodes",
             "trajectories_partitions": 3,
             "trajectories_retention_ms": 3_600_000,
         }
