@@ -229,3 +229,29 @@ def test_cli_distill(model_dir: Path, tmp_path: Path) -> None:
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["config"]["learning_rate"] == 1e-3 and summary["experience_cuts"][0]["items_dropped"] == 1
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_mixed_precision_lora_on_a_bf16_base(tmp_path: Path) -> None:
+    """bf16 base: the adapter computes in bf16, AdamW updates float32 masters, and the masters are what is saved."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    tok = tiny_tokenizer()
+    t = OPCDTrainer(OPCDConfig(batch_size=3, max_new_tokens=8, seed=1, learning_rate=1e-2), PREFIXES, EXPERIENCE,
+                    model=tiny_model(tok, dtype=torch.bfloat16), tokenizer=tok)
+    assert t.master_params is not None and all(m.dtype == torch.float32 for m in t.master_params)
+    assert all(p.dtype == torch.bfloat16 for p in t.trainable_params)
+    batch = t.rollout([0, 1, 2])
+    losses = [t.train_step(batch)[0].loss for _ in range(6)]
+    assert losses[-1] < losses[0]
+    for m, p in zip(t.master_params, t.trainable_params):
+        assert torch.equal(p, m.to(torch.bfloat16))
+    out = t.save(tmp_path / "adapter")
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    assert all(p.dtype == torch.bfloat16 for p in t.trainable_params)  # restored after saving
+    masters = sorted(float(m.abs().sum()) for m in t.master_params)
+    assert sorted(float(v.abs().sum()) for v in saved.values()) == pytest.approx(masters)
+    base = tiny_model(tok, dtype=torch.bfloat16)
+    reloaded = PeftModel.from_pretrained(base, str(out))
+    assert all(p.dtype == torch.float32 for n, p in reloaded.named_parameters() if "lora_" in n)

@@ -40,6 +40,10 @@ class OPCDConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str | list[str] = "all-linear"
     """Which linear layers get adapters (peft's ``target_modules``; ``"all-linear"`` = every linear but the head)."""
+    adapter_mixed_precision: bool = True
+    """With a bfloat16/float16 base: the LoRA weights compute in that dtype and AdamW updates float32 master
+    copies (saved as the adapter). Saves the float32 copies of every layer input that peft's float32 adapters
+    make, and their time. False: peft's float32 adapters."""
 
     # --- optimisation ------------------------------------------------------------------------
     steps: int = 40

@@ -132,6 +132,23 @@ class OPCDResult:
         }
 
 
+def _release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and the process's RSS only grows)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
 
@@ -195,8 +212,17 @@ class OPCDTrainer:
         self._setup_data(prefixes, experience_sets)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable_params = params
+        # Mixed precision for LoRA on a bf16/fp16 base: the adapters compute in the base's dtype (no float32
+        # copies of every activation, as peft's float32 adapters make), the optimizer updates float32 masters.
+        self.master_params: list[torch.Tensor] | None = None
+        base_dtype = self._causal_lm("student").get_input_embeddings().weight.dtype
+        if config.finetune == "lora" and config.adapter_mixed_precision and base_dtype != torch.float32:
+            self.master_params = [p.detach().clone().float() for p in params]
+            for name, p in self.model.named_parameters():
+                if ".lora_" in name:
+                    p.data = p.data.to(base_dtype)
         self.optimizer = torch.optim.AdamW(
-            params,
+            self.master_params if self.master_params is not None else params,
             lr=config.effective_learning_rate,
             betas=config.adam_betas,
             eps=config.adam_eps,
@@ -561,13 +587,25 @@ class OPCDTrainer:
     def train_step(self, batch: Sequence[Rollout]) -> tuple[LossStats, float]:
         """One optimizer step on a given batch: (loss stats before the update, gradient norm before clipping)."""
         self.optimizer.zero_grad(set_to_none=True)
+        for p in self.trainable_params:
+            p.grad = None
         stats = self.loss(batch, backward=True)
+        params = self.trainable_params
+        if self.master_params is not None:
+            for m, p in zip(self.master_params, self.trainable_params):
+                m.grad = p.grad.float() if p.grad is not None else None
+                p.grad = None
+            params = self.master_params
         if self.config.max_grad_norm and self.config.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, self.config.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         else:
-            grads = [p.grad.norm() for p in self.trainable_params if p.grad is not None]
+            grads = [p.grad.norm() for p in params if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
         self.optimizer.step()
+        if self.master_params is not None:
+            with torch.no_grad():
+                for m, p in zip(self.master_params, self.trainable_params):
+                    p.copy_(m)
         self.step_count += 1
         return stats, float(norm)
 
@@ -575,8 +613,10 @@ class OPCDTrainer:
         """Sample a batch on-policy and take one optimizer step on it."""
         t0 = time.perf_counter()
         batch = self.rollout()
+        _release_free_memory()
         t1 = time.perf_counter()
         stats, norm = self.train_step(batch)
+        _release_free_memory()
         t2 = time.perf_counter()
         n_tok = sum(len(r.response_ids) for r in batch)
         m = StepMetrics(
@@ -609,13 +649,29 @@ class OPCDTrainer:
 
     # --- saving -------------------------------------------------------------------------------
 
+    @contextmanager
+    def _float32_adapter(self) -> Iterator[None]:
+        """With mixed precision, put the float32 master weights into the adapter for the duration (to save them)."""
+        if self.master_params is None:
+            yield
+            return
+        low = [p.data for p in self.trainable_params]
+        for m, p in zip(self.master_params, self.trainable_params):
+            p.data = m.detach()
+        try:
+            yield
+        finally:
+            for d, p in zip(low, self.trainable_params):
+                p.data = d
+
     def save(self, out_dir: str | Path, result: OPCDResult | None = None, extra: dict[str, Any] | None = None) -> Path:
         """Write the adapter (peft ``save_pretrained``; the whole model for a full fine-tune) and
         ``opcd-summary.json`` (configuration, per-step metrics, experience cuts) into ``out_dir``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.config.finetune == "lora":
-            self.model.save_pretrained(str(out), selected_adapters=[STUDENT_ADAPTER])
+            with self._float32_adapter():
+                self.model.save_pretrained(str(out), selected_adapters=[STUDENT_ADAPTER])
         else:
             self.model.save_pretrained(str(out))
             self.tokenizer.save_pretrained(str(out))
