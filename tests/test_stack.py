@@ -7,6 +7,7 @@ the suite uses is left alone. Jars and binaries come from the shared cache (inst
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,17 +35,31 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
+PORT_VARS = (
+    "OEL_STACK_KAFKA_PORT",
+    "OEL_STACK_KAFKA_CONTROLLER_PORT",
+    "OEL_STACK_MINIO_PORT",
+    "OEL_STACK_MINIO_CONSOLE_PORT",
+    "OEL_STACK_PROMETHEUS_PORT",
+)
+
+
+def free_ports(n: int) -> list[int]:
+    """Ports nothing listens on right now (the kernel picks them)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 @pytest.fixture
 def private_stack(tmp_path):
-    env = {
-        **os.environ,
-        "OEL_PATHS__STATE_DIR": str(tmp_path / "state"),
-        "OEL_STACK_KAFKA_PORT": "19092",
-        "OEL_STACK_KAFKA_CONTROLLER_PORT": "19093",
-        "OEL_STACK_MINIO_PORT": "19000",
-        "OEL_STACK_MINIO_CONSOLE_PORT": "19001",
-        "OEL_STACK_PROMETHEUS_PORT": "19090",
-    }
+    env = {**os.environ, "OEL_PATHS__STATE_DIR": str(tmp_path / "state")}
+    env.update({var: str(port) for var, port in zip(PORT_VARS, free_ports(len(PORT_VARS)))})
     yield env, tmp_path / "state"
     subprocess.run([sys.executable, "-m", "oel.cli", "stack", "down"], env=env, capture_output=True)
 
@@ -67,15 +82,16 @@ def test_up_twice_then_down(private_stack):
 
     status = oel(env, "stack", "status")
     assert status.returncode == 0 and status.stdout.count("running") == 3
-    assert "19092" in status.stdout and "19000" in status.stdout and "19090" in status.stdout
+    kafka_port, minio_port, prom_port = (env[v] for v in ("OEL_STACK_KAFKA_PORT", "OEL_STACK_MINIO_PORT", "OEL_STACK_PROMETHEUS_PORT"))
+    assert all(f"127.0.0.1:{port}" in status.stdout for port in (kafka_port, minio_port, prom_port))
     stack_env = (state / "stack.env").read_text()
-    assert "OEL_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:19092" in stack_env
-    assert "OEL_S3__ENDPOINT=127.0.0.1:19000" in stack_env
+    assert f"OEL_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:{kafka_port}" in stack_env
+    assert f"OEL_S3__ENDPOINT=127.0.0.1:{minio_port}" in stack_env
 
     # The private stack really serves: the smoke run goes through its Kafka and MinIO.
     smoke = oel(env, "smoke")
     assert smoke.returncode == 0, smoke.stdout + smoke.stderr
-    assert "127.0.0.1:19092" in smoke.stdout
+    assert f"127.0.0.1:{kafka_port}" in smoke.stdout
 
     down = oel(env, "stack", "down")
     assert down.returncode == 0, down.stderr
@@ -84,14 +100,17 @@ def test_up_twice_then_down(private_stack):
     assert oel(env, "stack", "status").returncode != 0
 
 
-def test_up_refuses_a_port_taken_by_another_process(private_stack):
-    import socket
-
+def test_up_refuses_a_port_taken_by_another_process_and_down_cleans_up(private_stack):
     env, state = private_stack
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 19090))
+        sock.bind(("127.0.0.1", int(env["OEL_STACK_PROMETHEUS_PORT"])))
         sock.listen()
-        env = {**env, "OEL_STACK_KAFKA_PORT": "19190", "OEL_STACK_KAFKA_CONTROLLER_PORT": "19193", "OEL_STACK_MINIO_PORT": "19100", "OEL_STACK_MINIO_CONSOLE_PORT": "19101"}
         proc = oel(env, "stack", "up")
     assert proc.returncode != 0
-    assert "prometheus: port 127.0.0.1:19090 is already in use" in proc.stderr
+    assert f"prometheus: port 127.0.0.1:{env['OEL_STACK_PROMETHEUS_PORT']} is already in use" in proc.stderr
+    started = _pids(state)
+    assert set(started) == {"kafka", "minio"}
+    # `down` finds what `up` started even when the port variables are no longer set.
+    plain = {k: v for k, v in env.items() if k not in PORT_VARS}
+    assert oel(plain, "stack", "down").returncode == 0
+    assert not any(_alive(p) for p in started.values())

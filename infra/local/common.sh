@@ -29,11 +29,15 @@ die() { say "error: $*"; exit 1; }
 svc_dir() { echo "$OEL_STATE_DIR/$1"; }
 pid_file() { echo "$OEL_STATE_DIR/$1/$1.pid"; }
 log_file() { echo "$OEL_STATE_DIR/$1/$1.log"; }
+marker_file() { echo "$OEL_STATE_DIR/$1/$1.marker"; }
 
 # The pid recorded for a service, if that process is alive and is still the one we started
 # (its command line contains the service's marker, so a recycled pid is not mistaken for it).
 running_pid() {
   local name="$1" marker="$2" pf pid
+  # The marker recorded at start wins: `down` then finds the process even if the ports it was
+  # started with (OEL_STACK_*_PORT) are not set the same way now.
+  [[ -f "$(marker_file "$name")" ]] && marker="$(cat "$(marker_file "$name")")"
   pf="$(pid_file "$name")"
   [[ -f "$pf" ]] || return 1
   pid="$(cat "$pf")"
@@ -48,6 +52,7 @@ start_bg() {
   mkdir -p "$(svc_dir "$name")"
   setsid nohup "$@" >>"$(log_file "$name")" 2>&1 < /dev/null &
   echo $! > "$(pid_file "$name")"
+  printf '%s' "${MARKER:?each service script sets MARKER}" > "$(marker_file "$name")"
 }
 
 # wait_healthy NAME SECONDS MARKER CHECK...: poll CHECK until it succeeds; fail (with the log's tail)
@@ -76,7 +81,7 @@ wait_healthy() {
 stop_svc() {
   local name="$1" marker="$2" sig="${3:-TERM}" pid
   if ! pid="$(running_pid "$name" "$marker")"; then
-    rm -f "$(pid_file "$name")"
+    rm -f "$(pid_file "$name")" "$(marker_file "$name")"
     say "$name: not running"
     return 0
   fi
@@ -89,7 +94,7 @@ stop_svc() {
     say "$name: still alive after 30s, killing"
     kill -KILL "$pid" 2>/dev/null || true
   fi
-  rm -f "$(pid_file "$name")"
+  rm -f "$(pid_file "$name")" "$(marker_file "$name")"
   say "$name: stopped (pid $pid)"
 }
 
