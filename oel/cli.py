@@ -16,21 +16,11 @@ from pathlib import Path
 
 import click
 
-from oel.settings import Settings, SettingsError, load_settings, settings_reference
+from oel.cli_context import settings_of
+from oel.settings import SettingsError, settings_reference
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STACK_SCRIPT = REPO_ROOT / "infra" / "local" / "stack.sh"
-
-
-def _settings(ctx: click.Context) -> Settings:
-    """The settings, loaded once per invocation; a bad value ends the command with the setting's name."""
-    obj = ctx.ensure_object(dict)
-    if "settings" not in obj:
-        try:
-            obj["settings"] = load_settings()
-        except SettingsError as exc:
-            raise click.ClickException(str(exc)) from None
-    return obj["settings"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -60,7 +50,7 @@ def config() -> None:
 @click.pass_context
 def config_show(ctx: click.Context) -> None:
     """Print the effective settings as JSON (secrets masked)."""
-    click.echo(_settings(ctx).model_dump_json(indent=2))
+    click.echo(settings_of(ctx).model_dump_json(indent=2))
 
 
 @config.command("docs")
@@ -133,7 +123,7 @@ def topics_create(ctx: click.Context) -> None:
     from oel.ops.topics import KafkaUnavailable, admin_client, ensure_topics
     from oel.topics import topic_specs
 
-    s = _settings(ctx)
+    s = settings_of(ctx)
     try:
         changes = ensure_topics(admin_client(s.kafka), topic_specs(s))
     except KafkaUnavailable as exc:
@@ -149,7 +139,7 @@ def topics_describe(ctx: click.Context) -> None:
     from oel.ops.topics import KafkaUnavailable, admin_client, describe_topics
     from oel.topics import topic_specs
 
-    s = _settings(ctx)
+    s = settings_of(ctx)
     specs = topic_specs(s)
     try:
         states = describe_topics(admin_client(s.kafka), [t.name for t in specs])
@@ -181,7 +171,7 @@ def smoke(ctx: click.Context) -> None:
     from oel.store import S3Store
     from oel.topics import topic_specs
 
-    s = _settings(ctx)
+    s = settings_of(ctx)
     t0 = time.monotonic()
     ensure_topics(admin_client(s.kafka), topic_specs(s))
     click.echo(f"topics ready on {s.kafka.bootstrap_servers}")

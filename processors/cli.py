@@ -24,7 +24,7 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     """
     import faust
 
-    from oel.cli import _settings
+    from oel.cli_context import settings_of
     from oel.extraction import ExtractionConfig, PromptVariant
     from oel.knowledge import KnowledgeWriter, WriterConfig
     from oel.metrics import start_metrics_server
@@ -34,7 +34,7 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     from oel.topics import topic_specs
     from processors.app import Processor, internal_topic_specs
 
-    s = _settings(ctx)
+    s = settings_of(ctx)
     p = s.processor
     ensure_topics(admin_client(s.kafka), topic_specs(s) + internal_topic_specs(s))
     store = S3Store(s.s3)

@@ -35,13 +35,13 @@ def loadgen(ctx: click.Context, rate, duration_s, episodes, replay, record, name
     bounded buffer, idempotent producer). Prints progress every second and the achieved rate at the end;
     exits 1 if any event was not delivered.
     """
-    from oel.cli import _settings
+    from oel.cli_context import settings_of
     from producers import loadgen as lg
     from producers.recorder import Recorder, UndeliveredEvents
 
     if duration_s is None and episodes is None:
         duration_s = 10.0
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if replay is not None:
         try:
             source = lg.replay_episodes(replay)

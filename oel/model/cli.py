@@ -8,17 +8,7 @@ from pathlib import Path
 
 import click
 
-from oel.settings import Settings, SettingsError, load_settings
-
-
-def _settings(ctx: click.Context) -> Settings:
-    obj = ctx.ensure_object(dict)
-    if "settings" not in obj:
-        try:
-            obj["settings"] = load_settings()
-        except SettingsError as exc:
-            raise click.ClickException(str(exc)) from None
-    return obj["settings"]
+from oel.cli_context import settings_of
 
 
 @click.group("model")
@@ -33,7 +23,7 @@ def model_prepare(ctx: click.Context, force: bool) -> None:
     """Convert the bundled GGUF into a bfloat16 Hugging Face folder under the cache dir (once; idempotent)."""
     from oel.model.prepare import ModelPrepareError, model_hash, prepare_default_model
 
-    s = _settings(ctx)
+    s = settings_of(ctx)
     if s.model.path is not None and not force:
         click.echo(f"OEL_MODEL__PATH is set: using {s.model.path}; nothing to prepare (the default model is only used when it is unset)")
         return
@@ -55,7 +45,7 @@ def model_info(ctx: click.Context, as_json: bool) -> None:
     """Show which model folder is used, its architecture, size and hash (preparing the default model if needed)."""
     from oel.model.prepare import ModelPrepareError, model_hash, resolve_model_path
 
-    s = _settings(ctx)
+    s = settings_of(ctx)
     try:
         path = resolve_model_path(s)
     except ModelPrepareError as exc:
@@ -95,7 +85,7 @@ def model_generate(ctx: click.Context, prompt: str, adapter_dir: Path | None, ma
     from oel.model.hf_backend import HFBackend
     from oel.schemas import ChatMessage
 
-    backend = HFBackend.from_settings(_settings(ctx))
+    backend = HFBackend.from_settings(settings_of(ctx))
     adapter = None
     if adapter_dir is not None:
         adapter = "cli"
@@ -134,10 +124,10 @@ def model_bench(ctx: click.Context, batches: tuple[int, ...], max_new_tokens: in
     from oel.model.hf_backend import HFBackend
     from oel.schemas import ChatMessage
 
-    backend = HFBackend.from_settings(_settings(ctx), max_batch_size=max(batches))
+    backend = HFBackend.from_settings(settings_of(ctx), max_batch_size=max(batches))
     backend.eos_ids = [-1]  # no end token: always decode max_new_tokens
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    click.echo(f"model {backend.base_model} ({_settings(ctx).model.dtype}), torch threads {torch_threads()}")
+    click.echo(f"model {backend.base_model} ({settings_of(ctx).model.dtype}), torch threads {torch_threads()}")
     for b in batches:
         convs = [[ChatMessage(role="user", content=BENCH_PROMPTS[i % len(BENCH_PROMPTS)])] for i in range(b)]
         backend.generate(convs, SamplingParams(max_new_tokens=4, temperature=0.0))  # warm-up
