@@ -105,6 +105,9 @@ class Processor:
             stream_wait_empty=True,
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
+            # Table changelogs get a record per event: let aiokafka batch them instead of sending each alone.
+            producer_linger=0.01,
+            producer_max_batch_size=1_048_576,
         )
         self.app = app
         self.trajectories = app.topic(t.trajectories, key_serializer="raw", value_serializer="raw")
