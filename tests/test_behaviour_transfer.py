@@ -9,7 +9,9 @@ answer word 4-21%, all capitals 0%), and OPCD cannot transfer more than the teac
 
 The probe: a short LoRA OPCD run on 16 training questions, then the student is sampled on 12
 *held-out* questions **without** the experience; the share of French answers must rise clearly
-over the base model's (same questions, same sampling seed, adapter disabled).
+over the base model's (same questions, same sampling seed, adapter disabled). Measured here
+(2-core machine shared with other jobs, one thread): base 0%, in context 50%, after 12 steps 42%,
+in about 80 s (seed 7 instead of 0: 50%).
 """
 
 from __future__ import annotations

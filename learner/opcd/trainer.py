@@ -25,6 +25,18 @@ Who the teacher is (the frozen round-start weights, without keeping a second cop
   second base model would cost its full size.
 * Full fine-tune: a frozen deep copy of the round-start model (twice the weights in memory).
 
+Two things make a step cheaper than the straightforward implementation, without changing the loss:
+
+* **Teacher prefix cache.** The teacher is frozen for the round, and every teacher prompt with the same
+  system message and experience set starts with the same tokens (template opening + experience block,
+  up to ``experience_token_budget`` tokens, usually most of the prompt). Their keys and values are
+  computed once and reused; each sample runs the teacher only on its own question and answer.
+* **Mixed-precision LoRA** on a bf16 base: the adapters compute in bf16 (peft's default float32
+  adapters copy every layer input to float32 and keep those copies for the backward pass); AdamW
+  updates float32 master weights, which are what ``save`` writes.
+  The loss projects hidden states to the vocabulary in chunks, so no ``[tokens, vocab]`` logits
+  tensor for the whole batch exists.
+
 The prompts are never truncated: prefixes whose student prompt is longer than
 ``max_prompt_tokens`` are left out (counted in ``skipped_prefixes``); an experience set over
 ``experience_token_budget`` loses its oldest items, which is logged and returned
