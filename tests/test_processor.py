@@ -259,3 +259,26 @@ def test_kill_9_mid_stream_loses_nothing_and_matches_an_uninterrupted_run(env_fa
     assert {k.rsplit("/", 1)[1][:-5] for k in crash_objects if k.startswith(f"trajectories/{ns}/")} == episodes
     final = KBSnapshot.model_validate(json.loads(crash_objects[sorted(k for k in crash_objects if "/snapshots/" in k)[-1]]))
     assert len(final.item_ids) == len(set(final.item_ids))
+
+
+def test_an_idle_episode_is_closed_as_abandoned_and_still_learned_from(env_factory, tmp_path):
+    env = env_factory(ABANDON_AFTER_S="3", BATCH_SIZE="1")
+    ns = "idle"
+    events = episode_events("idle-1", ns)[:-1]  # no end event: the agent died mid-episode
+    with env.worker(tmp_path / "worker.log"):
+        env.produce(as_records(events))
+        wait_for(lambda: env.store.exists(f"trajectories/{ns}/idle-1.json"), 240, "the idle episode to be closed")
+        stored = env.store.get_json(f"trajectories/{ns}/idle-1.json")
+        wait_for(lambda: env.store.exists(f"extractions/{ns}/idle-1.json"), 240, "its extraction")
+        # A late event of the closed episode does not reopen it.
+        late = episode_events("idle-1", ns)[-1]
+        env.produce(as_records([late]))
+        env.produce(as_records(episode_events("after", ns)))
+        wait_for(lambda: env.store.exists(f"trajectories/{ns}/after.json"), 240, "a later episode")
+        # Proving an absence needs a bounded wait: two abandonment periods after the late event.
+        time.sleep(2 * 3 + 1)
+        closed = [m for m in env.read(env.settings.topics.episodes, 10_000, timeout=5) if b'"idle-1"' in m.value()]
+    assert len(closed) == 1, "the closed episode was reopened by its late event"
+    assert stored["status"] == "abandoned" and len(stored["steps"]) == 2
+    assert "abandoned" in stored["end"]["outcome"]
+    assert env.store.get_json(f"trajectories/{ns}/idle-1.json") == stored
