@@ -132,7 +132,7 @@ EPISODES_COMPLETED = Counter(
 )
 EPISODES_ABANDONED = Counter(
     "oel_episodes_abandoned_total",
-    "Episodes dropped without an end event (timed out while open); their events are not learned from.",
+    "Episodes closed without their end event (no event for OEL_PROCESSOR__ABANDON_AFTER_S); they are stored and extracted like any other.",
     ["namespace"],
     registry=REGISTRY,
 )
