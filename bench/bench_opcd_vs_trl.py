@@ -22,6 +22,21 @@ Run (the default model, 2 threads, a short and a long experience)::
     .venv/bin/python bench/bench_opcd_vs_trl.py --experience-tokens 64 1500 --batch-size 4 --response-tokens 64 --steps 3
 
 Needs ``trl`` (tested with trl 1.16.0; see the project's ``bench`` extra).
+
+Measured on this 2-core machine while other jobs ran (``--threads 1``: with two threads a busy
+machine made single matmuls up to 25x slower for both sides; best of 2 alternating runs;
+SmolLM2-135M-Instruct bf16, batch 4 x 64 answer tokens, LoRA r16, TRL 1.16.0)::
+
+    .venv/bin/python bench/bench_opcd_vs_trl.py --threads 1 --repeats 2
+
+    experience  teacher prompt  OPCD tok/s  TRL tok/s  ratio  OPCD peak RSS  TRL peak RSS  RSS ratio
+            64             134       26.10      19.69  1.33x        1354 MB       1504 MB      0.90x
+          1500            1545       24.16        8.58  2.82x       1389 MB       1524 MB      0.91x
+
+Run to run, each side varied by up to 25% (OPCD 20.98-26.10, TRL 18.81-19.69 tok/s with the short
+experience). With ``--no-prefix-cache`` OPCD made 9.27 tok/s on the long experience (TRL 8.58): the
+long-experience gain is the teacher prefix cache; with a short experience the gain (1.1-1.3x) comes
+from the leaner sampling loop and loss, and the lower memory from the bf16 adapters and the chunked loss.
 """
 
 from __future__ import annotations

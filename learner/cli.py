@@ -85,9 +85,7 @@ def distill(
       .jsonl  one JSON string or {"text": ...} per line
       .txt    one item per line ("- EXPERIENCE ITEM:" / "- " markers stripped, "#" lines ignored)
     """
-    from tqdm import tqdm
-
-    from learner.opcd import DataError, OPCDConfig, OPCDTrainer, load_experience_sets, load_prefixes
+    from learner.opcd import DataError, OPCDConfig, load_experience_sets, load_prefixes
     from oel.settings import SettingsError, load_settings
 
     try:
@@ -123,6 +121,22 @@ def distill(
         f"{config.finetune}, lr {config.effective_learning_rate:g}",
         err=True,
     )
+    # This command reports progress, experience cuts and skipped prefixes itself (bar + lines below);
+    # the trainer's own log lines would interleave with the bar.
+    trainer_log = logging.getLogger("learner.opcd.trainer")
+    level = trainer_log.level
+    trainer_log.setLevel(logging.ERROR)
+    try:
+        _distill(config, prefixes, experience, out_dir, quiet)
+    finally:
+        trainer_log.setLevel(level)
+
+
+def _distill(config, prefixes, experience, out_dir: Path, quiet: bool) -> None:
+    from tqdm import tqdm
+
+    from learner.opcd import DataError, OPCDTrainer
+
     try:
         trainer = OPCDTrainer(config, prefixes, experience)
     except DataError as exc:
