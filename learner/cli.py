@@ -48,7 +48,9 @@ def learner() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [default: torch's choice].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
 def distill(
+    ctx: click.Context,
     prefixes_file: Path,
     experience_files: tuple[Path, ...],
     out_dir: Path,
@@ -86,12 +88,9 @@ def distill(
       .txt    one item per line ("- EXPERIENCE ITEM:" / "- " markers stripped, "#" lines ignored)
     """
     from learner.opcd import DataError, OPCDConfig, load_experience_sets, load_prefixes
-    from oel.settings import SettingsError, load_settings
+    from oel.cli_context import settings_of
 
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
+    settings = settings_of(ctx)
     overrides: dict = {
         "finetune": "full" if full_finetune else "lora",
         "max_prompt_tokens": max_prompt_tokens,
