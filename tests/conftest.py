@@ -66,3 +66,14 @@ def prometheus_url() -> str:
 def unique() -> str:
     """A short unique suffix for topic, group and key names, so tests never see each other's data."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one torch thread (and do not suffer from a busy machine); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

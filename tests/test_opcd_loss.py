@@ -13,18 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from learner.opcd import OPCDConfig, OPCDTrainer, chunked_opcd_loss, opcd_token_loss
-from learner.opcd.testing import PREFIXES, tiny_model, tiny_tokenizer
+from learner.opcd.testing import EXPERIENCE, PREFIXES, tiny_model, tiny_tokenizer
 
-EXPERIENCE = [["Always answer in French.", "Count on your fingers."], ["Be brief: one word."]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not suffer from a busy machine); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _perturb_lora(trainer: OPCDTrainer, scale: float = 0.05) -> None:

@@ -20,19 +20,10 @@ from learner.opcd import (
     load_experience_sets,
     load_prefixes,
 )
-from learner.opcd.testing import PREFIXES, save_tiny_model, tiny_model, tiny_tokenizer
+from learner.opcd.testing import EXPERIENCE, PREFIXES, save_tiny_model, tiny_model, tiny_tokenizer
 from oel.model.chat import encode_chat, render_chat
 
-EXPERIENCE = [["Always answer in French.", "Count on your fingers."], ["Be brief: one word."]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not suffer from a busy machine); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _trainer(tmp_model: Path | None = None, experience=EXPERIENCE, **overrides) -> OPCDTrainer:

@@ -20,6 +20,9 @@ PREFIXES = [
     [{"role": "user", "content": "Say something nice."}],
 ]
 
+EXPERIENCE = [["Always answer in French.", "Count on your fingers."], ["Be brief: one word."]]
+"""Two experience sets for tests on tiny models (one is drawn per sample)."""
+
 _CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
