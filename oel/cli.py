@@ -216,6 +216,7 @@ def smoke(ctx: click.Context) -> None:
 
 
 cli.add_command(__import__("oel.model.cli", fromlist=["model"]).model)
+cli.add_command(__import__("producers.agents_cli", fromlist=["agents"]).agents)
 cli.add_command(__import__("processors.cli", fromlist=["processor"]).processor)
 cli.add_command(__import__("producers.cli", fromlist=["loadgen"]).loadgen)
 cli.add_command(__import__("learner.cli", fromlist=["learner"]).learner)

@@ -1,0 +1,265 @@
+"""``oel agents run``: run the reference agents on an environment and print what they achieved.
+
+    oel agents run --env frozenlake --episodes 32 --eval --mode choice --in-context
+
+prints the pass rate, the valid-action rate (share of turns whose action was well-formed and legal),
+the mean response tokens per turn and the mean turns per episode. ``--in-context`` puts experience
+in the agent prompt: the items of ``--experience-file`` (one per line), or else the environment's
+hand-written correct experience. ``--eval`` uses the fixed held-out seeds; otherwise training seeds
+from ``--seed-start``. ``--out`` writes every episode as a JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from oel.settings import Settings, SettingsError, load_settings
+
+
+def _settings(ctx: click.Context) -> Settings:
+    obj = ctx.ensure_object(dict)
+    if "settings" not in obj:
+        try:
+            obj["settings"] = load_settings()
+        except SettingsError as exc:
+            raise click.ClickException(str(exc)) from None
+    return obj["settings"]
+
+
+def make_backend(settings: Settings, batch_size: int):
+    """The backend the settings name (in-process transformers by default, or the vLLM server)."""
+    if settings.model.backend == "vllm":
+        from oel.model.vllm_backend import VLLMBackend
+
+        return VLLMBackend.from_settings(settings)
+    from oel.model.hf_backend import HFBackend
+
+    return HFBackend.from_settings(settings, max_batch_size=batch_size)
+
+
+def read_experience(path: Path) -> list[str]:
+    """Experience items from a file: one per non-empty line (a leading ``- `` or ``- EXPERIENCE ITEM:`` is dropped)."""
+    items = []
+    for line in path.read_text().splitlines():
+        text = line.strip()
+        for prefix in ("- EXPERIENCE ITEM:", "-"):
+            if text.startswith(prefix):
+                text = text[len(prefix):].strip()
+                break
+        if text:
+            items.append(text)
+    return items
+
+
+@click.group("agents")
+def agents() -> None:
+    """Reference agents on the paper's TextArena games and the house-rules tasks."""
+
+
+@agents.command("run")
+@click.option("--env", "env_name", type=click.Choice(["frozenlake", "sokoban", "house-rules"]), required=True)
+@click.option("--episodes", "-n", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--mode", type=click.Choice(["free", "short", "choice"]), default="free", show_default=True,
+              help="free: reason, then the last bracketed move (the paper's); short: the move only; "
+                   "choice: short reasoning, then the legal move the model's log-probs prefer. House rules: free.")
+@click.option("--in-context", is_flag=True, help="Put experience in the prompt (see --experience-file).")
+@click.option("--experience-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Experience items, one per line (default with --in-context: the hand-written correct experience).")
+@click.option("--eval", "use_eval", is_flag=True, help="Use the fixed held-out evaluation seeds.")
+@click.option("--seed-start", type=click.IntRange(0), default=0, show_default=True, help="First training seed (without --eval).")
+@click.option("--rule", "rules", multiple=True,
+              help="House rules to apply (repeatable; default: greeting, thanks-first, order-number, we-not-i).")
+@click.option("--max-turns", type=click.IntRange(1), default=None, help="Turns per episode (default: 5 for the games, 2 for house rules).")
+@click.option("--temperature", type=click.FloatRange(0), default=0.7, show_default=True, help="0 = greedy.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None,
+              help="Per response (default: free 128, short 8, choice 32; house rules 48).")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Episodes per generation call.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--adapter", default=None, help="Name of a LoRA adapter (model version) to act with.")
+@click.option("--adapter-path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Load the adapter from this folder first (with --adapter).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write episodes as JSON lines here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def run(ctx: click.Context, env_name: str, episodes: int, mode: str, in_context: bool, experience_file: Path | None,
+        use_eval: bool, seed_start: int, rules: tuple[str, ...], max_turns: int | None, temperature: float,
+        max_new_tokens: int | None, batch_size: int, seed: int, adapter: str | None, adapter_path: Path | None,
+        out: Path | None, as_json: bool) -> None:
+    """Run N episodes and print pass rate, valid-action rate, mean response tokens per turn and mean turns."""
+    from tqdm import tqdm
+
+    from oel.envs import eval_seeds, make_env, reference_experience, train_seeds
+    from producers.agents import AgentConfig, run_episodes, summarize
+
+    options: dict = {}
+    if max_turns is not None:
+        options["max_turns"] = max_turns
+    if rules:
+        if env_name != "house-rules":
+            raise click.UsageError("--rule applies to --env house-rules only")
+        options["rules"] = rules
+    if env_name == "house-rules" and mode != "free":
+        raise click.UsageError("house rules take free-text replies: use --mode free")
+    try:
+        make_env(env_name, **options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if experience_file is not None and not in_context:
+        raise click.UsageError("--experience-file needs --in-context")
+    experience = None
+    source = "none"
+    if in_context:
+        if experience_file is not None:
+            experience, source = read_experience(experience_file), str(experience_file)
+        else:
+            experience, source = reference_experience(env_name, **options), "hand-written (correct)"
+    seeds = eval_seeds(episodes) if use_eval else train_seeds(episodes, start=seed_start)
+
+    s = _settings(ctx)
+    backend = make_backend(s, batch_size)
+    if adapter_path is not None:
+        if adapter is None:
+            raise click.UsageError("--adapter-path needs --adapter NAME")
+        backend.load_adapter(adapter, adapter_path)
+    config = AgentConfig(mode=mode, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         seed=seed, adapter=adapter)
+    click.echo(f"env={env_name} mode={mode} episodes={episodes} seeds={'eval (held-out)' if use_eval else f'train from {seed_start}'} "
+               f"experience={source} model={backend.base_model}" + (f" adapter={adapter}" if adapter else ""), err=True)
+
+    passed = 0
+    bar = tqdm(total=episodes, unit="ep", desc=env_name, dynamic_ncols=True)
+
+    def on_episode(ep) -> None:
+        nonlocal passed
+        passed += ep.passed
+        bar.update(1)
+        bar.set_postfix(passed=f"{passed}/{bar.n}")
+
+    t0 = time.monotonic()
+    try:
+        results = run_episodes(backend, lambda: make_env(env_name, **options), seeds, config, experience=experience,
+                               on_episode=on_episode)
+    finally:
+        bar.close()
+    stats = summarize(results, time.monotonic() - t0)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as fh:
+            for ep in results:
+                fh.write(json.dumps(ep.to_dict()) + "\n")
+    if as_json:
+        click.echo(json.dumps({"env": env_name, "mode": mode, "experience": source, "eval": use_eval,
+                               "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+                               **stats.as_dict()}, indent=2))
+        return
+    click.echo(f"pass rate                      {stats.pass_rate:6.1%}  ({stats.passed}/{stats.episodes} episodes)")
+    click.echo(f"valid-action rate              {stats.valid_action_rate:6.1%}  ({stats.valid_turns}/{stats.turns} turns)")
+    click.echo(f"mean response tokens per turn  {stats.mean_response_tokens:6.1f}")
+    click.echo(f"mean turns                     {stats.mean_turns:6.2f}")
+    click.echo(f"time                           {stats.seconds:6.1f} s  ({stats.episodes_per_minute:.1f} episodes/min)")
+    if out is not None:
+        click.echo(f"episodes written to {out}")
+
+
+@agents.command("compare")
+@click.option("--env", "env_name", type=click.Choice(["frozenlake", "sokoban", "house-rules"]), required=True)
+@click.option("--episodes", "-n", type=click.IntRange(1), default=32, show_default=True, help="Per condition.")
+@click.option("--mode", "modes", type=click.Choice(["free", "short", "choice"]), multiple=True,
+              help="Action modes to measure (repeatable; default: free).")
+@click.option("--per-rule", is_flag=True, help="House rules: one house per rule (each measured separately).")
+@click.option("--rule", "rules", multiple=True,
+              help="House rules to use (repeatable; default: every rule with --per-rule, else the default house).")
+@click.option("--experience-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Experience for the with-experience condition (default: the hand-written correct experience).")
+@click.option("--eval", "use_eval", is_flag=True, help="Use the fixed held-out evaluation seeds.")
+@click.option("--seed-start", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--max-turns", type=click.IntRange(1), default=None)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+              help="Episodes per generation call (both conditions and all rules share the batches).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write episodes as JSON lines here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@click.pass_context
+def compare(ctx: click.Context, env_name: str, episodes: int, modes: tuple[str, ...], per_rule: bool, rules: tuple[str, ...],
+            experience_file: Path | None, use_eval: bool, seed_start: int, max_turns: int | None, temperature: float,
+            max_new_tokens: int | None, batch_size: int, seed: int, out: Path | None, as_json: bool) -> None:
+    """Pass and valid-action rates without and with experience in context, on the same seeds, side by side.
+
+    Both conditions (and, with --per-rule, every rule) run in the same batches. The with-experience
+    condition uses the hand-written correct experience unless --experience-file is given.
+    """
+    from tqdm import tqdm
+
+    from oel.envs import eval_seeds, make_env, reference_experience, train_seeds
+    from oel.envs.house_rules import DEFAULT_RULES, RULE_NAMES
+    from producers.agents import AgentConfig, EpisodeSpec, run_specs, summarize
+
+    modes = modes or ("free",)
+    if env_name == "house-rules" and set(modes) != {"free"}:
+        raise click.UsageError("house rules take free-text replies: use --mode free")
+    if (per_rule or rules) and env_name != "house-rules":
+        raise click.UsageError("--per-rule and --rule apply to --env house-rules only")
+    base: dict = {} if max_turns is None else {"max_turns": max_turns}
+    houses: list[tuple[str, dict]] = []
+    if env_name == "house-rules":
+        chosen = rules or (RULE_NAMES if per_rule else DEFAULT_RULES)
+        houses = [(r, {**base, "rules": (r,)}) for r in chosen] if per_rule else [(",".join(chosen), {**base, "rules": chosen})]
+    else:
+        houses = [(env_name, base)]
+    for _, options in houses:
+        try:
+            make_env(env_name, **options)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    file_items = read_experience(experience_file) if experience_file is not None else None
+    seeds = eval_seeds(episodes) if use_eval else train_seeds(episodes, start=seed_start)
+    backend = make_backend(_settings(ctx), batch_size)
+
+    rows = []
+    all_episodes = []
+    for mode in modes:
+        specs = []
+        for label, options in houses:
+            exp = file_items if file_items is not None else reference_experience(env_name, **options)
+            factory = (lambda o: (lambda: make_env(env_name, **o)))(options)
+            for cond, experience in (("none", None), ("experience", exp)):
+                specs += [EpisodeSpec(factory, s, experience, f"{label}|{cond}") for s in seeds]
+        config = AgentConfig(mode=mode, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+        bar = tqdm(total=len(specs), unit="ep", desc=f"{env_name} {mode}", dynamic_ncols=True)
+        t0 = time.monotonic()
+        try:
+            eps = run_specs(backend, specs, config, on_episode=lambda ep: bar.update(1))
+        finally:
+            bar.close()
+        seconds = time.monotonic() - t0
+        all_episodes += [(mode, ep) for ep in eps]
+        for label, _ in houses:
+            none = summarize([e for e in eps if e.tag == f"{label}|none"])
+            withx = summarize([e for e in eps if e.tag == f"{label}|experience"])
+            rows.append({"env": env_name, "house": label, "mode": mode, "episodes": none.episodes,
+                         "none": none.as_dict(), "experience": withx.as_dict(),
+                         "meets_2x_and_10pts": bool(withx.pass_rate >= 2 * none.pass_rate and withx.pass_rate - none.pass_rate >= 0.10)})
+        click.echo(f"{env_name} {mode}: {len(specs)} episodes in {seconds:.0f} s", err=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as fh:
+            for mode, ep in all_episodes:
+                fh.write(json.dumps({"mode": mode, **ep.to_dict()}) + "\n")
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    source = str(experience_file) if experience_file else "hand-written (correct)"
+    click.echo(f"seeds: {'eval (held-out)' if use_eval else f'train from {seed_start}'}; temperature {temperature}; experience: {source}")
+    click.echo("| house / env | mode | episodes | pass: none | pass: experience | valid: none | valid: experience | tokens/turn none / exp | turns none / exp |")
+    click.echo("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        n, x = r["none"], r["experience"]
+        click.echo(f"| {r['house']} | {r['mode']} | {r['episodes']} | {n['pass_rate']:.1%} ({n['passed']}) | {x['pass_rate']:.1%} ({x['passed']}) "
+                   f"| {n['valid_action_rate']:.1%} | {x['valid_action_rate']:.1%} | {n['mean_response_tokens']:.1f} / {x['mean_response_tokens']:.1f} "
+                   f"| {n['mean_turns']:.2f} / {x['mean_turns']:.2f} |")
