@@ -2,6 +2,11 @@
 
     .venv/bin/python bench/bench_agents.py --env frozenlake --episodes 16 --batch-size 16
 
+Where the time goes: every turn's prompt is prefilled in full (the backend keeps no KV cache across
+calls), and prefill costs the same batched or not, so the ratio grows with the response length: with
+the free mode's 128-token answers it is well above 4x; with very short answers (``--mode short``, or
+``--max-new-tokens 32``) prefill dominates and the ratio drops (3.6x at 32 tokens here).
+
 Runs the same seeds twice with :func:`producers.agents.run_episodes` on the in-process backend
 (:class:`oel.model.hf_backend.HFBackend`): once with ``batch_size=1`` (one generation call per
 episode turn) and once with ``batch_size=B`` (one call for up to B live episodes), same sampling
@@ -32,7 +37,7 @@ def main() -> None:
     ap.add_argument("--mode", default="free", choices=["free", "short", "choice"])
     ap.add_argument("--episodes", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="Default: the mode's default (free 128, short 8, choice 32).")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--repeat", type=int, default=1, help="Runs of each (alternating order); the best of each is reported.")
     args = ap.parse_args()
@@ -80,7 +85,8 @@ def main() -> None:
     print()
     print(f"command: .venv/bin/python bench/bench_agents.py {shlex.join(sys.argv[1:])}")
     print(f"model: {backend.base_model}  env={args.env} mode={args.mode} episodes={args.episodes} "
-          f"max_new_tokens={args.max_new_tokens} temperature={args.temperature}")
+          f"max_new_tokens={args.max_new_tokens or 'mode default'} temperature={args.temperature} "
+          f"batch (HFBackend.max_batch_size)={args.batch_size}")
     print()
     print(f"| {'':24s} | {'one-at-a-time':>14s} | {f'batched (B={args.batch_size})':>16s} | {'ratio':>6s} |")
     print(f"|{'-' * 26}|{'-' * 16}|{'-' * 18}|{'-' * 8}|")
