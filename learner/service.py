@@ -30,6 +30,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from learner.consolidator import Consolidator
 from learner.policy import RoundTrigger, TriggerPolicy
 from learner.rounds import RoundOutcome, RoundRunner
 from learner.versions import ModelRegistry
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 ERROR_HEADER = "oel.error"
 SOURCE_HEADER = "oel.source"
-FAILED_ROUND_RETRY_S = 60.0
 
 
 class LearnerService:
@@ -62,10 +62,13 @@ class LearnerService:
     ):
         self.settings = settings
         self.store = store
-        self.registry = ModelRegistry(store)
-        self.runner = runner or RoundRunner(store, settings, registry=self.registry)
-        self.policy = policy or TriggerPolicy.from_settings(settings.learner)
-        self.clock = clock
+        self.core = Consolidator(
+            runner or RoundRunner(store, settings, registry=ModelRegistry(store)),
+            policy or TriggerPolicy.from_settings(settings.learner),
+            clock=clock,
+        )
+        self.registry = self.core.registry
+        self.runner = self.core.runner
         self.on_round = on_round
         self.topic = settings.topics.experience
         self._consumer_config = {
@@ -77,16 +80,20 @@ class LearnerService:
             "logger": logging.getLogger("learner.service.librdkafka"),
             **(consumer_config or {}),
         }
-        self._restored: set[str] = set()
         self._pending: dict[tuple[int, str], int] = {}  # (partition, namespace) -> first pending offset
-        self._namespace_partition: dict[str, int] = {}
         self._next: dict[int, int] = {}  # partition -> offset after the last message read
         self._committed: dict[int, int] = {}
-        self._retry_at: dict[str, float] = {}
-        self.rounds: list[RoundOutcome] = []
         self._stop = threading.Event()
         self._consumer: Consumer | None = None
         self._dlq: Producer | None = None
+
+    @property
+    def policy(self) -> TriggerPolicy:
+        return self.core.policy
+
+    @property
+    def rounds(self) -> list[RoundOutcome]:
+        return self.core.rounds
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -104,7 +111,7 @@ class LearnerService:
                 msg = consumer.poll(poll_s)
                 if msg is not None:
                     self._handle(msg)
-                for trigger in self.policy.all_due(self.clock()):
+                for trigger in self.core.due():
                     self._round(trigger)
                     if max_rounds is not None and len(self.rounds) >= max_rounds:
                         return
@@ -131,30 +138,8 @@ class LearnerService:
         except InvalidMessage as exc:
             self._dead_letter(msg, exc.reason)
             return
-        ns = update.namespace
-        if ns not in self._restored:
-            self._restore(ns)
-        if self.policy.observe(update):
-            self._pending.setdefault((partition, ns), offset)
-            self._namespace_partition[ns] = partition
-
-    def _restore(self, namespace: str) -> None:
-        """What the registry says was consolidated last: the newest version, its KB version and time."""
-        metrics.init_namespace(namespace)
-        latest = self.registry.latest(namespace)
-        if latest is not None:
-            m = latest.manifest
-            if not latest.history:
-                # A crash right after the manifest: the round's remaining steps (gate, promotion) run now.
-                self.runner.finish(latest)
-            self.policy.restore(namespace, parent_version=self._parent(namespace), consolidated_kb_version=m.kb_version,
-                                last_round_at=m.created_at.timestamp())
-        self._restored.add(namespace)
-
-    def _parent(self, namespace: str) -> str | None:
-        """The parent of the namespace's next round: its current (promoted) version; None = the base model."""
-        current = self.registry.current(namespace)
-        return current.manifest.version if current is not None else None
+        if self.core.observe(update):
+            self._pending.setdefault((partition, update.namespace), offset)
 
     def _dead_letter(self, msg, reason: str) -> None:
         if self._dlq is None:
@@ -169,27 +154,11 @@ class LearnerService:
     # --- rounds ---------------------------------------------------------------------------------
 
     def _round(self, trigger: RoundTrigger) -> None:
-        ns = trigger.namespace
-        now = self.clock()
-        if self._retry_at.get(ns, 0.0) > now:
-            return
-        self.policy.round_started(trigger, now)
-        try:
-            outcome = self.runner.run(trigger)
-        except Exception:
-            log.exception("%s: round %s failed; retrying in %.0f s at the earliest", ns, trigger.round_id, FAILED_ROUND_RETRY_S)
-            self._retry_at[ns] = now + FAILED_ROUND_RETRY_S
-            return
-        self._retry_at.pop(ns, None)
-        self.policy.round_finished(trigger, None)
-        # The next round continues from what is served (a candidate, a rejected or a rolled-back version is
-        # no parent); its KB version counts as consolidated whatever the outcome, so it is not retrained.
-        st = self.policy.state(ns)
-        self.policy.restore(ns, parent_version=self._parent(ns), consolidated_kb_version=trigger.kb_version,
-                            last_round_at=st.last_round_at)
-        for key in [k for k in self._pending if k[1] == ns]:
+        outcome = self.core.run_round(trigger)
+        if outcome is None:
+            return  # failed: the consolidator backs the namespace off; its updates stay uncommitted
+        for key in [k for k in self._pending if k[1] == trigger.namespace]:
             del self._pending[key]
-        self.rounds.append(outcome)
         self._commit()  # the outcome is recorded in the registry: the updates it consumed are done
         if self.on_round is not None:
             self.on_round(outcome)
@@ -221,8 +190,7 @@ class LearnerService:
             self._commit()
         except Exception:  # noqa: BLE001 - a failed commit only means more re-reading
             log.warning("learner: commit on revoke failed", exc_info=True)
-        self.policy = TriggerPolicy(self.policy.min_new_items, self.policy.cooldown_s)
-        self._restored.clear()
+        self.core.reset()
         self._pending.clear()
         self._next.clear()
         self._committed.clear()

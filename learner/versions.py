@@ -24,13 +24,14 @@ on a compacted topic the last message per namespace is what a late follower sees
 would hide the promoted version from it. :meth:`ModelRegistry.promote` records ``promoted`` and
 publishes it; :meth:`ModelRegistry.rollback` records ``rolled_back`` for the current version and
 ``promoted`` again for the version rolled back to, then publishes both via
-:func:`producers.versions.rollback`.
+the messages of :func:`producers.versions.rollback_events`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -160,11 +161,28 @@ def adapter_digest(files: dict[str, bytes]) -> str:
 # --- the registry -----------------------------------------------------------------------------
 
 
-class ModelRegistry:
-    """Model versions of every namespace in one object store (see the module docstring)."""
+VersionPublisher = Callable[[ModelVersion], None]
+"""Puts one :class:`ModelVersion` on the model-versions topic (key = namespace) and returns once it is there."""
 
-    def __init__(self, store: ObjectStore):
+
+class ModelRegistry:
+    """Model versions of every namespace in one object store (see the module docstring).
+
+    ``publisher`` replaces the Kafka publisher (:func:`producers.versions.publish_version` with the
+    settings and topic given to :meth:`promote`/:meth:`rollback`), e.g. with the in-process bus of
+    ``oel demo``."""
+
+    def __init__(self, store: ObjectStore, publisher: VersionPublisher | None = None):
         self.store = store
+        self.publisher = publisher
+
+    def _publish(self, event: ModelVersion, settings, topic: str | None) -> None:
+        if self.publisher is not None:
+            self.publisher(event)
+        else:
+            from producers.versions import publish_version
+
+            publish_version(event, settings, topic=topic)
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -297,15 +315,13 @@ class ModelRegistry:
 
     def promote(self, namespace: str, version: str, settings=None, *, topic: str | None = None, reason: str | None = None) -> ModelVersion:
         """Record ``promoted`` and publish the version as the namespace's current one."""
-        from producers.versions import publish_version
-
         record = self.get(namespace, version)
         if record.status is VersionStatus.rejected:
             raise RegistryError(f"{namespace}/{version} was rejected ({record.reason}); it cannot be promoted")
         # Publish first, record second: if recording fails, running the command again publishes the
         # same thing again (harmless) and records it, so the topic and the registry converge.
         event = record.to_event(VersionStatus.promoted, reason)
-        publish_version(event, settings, topic=topic)
+        self._publish(event, settings, topic)
         self.record_status(namespace, version, VersionStatus.promoted, reason)
         return event
 
@@ -325,8 +341,7 @@ class ModelRegistry:
         """Roll the namespace's current version back: to ``to`` if given, else to its parent if that was a
         good (promoted) version, else to the newest other good version; with none, to the base model.
         Returns (the rolled-back event, the republished event or None for the base model)."""
-        from producers.versions import publish_version
-        from producers.versions import rollback as publish_rollback
+        from producers.versions import rollback_events
 
         bad = self.current(namespace)
         if bad is None:
@@ -335,10 +350,12 @@ class ModelRegistry:
         # Publish first, record second (as in promote): a failed run repeated converges.
         bad_event = bad.to_event(VersionStatus.rolled_back, reason)
         if target is None:
-            publish_version(bad_event, settings, topic=topic)  # followers fall back to the base model
+            self._publish(bad_event, settings, topic)  # followers fall back to the base model
             again = None
         else:
-            again = publish_rollback(bad.to_event(VersionStatus.promoted), target.to_event(VersionStatus.promoted), reason, settings, topic=topic)
+            rolled, again = rollback_events(bad.to_event(VersionStatus.promoted), target.to_event(VersionStatus.promoted), reason)
+            self._publish(rolled, settings, topic)
+            self._publish(again, settings, topic)
         self.record_status(namespace, bad.manifest.version, VersionStatus.rolled_back, reason)
         if target is not None:
             self.record_status(namespace, target.manifest.version, VersionStatus.promoted, f"rollback of {bad.manifest.version}: {reason}")

@@ -96,9 +96,7 @@ class VersionFollower:
         }
         self._consumer: Consumer | None = None
         self._cond = threading.Condition()
-        self._current: ModelVersion | None = None
-        self._promoted: list[ModelVersion] = []  # every promoted message seen, in order
-        self._bad: set[str] = set()  # versions rolled back or rejected (until promoted again)
+        self._state = VersionState(namespace)
         self._messages = 0
         self._invalid = 0
         self._stop = threading.Event()
@@ -109,7 +107,7 @@ class VersionFollower:
     def current(self) -> ModelVersion | None:
         """The namespace's current (promoted) version; None = the base model."""
         with self._cond:
-            return self._current
+            return self._state.current
 
     def pin(self) -> PinnedVersion:
         """What the next episode runs with: the current version and, in in-context mode, a KB snapshot.
@@ -126,10 +124,10 @@ class VersionFollower:
     def wait_for(self, predicate: Callable[[ModelVersion | None], bool], timeout_s: float = 30.0) -> ModelVersion | None:
         """Block until ``predicate(current())`` holds; returns that version, or raises TimeoutError."""
         with self._cond:
-            if not self._cond.wait_for(lambda: predicate(self._current), timeout_s):
-                name = self._current.version if self._current else BASE_VERSION
+            if not self._cond.wait_for(lambda: predicate(self._state.current), timeout_s):
+                name = self._state.current.version if self._state.current else BASE_VERSION
                 raise TimeoutError(f"{self.namespace}: condition not met within {timeout_s:g}s (current: {name})")
-            return self._current
+            return self._state.current
 
     @property
     def messages_seen(self) -> int:
@@ -258,20 +256,8 @@ class VersionFollower:
     def _apply(self, version: ModelVersion | None) -> None:
         """One message, in topic order: update the current version per the rules in the module docstring."""
         with self._cond:
-            old = self._current
             self._messages += 1
-            if version is None:
-                new = None
-            elif version.status is VersionStatus.promoted:
-                self._bad.discard(version.version)
-                self._promoted.append(version)
-                new = version
-            elif version.status in (VersionStatus.rolled_back, VersionStatus.rejected):
-                self._bad.add(version.version)
-                new = self._fallback(version) if old is not None and old.version == version.version else old
-            else:  # candidate: not serving yet
-                new = old
-            self._current = new
+            old, new = self._state.apply(version)
             if new is not old:
                 self._cond.notify_all()
         if (old.version if old else None) != (new.version if new else None):
@@ -283,6 +269,35 @@ class VersionFollower:
                     self.on_change(old, new)
                 except Exception:  # noqa: BLE001 - a bad hook must not stop the follower
                     log.exception("%s: on_change hook failed", self.namespace)
+
+
+class VersionState:
+    """The rules of the module docstring as plain state: feed it a namespace's messages in topic order
+    (:meth:`apply`); :attr:`current` is the version to serve (None = the base model). The Kafka
+    :class:`VersionFollower` and the in-process demo both use it."""
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+        self.current: ModelVersion | None = None
+        self._promoted: list[ModelVersion] = []  # every promoted message seen, in order
+        self._bad: set[str] = set()  # versions rolled back or rejected (until promoted again)
+
+    def apply(self, version: ModelVersion | None) -> tuple[ModelVersion | None, ModelVersion | None]:
+        """Take one message (None = a tombstone); returns (old current, new current)."""
+        old = self.current
+        if version is None:
+            new = None
+        elif version.status is VersionStatus.promoted:
+            self._bad.discard(version.version)
+            self._promoted.append(version)
+            new = version
+        elif version.status in (VersionStatus.rolled_back, VersionStatus.rejected):
+            self._bad.add(version.version)
+            new = self._fallback(version) if old is not None and old.version == version.version else old
+        else:  # candidate: not serving yet
+            new = old
+        self.current = new
+        return old, new
 
     def _fallback(self, bad: ModelVersion) -> ModelVersion | None:
         good = [v for v in self._promoted if v.version not in self._bad]
@@ -340,19 +355,23 @@ def rollback(
     """Roll ``bad`` back to the earlier good version ``to``: publish ``bad`` as rolled_back, then
     republish ``to`` as promoted (a fresh message, so it is the last one and wins after compaction).
     Returns the republished version."""
+    rolled, again = rollback_events(bad, to, reason)
+    settings = settings or load_settings()
+    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True, "acks": "all"})
+    publish_version(rolled, settings, topic=topic, producer=producer)
+    publish_version(again, settings, topic=topic, producer=producer)
+    return again
+
+
+def rollback_events(bad: ModelVersion, to: ModelVersion, reason: str) -> tuple[ModelVersion, ModelVersion]:
+    """The two messages of a rollback, in publishing order: ``bad`` as rolled_back, then ``to`` as promoted."""
     if bad.namespace != to.namespace:
         raise ValueError(f"cannot roll {bad.namespace} back to a version of {to.namespace}")
     if bad.version == to.version:
         raise ValueError(f"cannot roll {bad.version} back to itself")
-    settings = settings or load_settings()
-    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True, "acks": "all"})
-    publish_version(
-        bad.model_copy(update={"status": VersionStatus.rolled_back, "reason": reason, "ts": _now()}),
-        settings, topic=topic, producer=producer,
-    )
+    rolled = bad.model_copy(update={"status": VersionStatus.rolled_back, "reason": reason, "ts": _now()})
     again = to.model_copy(update={"status": VersionStatus.promoted, "reason": f"rollback of {bad.version}: {reason}", "ts": _now()})
-    publish_version(again, settings, topic=topic, producer=producer)
-    return again
+    return rolled, again
 
 
 def _now():
