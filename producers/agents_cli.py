@@ -17,28 +17,11 @@ from pathlib import Path
 
 import click
 
-from oel.settings import Settings, SettingsError, load_settings
+from oel.cli_context import settings_of
+from oel.envs import ENV_NAMES
+from oel.envs.house_rules import DEFAULT_RULES, RULE_NAMES
 
-
-def _settings(ctx: click.Context) -> Settings:
-    obj = ctx.ensure_object(dict)
-    if "settings" not in obj:
-        try:
-            obj["settings"] = load_settings()
-        except SettingsError as exc:
-            raise click.ClickException(str(exc)) from None
-    return obj["settings"]
-
-
-def make_backend(settings: Settings, batch_size: int):
-    """The backend the settings name (in-process transformers by default, or the vLLM server)."""
-    if settings.model.backend == "vllm":
-        from oel.model.vllm_backend import VLLMBackend
-
-        return VLLMBackend.from_settings(settings)
-    from oel.model.hf_backend import HFBackend
-
-    return HFBackend.from_settings(settings, max_batch_size=batch_size)
+ENV_HELP = "frozenlake / sokoban: the paper's TextArena games; house-rules: support replies under hidden house rules."
 
 
 def read_experience(path: Path) -> list[str]:
@@ -61,8 +44,8 @@ def agents() -> None:
 
 
 @agents.command("run")
-@click.option("--env", "env_name", type=click.Choice(["frozenlake", "sokoban", "house-rules"]), required=True)
-@click.option("--episodes", "-n", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--env", "env_name", type=click.Choice(ENV_NAMES), required=True, help=ENV_HELP)
+@click.option("--episodes", "-n", type=click.IntRange(1), default=32, show_default=True, help="Episodes to run (one per seed).")
 @click.option("--mode", type=click.Choice(["free", "short", "choice"]), default="free", show_default=True,
               help="free: reason, then the last bracketed move (the paper's); short: the move only; "
                    "choice: short reasoning, then the legal move the model's log-probs prefer. House rules: free.")
@@ -71,8 +54,8 @@ def agents() -> None:
               help="Experience items, one per line (default with --in-context: the hand-written correct experience).")
 @click.option("--eval", "use_eval", is_flag=True, help="Use the fixed held-out evaluation seeds.")
 @click.option("--seed-start", type=click.IntRange(0), default=0, show_default=True, help="First training seed (without --eval).")
-@click.option("--rule", "rules", multiple=True,
-              help="House rules to apply (repeatable; default: greeting, thanks-first, order-number, we-not-i).")
+@click.option("--rule", "rules", multiple=True, type=click.Choice(RULE_NAMES),
+              help=f"House rules to apply (repeatable; default: {', '.join(DEFAULT_RULES)}).")
 @click.option("--max-turns", type=click.IntRange(1), default=None, help="Turns per episode (default: 5 for the games, 2 for house rules).")
 @click.option("--temperature", type=click.FloatRange(0), default=0.7, show_default=True, help="0 = greedy.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=None,
@@ -93,6 +76,7 @@ def run(ctx: click.Context, env_name: str, episodes: int, mode: str, in_context:
     from tqdm import tqdm
 
     from oel.envs import eval_seeds, make_env, reference_experience, train_seeds
+    from oel.model.factory import make_backend
     from producers.agents import AgentConfig, run_episodes, summarize
 
     options: dict = {}
@@ -119,8 +103,7 @@ def run(ctx: click.Context, env_name: str, episodes: int, mode: str, in_context:
             experience, source = reference_experience(env_name, **options), "hand-written (correct)"
     seeds = eval_seeds(episodes) if use_eval else train_seeds(episodes, start=seed_start)
 
-    s = _settings(ctx)
-    backend = make_backend(s, batch_size)
+    backend = make_backend(settings_of(ctx), max_batch_size=batch_size)
     if adapter_path is not None:
         if adapter is None:
             raise click.UsageError("--adapter-path needs --adapter NAME")
@@ -166,23 +149,24 @@ def run(ctx: click.Context, env_name: str, episodes: int, mode: str, in_context:
 
 
 @agents.command("compare")
-@click.option("--env", "env_name", type=click.Choice(["frozenlake", "sokoban", "house-rules"]), required=True)
+@click.option("--env", "env_name", type=click.Choice(ENV_NAMES), required=True, help=ENV_HELP)
 @click.option("--episodes", "-n", type=click.IntRange(1), default=32, show_default=True, help="Per condition.")
 @click.option("--mode", "modes", type=click.Choice(["free", "short", "choice"]), multiple=True,
               help="Action modes to measure (repeatable; default: free).")
 @click.option("--per-rule", is_flag=True, help="House rules: one house per rule (each measured separately).")
-@click.option("--rule", "rules", multiple=True,
+@click.option("--rule", "rules", multiple=True, type=click.Choice(RULE_NAMES),
               help="House rules to use (repeatable; default: every rule with --per-rule, else the default house).")
 @click.option("--experience-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Experience for the with-experience condition (default: the hand-written correct experience).")
 @click.option("--eval", "use_eval", is_flag=True, help="Use the fixed held-out evaluation seeds.")
-@click.option("--seed-start", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--max-turns", type=click.IntRange(1), default=None)
+@click.option("--seed-start", type=click.IntRange(0), default=0, show_default=True, help="First training seed (without --eval).")
+@click.option("--max-turns", type=click.IntRange(1), default=None, help="Turns per episode (default: 5 for the games, 2 for house rules).")
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--max-new-tokens", type=click.IntRange(1), default=None)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None,
+              help="Per response (default: free 128, short 8, choice 32; house rules 48).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
               help="Episodes per generation call (both conditions and all rules share the batches).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (irrelevant when greedy).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write episodes as JSON lines here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @click.pass_context
@@ -197,7 +181,7 @@ def compare(ctx: click.Context, env_name: str, episodes: int, modes: tuple[str, 
     from tqdm import tqdm
 
     from oel.envs import eval_seeds, make_env, reference_experience, train_seeds
-    from oel.envs.house_rules import DEFAULT_RULES, RULE_NAMES
+    from oel.model.factory import make_backend
     from producers.agents import AgentConfig, EpisodeSpec, run_specs, summarize
 
     modes = modes or ("free",)
@@ -219,7 +203,7 @@ def compare(ctx: click.Context, env_name: str, episodes: int, modes: tuple[str, 
             raise click.UsageError(str(exc)) from None
     file_items = read_experience(experience_file) if experience_file is not None else None
     seeds = eval_seeds(episodes) if use_eval else train_seeds(episodes, start=seed_start)
-    backend = make_backend(_settings(ctx), batch_size)
+    backend = make_backend(settings_of(ctx), max_batch_size=batch_size)
 
     rows = []
     all_episodes = []

@@ -6,15 +6,21 @@ from oel.model.backend import Backend
 from oel.settings import Settings
 
 
-def make_backend(settings: Settings) -> Backend:
-    """In-process transformers + peft, or a client of the vLLM server, per ``OEL_MODEL__BACKEND``."""
+def make_backend(settings: Settings, *, max_batch_size: int | None = None) -> Backend:
+    """In-process transformers + peft, or a client of the vLLM server, per ``OEL_MODEL__BACKEND``.
+
+    ``max_batch_size`` caps the rows the in-process backend decodes together (None = its default);
+    callers that batch many episodes per call (the reference agents) raise it. The vLLM server
+    batches on its own, so it ignores the cap."""
     if settings.model.backend == "vllm":
         from oel.model.vllm_backend import VLLMBackend
 
         return VLLMBackend.from_settings(settings)
     from oel.model.hf_backend import HFBackend
 
-    return HFBackend.from_settings(settings)
+    if max_batch_size is None:
+        return HFBackend.from_settings(settings)
+    return HFBackend.from_settings(settings, max_batch_size=max_batch_size)
 
 
 def token_counter(backend: Backend):
