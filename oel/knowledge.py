@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from oel import kb
 from oel.episodes import CompletedEpisode
-from oel.extraction import ExtractionConfig, build_prompt, item_id, parse_items, render_trajectory, validate_items
+from oel.extraction import ExtractionConfig, PromptVariant, build_prompt, item_id, parse_items, render_trajectory, validate_items
 from oel.model.backend import Backend, BackendError, SamplingParams
 from oel.schemas import ExperienceUpdate
 from oel.store import ObjectStore, StoreError
@@ -41,6 +42,16 @@ class WriterConfig:
     attempts: int = 5
     """Tries for a model or store failure before the batch fails (it is then retried by the caller, never dropped)."""
     backoff_s: float = 0.5
+
+    @classmethod
+    def from_settings(cls, processor: Any) -> WriterConfig:
+        """The configuration ``Settings.processor`` describes (variant, previous experience, length, budget)."""
+        return cls(
+            extraction=ExtractionConfig(variant=PromptVariant(processor.extraction_variant), include_previous=processor.include_previous),
+            max_new_tokens=processor.max_new_tokens,
+            temperature=processor.temperature,
+            token_budget=processor.token_budget,
+        )
 
 
 @dataclass

@@ -25,7 +25,6 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     import faust
 
     from oel.cli_context import settings_of
-    from oel.extraction import ExtractionConfig, PromptVariant
     from oel.knowledge import KnowledgeWriter, WriterConfig
     from oel.metrics import start_metrics_server
     from oel.model.factory import make_backend, token_counter
@@ -44,12 +43,7 @@ def processor(ctx: click.Context, loglevel: str) -> None:
         store,
         backend,
         model_version="base",
-        config=WriterConfig(
-            extraction=ExtractionConfig(variant=PromptVariant(p.extraction_variant), include_previous=p.include_previous),
-            max_new_tokens=p.max_new_tokens,
-            temperature=p.temperature,
-            token_budget=p.token_budget,
-        ),
+        config=WriterConfig.from_settings(p),
         count_tokens=token_counter(backend),
     )
     start_metrics_server(s.metrics.for_service(METRICS_PORT), "processor")
