@@ -433,15 +433,16 @@ def set_current_version(namespace: str, model_version: str, rollback: bool = Fal
 
 
 def init_namespace(namespace: str) -> None:
-    """Create the namespace's counter series at 0 (and ``oel_round_in_progress`` at 0).
+    """Create the namespace's counter and histogram series at 0 (and ``oel_round_in_progress`` at 0).
 
     Call it when a service first meets a namespace: Prometheus's ``increase()`` cannot see the first
-    increment of a series that is born at 1, so an alert on e.g. the first rollback would miss it.
+    increment of a series that is born at 1, so an alert on e.g. the first rollback would miss it, and
+    a latency quantile over a single observation (one round) would have no rate to work with.
     """
     bounded = {"reason": REJECT_REASONS, "outcome": LOAD_OUTCOMES}
     for metric in all_metrics():
         names = metric._labelnames  # noqa: SLF001
-        if metric._type != "counter" or "namespace" not in names:  # noqa: SLF001
+        if metric._type not in ("counter", "histogram") or "namespace" not in names:  # noqa: SLF001
             continue
         others = [n for n in names if n != "namespace"]
         if not others:

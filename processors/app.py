@@ -86,6 +86,7 @@ class Processor:
         self.tick_s = tick_s or max(0.5, min(p.abandon_after_s, p.batch_window_s) / 4)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oel-extract")
         self.locks: dict[str, asyncio.Lock] = {}
+        self.namespaces_seen: set[str] = set()  # metrics.init_namespace done
         datadir = settings.paths.state_dir / "processor" / p.app_id
         datadir.mkdir(parents=True, exist_ok=True)
         app = faust.App(
@@ -167,6 +168,9 @@ class Processor:
         await self.episodes_topic.send(key=episode.namespace.encode(), value=episode.model_dump_json().encode())
         partition = event_partition()
         self.episodes[buffer.episode_id] = {"partition": partition, "closed_at": time.time()}
+        if episode.namespace not in self.namespaces_seen:  # series at 0 first, so increase() sees the first count
+            metrics.init_namespace(episode.namespace)
+            self.namespaces_seen.add(episode.namespace)
         counter = metrics.EPISODES_ABANDONED if episode.status is EpisodeStatus.abandoned else metrics.EPISODES_COMPLETED
         counter.labels(namespace=episode.namespace).inc()
         log.info("episode %s/%s %s with %d steps", episode.namespace, episode.episode_id, episode.status.value, len(episode.steps))
@@ -232,6 +236,7 @@ class Processor:
         metrics.KB_ITEMS_DEDUPLICATED.labels(namespace=namespace).inc(result.deduplicated)
         metrics.KB_ITEMS.labels(namespace=namespace).set(len(new_state.all_ids))
         metrics.KB_SIZE.labels(namespace=namespace).set(sum(len(t.encode()) for t in new_state.window_texts))
+        metrics.KB_SNAPSHOT_TOKENS.labels(namespace=namespace).set(sum(self.writer.count_tokens(f"- {t}\n") for t in new_state.window_texts))
         if result.update is not None:
             await self.experience.send(key=namespace.encode(), value=result.update.to_bytes())
             log.info(

@@ -263,7 +263,10 @@ class VersionFollower:
         if (old.version if old else None) != (new.version if new else None):
             name = new.version if new else BASE_VERSION
             log.info("%s: current model version %s -> %s", self.namespace, old.version if old else BASE_VERSION, name)
-            metrics.set_current_version(self.namespace, name)
+            # A rolled_back message that moves the current version, read live (not while catching up at
+            # start), is a rollback: counted in oel_model_rollbacks_total (alert OELModelRollback).
+            rolled_back = version is not None and version.status is VersionStatus.rolled_back and self._thread is not None
+            metrics.set_current_version(self.namespace, name, rollback=rolled_back)
             if self.on_change is not None:
                 try:
                     self.on_change(old, new)

@@ -111,6 +111,10 @@ def test_init_namespace_creates_zero_series_so_the_first_increase_is_visible():
     metrics.init_namespace("ns-init")
     assert metrics.sample_value("oel_model_rollbacks_total", {"namespace": "ns-init"}) == 0
     assert metrics.sample_value("oel_rounds_started_total", {"namespace": "ns-init"}) == 0
+    # Histograms too: a quantile over the first observation (one round, one adapter load) needs a rate.
+    assert metrics.sample_value("oel_round_duration_seconds_count", {"namespace": "ns-init"}) == 0
+    assert metrics.sample_value("oel_adapter_load_duration_seconds_bucket", {"namespace": "ns-init", "le": "+Inf"}) == 0
+    assert metrics.sample_value("oel_adapter_loads_total", {"namespace": "ns-init", "outcome": "error"}) == 0
 
 
 def test_opcd_step_helper_sets_gauges_histograms_and_throughput():
