@@ -116,6 +116,7 @@ class LearnerService:
                     if max_rounds is not None and len(self.rounds) >= max_rounds:
                         return
                 self._commit()
+                self._observe_lag()
         finally:
             self._commit()
             consumer.close()
@@ -181,6 +182,17 @@ class LearnerService:
             return
         self._consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in todo.items()], asynchronous=False)
         self._committed.update(todo)
+
+    def _observe_lag(self) -> None:
+        """``oel_consumer_lag_messages`` of each partition read: its end offset (as of the last fetch, no
+        broker round trip) minus the offset the service commits, i.e. updates not yet consolidated
+        included (they are re-read after a restart)."""
+        if self._consumer is None:
+            return
+        for partition, committed in self.commit_positions().items():
+            _, high = self._consumer.get_watermark_offsets(TopicPartition(self.topic, partition), cached=True)
+            if high is not None and high >= 0:
+                metrics.CONSUMER_LAG.labels(topic=self.topic, partition=str(partition)).set(max(0, high - committed))
 
     def _on_assign(self, consumer, partitions) -> None:
         log.info("learner: assigned %s", [p.partition for p in partitions])

@@ -1,25 +1,14 @@
 """infra/prometheus and infra/grafana: config and rules checked and unit-tested with promtool; every
-dashboard query parses and names only OEL metrics; and, end to end against the local Prometheus, every
-panel returns data from a scraped exporter of oel/metrics.py and an alert fires when provoked.
-
-The end-to-end test uses a fixture exporter (a subprocess publishing sample values of every metric in
-oel/metrics.py on 127.0.0.1:9109, job "oel-fixture" in infra/prometheus/prometheus.yml), because it
-must not depend on the services' own tests; the same queries run against the real services once they
-run under the local stack (docs/operations.md says how to look at them).
+dashboard query parses and names only OEL metrics. The end-to-end check (the real services scraped by
+Prometheus, every panel returning data, alerts firing) is tests/test_dashboards.py.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import re
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -33,8 +22,6 @@ RULE_FILES = sorted((PROM_DIR / "rules").glob("*.yml"))
 RULE_TESTS = sorted((PROM_DIR / "tests").glob("*.yml"))
 DASHBOARD = REPO / "infra" / "grafana" / "dashboards" / "oel.json"
 PROMTOOL = "/usr/bin/promtool"
-FIXTURE_PORT = 9109
-FIXTURE_JOB = "oel-fixture"
 # Series that Prometheus itself makes, which dashboards and rules may use beside OEL's.
 PROMETHEUS_OWN = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
@@ -175,212 +162,3 @@ def test_dashboard_queries_parse(tmp_path):
     path.write_text(yaml.safe_dump(rules))
     out = _promtool("check", "rules", str(path))
     assert out.returncode == 0, out.stdout + out.stderr
-
-
-# --- end to end against the local Prometheus -------------------------------------------------------
-
-FIXTURE_CODE = r"""
-import sys, threading, time
-from oel import metrics as m
-from oel.settings import MetricsSettings
-
-ns, port = sys.argv[1], int(sys.argv[2])
-m.init_namespace(ns)
-quiet = {m.MODEL_ROLLBACKS, m.ROUNDS_REJECTED, m.ROUNDS_FAILED, m.EVENTS_DEAD_LETTERED, m.EXTRACTION_FAILURES,
-         m.RECORDER_EVENTS_FAILED}
-values = {"namespace": ns, "topic": "oel.trajectories", "partition": "0", "reason": "schema", "outcome": "ok",
-          "model_version": "v2", "service": "fixture", "version": "0"}
-
-def child(metric):
-    names = metric._labelnames
-    return metric.labels(**{n: values[n] for n in names}) if names else metric
-
-for metric in m.all_metrics():
-    c = child(metric)
-    if metric._type == "gauge":
-        c.set(5)
-m.count_dead_letter("oel.trajectories", "schema", 0)
-m.observe_evaluation(ns, "v1", pass_rate=0.1, response_tokens=60, ood_score=0.66)
-m.observe_evaluation(ns, "v2", pass_rate=0.2, response_tokens=45, ood_score=0.66)
-m.set_current_version(ns, "v2")
-m.ROUND_IN_PROGRESS.labels(namespace=ns).set(0)
-m.start_metrics_server(MetricsSettings(host="127.0.0.1", port=port), "fixture")
-
-def tick():
-    while True:
-        for metric in m.all_metrics():
-            if metric in quiet:
-                continue
-            if metric._type == "counter":
-                child(metric).inc()
-            elif metric._type == "histogram":
-                child(metric).observe(0.5)
-        time.sleep(0.5)
-
-threading.Thread(target=tick, daemon=True).start()
-print("ready", flush=True)
-for line in sys.stdin:
-    if line.strip() == "rollback":
-        m.set_current_version(ns, "v1", rollback=True)
-        print("rolled back", flush=True)
-"""
-
-
-def _get(url: str, timeout: float = 10) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _query(prom: str, expr: str) -> dict:
-    return _get(f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
-
-
-def _poll(what: str, check, timeout: float, every: float = 1.0):
-    """Call check() until it returns a truthy value; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}", pytrace=False)
-
-
-def _ensure_loaded(prom: str) -> None:
-    """The running Prometheus must have the fixture job and the OEL rules; reload it from disk if not."""
-
-    def loaded() -> bool:
-        config = _get(f"{prom}/api/v1/status/config")["data"]["yaml"]
-        rules = {r["name"] for g in _get(f"{prom}/api/v1/rules")["data"]["groups"] for r in g["rules"]}
-        return f"job_name: {FIXTURE_JOB}" in config and {a["alert"] for a in _alerts()} <= rules
-
-    if loaded():
-        return
-    req = urllib.request.Request(f"{prom}/-/reload", method="POST")
-    try:
-        urllib.request.urlopen(req, timeout=30).close()
-    except urllib.error.HTTPError as exc:
-        pytest.fail(f"Prometheus refused /-/reload ({exc}); it must run with --web.enable-lifecycle", pytrace=False)
-    _poll("Prometheus to load infra/prometheus (fixture job and OEL rules) after /-/reload", loaded, 30)
-
-
-@pytest.fixture
-def fixture_exporter():
-    """The fixture exporter on 127.0.0.1:9109, one test run at a time on this machine."""
-    namespace = "fixture-" + uuid.uuid4().hex[:8]
-    with open("/tmp/oel-metrics-fixture.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        proc = subprocess.Popen(
-            [sys.executable, "-c", FIXTURE_CODE, namespace, str(FIXTURE_PORT)],
-            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        try:
-            line = proc.stdout.readline()
-            if line.strip() != "ready":
-                proc.kill()
-                pytest.fail(f"fixture exporter did not start (port {FIXTURE_PORT} busy?): {proc.stderr.read()}", pytrace=False)
-            yield namespace, proc
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
-
-
-@pytest.mark.stack
-def test_every_panel_returns_data_and_a_provoked_rollback_fires(prometheus_url, fixture_exporter):
-    prom = prometheus_url
-    namespace, proc = fixture_exporter
-    _ensure_loaded(prom)
-    started = time.time()
-
-    def scraped() -> bool:
-        targets = _get(f"{prom}/api/v1/targets?state=active")["data"]["activeTargets"]
-        for t in targets:
-            if t["labels"].get("job") == FIXTURE_JOB and t["health"] == "up":
-                return True
-        return False
-
-    _poll(f"Prometheus to scrape the fixture exporter (job {FIXTURE_JOB})", scraped, 60, every=0.5)
-
-    # Every query must parse (status success) and return at least one series for our namespace.
-    pending = {(title, expr) for title, expr in _panel_queries()}
-
-    def all_have_data() -> bool:
-        for title, expr in sorted(pending):
-            result = _query(prom, _substitute(expr, namespace))
-            assert result["status"] == "success", f"{title}: {expr}: {result}"
-            if result["data"]["result"]:
-                pending.discard((title, expr))
-        return not pending
-
-    deadline = 120
-    try:
-        _poll("every panel query to return data", all_have_data, deadline)
-    except pytest.fail.Exception:
-        pytest.fail("panels without data after %ds:\n  %s" % (deadline, "\n  ".join(f"{t}: {e}" for t, e in sorted(pending))), pytrace=False)
-    for var in _dashboard()["templating"]["list"]:
-        metric, label = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", var["query"]["query"]).groups()
-        values = _get(f"{prom}/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": metric}))["data"]
-        assert namespace in values
-
-    # Provoke a rollback; the alert has no `for`, so it fires at the next evaluations.
-    proc.stdin.write("rollback\n")
-    proc.stdin.flush()
-    assert proc.stdout.readline().strip() == "rolled back"
-
-    def firing():
-        for alert in _get(f"{prom}/api/v1/alerts")["data"]["alerts"]:
-            labels = alert["labels"]
-            if labels.get("alertname") == "OELModelRollback" and labels.get("namespace") == namespace and alert["state"] == "firing":
-                return alert
-        return None
-
-    alert = _poll("OELModelRollback to fire for the provoked rollback", firing, 90)
-    assert alert["labels"]["severity"] == "warning"
-    assert namespace in alert["annotations"]["summary"]
-    # The dashboard's alert annotation query now has data too.
-    for ann in _dashboard()["annotations"]["list"]:
-        assert _query(prom, ann["expr"])["data"]["result"]
-    print(f"panels with data and alert firing {time.time() - started:.0f}s after the exporter started")
-
-
-@pytest.mark.stack
-def test_ensure_loaded_reloads_a_prometheus_that_lacks_the_fixture_job(tmp_path):
-    """A Prometheus started before infra/prometheus gained the fixture job (or the rules) is reloaded
-    from disk through its lifecycle endpoint, as the local stack enables it."""
-    import shutil
-    import socket
-
-    conf_dir = tmp_path / "prometheus"
-    shutil.copytree(PROM_DIR, conf_dir)
-    full = (conf_dir / "prometheus.yml").read_text()
-    stale = yaml.safe_load(full)
-    stale["scrape_configs"] = [j for j in stale["scrape_configs"] if j["job_name"] != FIXTURE_JOB]
-    stale["rule_files"] = []
-    (conf_dir / "prometheus.yml").write_text(yaml.safe_dump(stale))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        ["/usr/bin/prometheus", f"--config.file={conf_dir / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        prom = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            try:
-                return urllib.request.urlopen(f"{prom}/-/ready", timeout=2).status == 200
-            except OSError:
-                return False
-
-        _poll("the temporary Prometheus to be ready", ready, 60, every=0.2)
-        assert f"job_name: {FIXTURE_JOB}" not in _get(f"{prom}/api/v1/status/config")["data"]["yaml"]
-        (conf_dir / "prometheus.yml").write_text(full)
-        _ensure_loaded(prom)
-        rules = {r["name"] for g in _get(f"{prom}/api/v1/rules")["data"]["groups"] for r in g["rules"]}
-        assert "OELModelRollback" in rules
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

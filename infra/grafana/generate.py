@@ -69,8 +69,10 @@ def build() -> dict:
     _cursor.update(x=0, y=0, h=0)
 
     row("Learning rounds")
-    panel("Current model version", "The version each namespace's agents run now (oel_model_version_info).",
-          [(f"max by (namespace, model_version) (oel_model_version_info{{{NS}}})", "")],
+    panel("Current model version", "The version each namespace runs now, as each service sees it (oel_model_version_info): "
+          "the agents (oel-agents) follow oel.model-versions, rollbacks included; the learner shows the version it last published. "
+          "Agents behind the learner have not picked up a new version yet.",
+          [(f"max by (job, namespace, model_version) (oel_model_version_info{{{NS}}})", "")],
           kind="table", w=8, h=7,
           transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True}}}])
     panel("Rounds (1 h)", "Rounds started, published (finished), rejected by the gate, failed, in the last hour.",
