@@ -69,12 +69,12 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from json.encoder import encode_basestring as _json_str  # the C escaper; the same bytes as pydantic's
 from typing import Any, Literal, Protocol
 
 from confluent_kafka import KafkaError, Producer
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
+from pydantic_core import to_json as _to_json
 
 from oel import metrics
 from oel.schemas import (
@@ -96,6 +96,8 @@ ABANDONED_PREFIX = "abandoned: "
 BASE_VERSION = "base"
 """The ``model_version`` recorded while a namespace has no promoted version (the base model)."""
 
+_POLL_INTERVAL_S = 0.01
+"""Longest wait of the poll thread for delivery reports: bounds how long close() waits for the thread."""
 _PURGE_ERRORS = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)  # noqa: SLF001 (librdkafka's names)
 
 
@@ -232,76 +234,59 @@ def _pin(model_version: str | ModelVersion | VersionSource) -> PinnedVersion:
 #
 # An event's JSON is assembled from parts, in the schema's field order, so that it is byte-for-byte
 # what TrajectoryEvent.to_bytes() gives. The identity fields are validated once per episode with the
-# schema; payloads given as plain str/dict/list take the fast functions below, which accept only
-# input the schema accepts (exact types; else they return None and the pydantic model decides).
+# schema; payloads given as plain str/dict/list (or lists of ChatMessage) take the fast functions
+# below, which accept only input the schema accepts (exact types; else they return None and the
+# pydantic model decides) and serialise it with pydantic-core's own JSON writer (``to_json``, the
+# one the models use, hence the same bytes; about 4x faster than escaping each string in Python).
 
 _ROLES = frozenset(("system", "user", "assistant"))
+_ROLE_CONTENT = ("role", "content")
 _JSON = TypeAdapter(str).dump_json
 
 
-def _opt(value: Any) -> str | None:
-    if value is None:
-        return "null"
-    return _json_str(value) if type(value) is str else None
-
-
-def _fast_step(prompt: Any, response: Any, action: Any, feedback: Any, _esc: Callable = _json_str, _roles: frozenset = _ROLES) -> bytes | None:
-    if type(response) is not str:
+def _fast_step(prompt: Any, response: Any, action: Any, feedback: Any, _dump: Callable = _to_json) -> bytes | None:
+    if (
+        type(response) is not str
+        or (action is not None and type(action) is not str)
+        or (feedback is not None and type(feedback) is not str)
+    ):
         return None
     if type(prompt) is str:
-        messages = '[{"role":"user","content":' + _esc(prompt) + "}]"
+        prompt = ({"role": "user", "content": prompt},)
     elif type(prompt) is list and prompt:
-        messages = "["
         for m in prompt:
-            if type(m) is not dict or len(m) != 2:
+            if type(m) is dict:
+                # exactly role then content (the schema's order, so the bytes are the schema's)
+                if tuple(m) != _ROLE_CONTENT or m["role"] not in _ROLES or type(m["content"]) is not str:
+                    return None
+            elif type(m) is not ChatMessage:  # a ChatMessage was validated when it was built
                 return None
-            role = m.get("role")
-            content = m.get("content")
-            if type(role) is not str or role not in _roles or type(content) is not str:
-                return None
-            messages += '{"role":"' + role + '","content":' + _esc(content) + "},"
-        messages = messages[:-1] + "]"
-    else:
-        return None
-    if action is None:
-        a = "null"
-    elif type(action) is str:
-        a = _esc(action)
-    else:
-        return None
-    if feedback is None:
-        f = "null"
-    elif type(feedback) is str:
-        f = _esc(feedback)
     else:
         return None
     try:
-        return ('{"prompt":' + messages + ',"response":' + _esc(response) + ',"action":' + a + ',"feedback":' + f + "}").encode()
-    except UnicodeEncodeError:  # lone surrogates: let the schema path report it
+        return _dump({"prompt": prompt, "response": response, "action": action, "feedback": feedback})
+    except PydanticSerializationError:  # lone surrogates: let the schema path report it
         return None
 
 
-def _fast_start(task: Any, metadata: Any) -> bytes | None:
-    t = _opt(task)
-    if t is None or type(metadata) is not dict:
+def _fast_start(task: Any, metadata: Any, _dump: Callable = _to_json) -> bytes | None:
+    if (task is not None and type(task) is not str) or type(metadata) is not dict:
         return None
-    items = []
     for k, v in metadata.items():
         if type(k) is not str or type(v) is not str:
             return None
-        items.append(_json_str(k) + ":" + _json_str(v))
     try:
-        return ('{"task":' + t + ',"metadata":{' + ",".join(items) + "}}").encode()
-    except UnicodeEncodeError:
+        return _dump({"task": task, "metadata": metadata})
+    except PydanticSerializationError:
         return None
 
 
-def _fast_end(outcome: Any, success: Any) -> bytes | None:
+def _fast_end(outcome: Any, success: Any, _dump: Callable = _to_json) -> bytes | None:
     if type(outcome) is not str or not (success is None or type(success) is bool):
         return None
     try:
-        return ('{"outcome":' + _json_str(outcome) + ',"success":' + ("null" if success is None else "true" if success else "false") + "}").encode()
-    except UnicodeEncodeError:
+        return _dump({"outcome": outcome, "success": success})
+    except PydanticSerializationError:
         return None
 
 
@@ -587,7 +572,7 @@ class Recorder:
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
-            self._producer.poll(0.05)  # also bounds how long close() waits for this thread
+            self._producer.poll(_POLL_INTERVAL_S)  # returns at once when there are reports to serve
             self._publish_metrics()
 
     def _publish_metrics(self) -> None:
@@ -666,10 +651,15 @@ class Recorder:
                 return report
             self._closed = True
         timeout = self.settings.recorder.close_timeout_s if timeout_s is None else timeout_s
+        failed_before = self._failed
+        deadline = time.monotonic() + timeout
+        # the poll thread serves delivery reports while the buffer drains; it is stopped only then, so
+        # that close() returns as soon as the broker has everything (not a poll interval later)
+        while len(self._producer) and time.monotonic() < deadline:
+            time.sleep(0.002)
         self._stop.set()
         self._poller.join()
-        failed_before = self._failed
-        remaining = self._producer.flush(timeout)
+        remaining = self._producer.flush(max(deadline - time.monotonic(), 0.0))
         if remaining:
             self._producer.purge(in_queue=True, in_flight=True, blocking=True)
             self._producer.flush(1.0)  # serve the purged messages' delivery reports
@@ -804,9 +794,12 @@ class _EpisodeBase:
         self.pinned = pinned
         if episode_id is None:
             episode_id = recorder._new_episode_id()
+            j = b'"' + episode_id.encode() + b'"'  # hex digits: nothing to escape
         elif type(episode_id) is not str or not 1 <= len(episode_id) <= 128:
             recorder._count_invalid()
             raise InvalidEvent(f"invalid episode id {episode_id!r}: expected a string of 1 to 128 characters")
+        else:
+            j = _JSON(episode_id)
         self.episode_id = episode_id
         self.namespace = namespace
         self.agent_id = agent_id
@@ -814,7 +807,6 @@ class _EpisodeBase:
         self.metadata = dict(metadata) if metadata else {}
         (ns_part, agent_part), self._counters = recorder._identity(namespace, agent_id, pinned.name)
         self._start_json = _fast_start(task, self.metadata) or self._slow(StartPayload, "start", task=task, metadata=self.metadata)
-        j = _JSON(episode_id)
         self._head = b'{"schema_version":1,"event_id":' + j[:-1] + b"."
         self._long_id = len(episode_id) > 128 - 1 - 10  # "<id>.<seq>" could pass the 128-character limit
         self._mid = ns_part + b',"episode_id":' + j + agent_part
@@ -824,10 +816,11 @@ class _EpisodeBase:
         """Bytes of JSON this episode has buffered so far."""
         self.started = False
         self.ended = False
-        # delivery bookkeeping: _settled and _failures are written only by the delivery-report thread
+        # delivery bookkeeping: _settled and _failures are written only by the delivery-report thread;
+        # the failure counter and the condition are made on first use (most episodes need neither)
         self._settled = 0
-        self._failures: Counter[str] = Counter()
-        self._cond = threading.Condition(threading.Lock())
+        self._failures: Counter[str] | None = None
+        self._cond: threading.Condition | None = None
         self._waiting = False
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future, int]] = []
         self._callback = self._on_delivery  # one bound method for every event of the episode
@@ -913,15 +906,25 @@ class _EpisodeBase:
                 recorder._wake_senders()
         else:
             recorder._on_failure(counters, err, msg.value())
+            if self._failures is None:
+                self._failures = Counter()
             self._failures[err.name()] += 1
         self._settled += 1
-        if self._waiting:
-            with self._cond:
+        if self._waiting:  # set only under self._cond, which exists by then
+            with self._cond:  # type: ignore[union-attr]
                 self._cond.notify_all()
                 ready = [(lp, f) for lp, f, target in self._async_waiters if self._settled >= target]
                 self._async_waiters = [w for w in self._async_waiters if self._settled < w[2]]
             for loop, fut in ready:
                 loop.call_soon_threadsafe(_resolve, fut)
+
+    def _condition(self) -> threading.Condition:
+        """The condition delivery reports notify, made on first use."""
+        if self._cond is None:
+            with self.recorder._lock:
+                if self._cond is None:
+                    self._cond = threading.Condition(threading.Lock())
+        return self._cond
 
     def _raise_failures(self) -> None:
         if self._failures:
@@ -1005,9 +1008,10 @@ class Episode(_EpisodeBase):
     def wait_delivered(self, timeout_s: float | None = None) -> None:
         """Block until every event sent so far is delivered; DeliveryFailed on a failure, TimeoutError on timeout."""
         timeout, target = self._timeout(timeout_s), self.seq
-        with self._cond:
+        cond = self._condition()
+        with cond:
             self._waiting = True
-            ok = self._cond.wait_for(lambda: self._settled >= target, timeout)
+            ok = cond.wait_for(lambda: self._settled >= target, timeout)
         if not ok:
             raise TimeoutError(f"episode {self.episode_id}: {target - self._settled} events undelivered after {timeout:g}s")
         self._raise_failures()
@@ -1081,7 +1085,7 @@ class AsyncEpisode(_EpisodeBase):
         timeout, target = self._timeout(timeout_s), self.seq
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        with self._cond:
+        with self._condition():
             self._waiting = True
             if self._settled >= target:
                 fut.set_result(None)

@@ -595,6 +595,43 @@ def test_a_broker_down_at_close_is_reported_with_the_count(kafka, unique, proxy)
         rec.episode("ns", "agent", "v1").start()
 
 
+def test_delivery_failures_are_counted_per_episode_in_stats_metrics_and_at_close(kafka, unique, proxy):
+    """A broker that stays away past the delivery timeout: the episode's wait raises DeliveryFailed with the
+    reason, the recorder's stats and Prometheus counters count every failed event, and close reports them."""
+    from oel.metrics import REGISTRY
+    from producers.recorder import DeliveryFailed
+
+    ns = f"ns-{unique}"[:60]
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"namespace": ns}) or 0.0
+
+    topic = make_topic(kafka, f"t-{unique}.trajectories", partitions=1)
+    rec = Recorder(settings_via(kafka, proxy, delivery_timeout_s=1.0), topic=topic)
+    with rec.episode(ns, "agent", "v1") as ok:  # delivered: counted as sent, and as a played episode
+        ok.step("p", "r")
+        ok.end("done", success=True, wait=True, timeout_s=30)
+    wait_until(lambda: sample("oel_recorder_events_sent_total") == 3 and sample("oel_agent_episodes_total") == 1,
+               10, "the sent and played counters to be published")
+    proxy.cut()
+    with rec.episode(ns, "agent", "v1") as ep:
+        ep.step("p1", "r1")
+        ep.step("p2", "r2")
+        with pytest.raises(DeliveryFailed) as err:
+            ep.end("done", success=False, wait=True, timeout_s=30)
+    assert err.value.reasons == {"_MSG_TIMED_OUT": 4}
+    assert f"4 events of episode {ep.episode_id} were not delivered" in str(err.value)
+    stats = rec.stats()
+    assert (stats.delivered, stats.failed, stats.reasons) == (3, 4, {"_MSG_TIMED_OUT": 4})
+    wait_until(lambda: sample("oel_recorder_events_failed_total") == 4, 10, "the failed counter to be published")
+    assert sample("oel_recorder_events_sent_total") == 3 and sample("oel_agent_episodes_total") == 2
+    with pytest.raises(UndeliveredEvents) as closed:
+        rec.close(1.0)
+    report = closed.value.report
+    assert (report.delivered, report.failed_before_close, report.undelivered_at_close) == (3, 4, 0)
+    assert f"{ep.episode_id}.0" in report.lost_event_ids and "4 failed earlier" in str(closed.value)
+
+
 def test_undelivered_events_at_interpreter_exit_are_logged(tmp_path):
     """A process that never closes its recorder: the atexit hook flushes, and reports what it could not deliver."""
     script = (
