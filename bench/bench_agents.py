@@ -7,8 +7,8 @@ calls), and prefill costs the same batched or not, so the ratio grows with the r
 the free mode's 128-token answers it is well above 4x; with very short answers (``--mode short``, or
 ``--max-new-tokens 32``) prefill dominates and the ratio drops (3.6x at 32 tokens here).
 
-Runs the same seeds twice with :func:`producers.agents.run_episodes` on the in-process backend
-(:class:`oel.model.hf_backend.HFBackend`): once with ``batch_size=1`` (one generation call per
+Runs the same seeds twice with :func:`producers.agents.run_episodes` on the backend the settings name
+(:func:`oel.model.factory.make_backend`; the in-process one by default): once with ``batch_size=1`` (one generation call per
 episode turn) and once with ``batch_size=B`` (one call for up to B live episodes), same sampling
 settings, and prints episodes/min, generated tokens/s and generation calls side by side, with the
 ratio. Target: batched >= 4x the one-at-a-time rate. The order of the two runs alternates with
@@ -42,9 +42,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="Runs of each (alternating order); the best of each is reported.")
     args = ap.parse_args()
 
-    from oel.model.hf_backend import HFBackend
+    from oel.model.factory import make_backend
 
-    backend = HFBackend.from_settings(load_settings(), max_batch_size=args.batch_size)
+    backend = make_backend(load_settings(), max_batch_size=args.batch_size)
     seeds = eval_seeds(args.episodes)
     calls: dict[str, int] = {}
 
@@ -86,7 +86,7 @@ def main() -> None:
     print(f"command: .venv/bin/python bench/bench_agents.py {shlex.join(sys.argv[1:])}")
     print(f"model: {backend.base_model}  env={args.env} mode={args.mode} episodes={args.episodes} "
           f"max_new_tokens={args.max_new_tokens or 'mode default'} temperature={args.temperature} "
-          f"batch (HFBackend.max_batch_size)={args.batch_size}")
+          f"batch (max_batch_size)={args.batch_size}")
     print()
     print(f"| {'':24s} | {'one-at-a-time':>14s} | {f'batched (B={args.batch_size})':>16s} | {'ratio':>6s} |")
     print(f"|{'-' * 26}|{'-' * 16}|{'-' * 18}|{'-' * 8}|")
