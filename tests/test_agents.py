@@ -199,3 +199,45 @@ def test_batched_equals_one_at_a_time_on_the_default_model_greedy(hf_backend):
     single = run_episodes(hf_backend, hr, range(2), AgentConfig(batch_size=1, **greedy), experience=["Be brief."])
     assert _strip(batched) == _strip(single)
     assert all(t.response_tokens <= 12 for e in batched for t in e.turns)
+
+
+def _oel(*args: str):
+    import json
+
+    from click.testing import CliRunner
+
+    from oel.cli import cli
+
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_oel_agents_run_and_compare_on_the_default_model():
+    """The commands end to end on the real default model (settings from the stack, backend from the
+    factory), with tiny budgets: the summary and the side-by-side table add up."""
+    run = _oel("agents", "run", "--env", "house-rules", "--rule", "greeting", "--episodes", "2", "--max-new-tokens", "6",
+               "--temperature", "0", "--batch-size", "2", "--json")
+    assert (run["env"], run["episodes"], run["options"]) == ("house-rules", 2, {"rules": ["greeting"]})
+    assert 1 <= run["mean_turns"] <= 2 and run["mean_response_tokens"] <= 6 and run["valid_action_rate"] <= 1
+    rows = _oel("agents", "compare", "--env", "frozenlake", "--mode", "choice", "--episodes", "2", "--max-turns", "1",
+                "--max-new-tokens", "4", "--eval", "--json")
+    assert [(r["house"], r["mode"], r["episodes"]) for r in rows] == [("frozenlake", "choice", 2)]
+    for cond in ("none", "experience"):  # choice mode always plays a legal move
+        assert rows[0][cond]["episodes"] == 2 and rows[0][cond]["valid_action_rate"] == 1.0
+
+
+def test_oel_agents_refuses_options_that_do_not_apply():
+    from click.testing import CliRunner
+
+    from oel.cli import cli
+
+    runner = CliRunner()
+    for args, message in (
+        (["--env", "frozenlake", "--rule", "greeting"], "--rule applies to --env house-rules only"),
+        (["--env", "house-rules", "--mode", "choice"], "use --mode free"),
+        (["--env", "house-rules", "--experience-file", __file__], "--experience-file needs --in-context"),
+        (["--env", "house-rules", "--rule", "no-such-rule"], "no-such-rule"),
+    ):
+        result = runner.invoke(cli, ["agents", "run", *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
