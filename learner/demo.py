@@ -1,0 +1,395 @@
+"""``oel demo``: the whole learning loop on one machine, with the same core code the services run.
+
+One process plays every part, in rounds:
+
+1. **agents play** a batch of training episodes on a reference environment (house rules by default;
+   FrozenLake or Sokoban selectable) with the namespace's current model version
+   (:func:`producers.agents.run_episodes`) and publish them as :class:`~oel.schemas.TrajectoryEvent`
+   messages;
+2. **the processor** assembles episodes from those events (:mod:`oel.episodes`), stores them as
+   training data and lets the model extract experience items into the KB
+   (:class:`oel.knowledge.KnowledgeWriter`), publishing an :class:`~oel.schemas.ExperienceUpdate`;
+3. **the learner** applies the trigger policy and runs an OPCD round with the evaluation gate
+   (:class:`learner.consolidator.Consolidator`, :class:`learner.rounds.RoundRunner`); an accepted
+   version is promoted, i.e. published as a :class:`~oel.schemas.ModelVersion`;
+4. **the agents follow** the model-versions topic (:class:`producers.versions.VersionState`) and load
+   the new adapter before their next episodes.
+
+The services' transports are replaced by an in-process bus (:class:`oel.bus.InProcessBus`, same wire
+bytes, same validation) and the object store by a local directory (:class:`oel.store.LocalStore`), so
+nothing else needs to run. At the end the ``oel eval`` table of the namespace is printed and saved as
+markdown and PNG. The same loop runs on the real services (Kafka, MinIO, the Faust processor, the
+learner service): see ``tests/test_loop_stack.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from learner.consolidator import Consolidator
+from learner.policy import TriggerPolicy
+from learner.rounds import RoundRunner
+from learner.versions import ModelRegistry, VersionRecord
+from oel.bus import InProcessBus
+from oel.episodes import AddResult, CompletedEpisode, EpisodeBuffer, add_event, close
+from oel.kb import KBState
+from oel.knowledge import KnowledgeWriter, WriterConfig
+from oel.model.backend import Backend
+from oel.schemas import (
+    EndPayload,
+    EventKind,
+    ExperienceUpdate,
+    InvalidMessage,
+    ModelVersion,
+    StartPayload,
+    StepPayload,
+    TrajectoryEvent,
+    decode,
+)
+from oel.settings import Settings
+from oel.store import LocalStore, ObjectStore
+
+log = logging.getLogger(__name__)
+
+BASE_VERSION = "base"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs. The defaults take minutes on two CPU cores with the default model."""
+
+    env: str = "house-rules"
+    """Reference environment: ``house-rules``, ``frozenlake`` or ``sokoban``."""
+    rounds: int = 2
+    """Learning rounds (play -> extract -> consolidate -> gate -> roll out)."""
+    episodes: int = 16
+    """Training episodes the agents play per round (fresh seeds every round)."""
+    eval_episodes: int = 16
+    """Held-out episodes per cell of the final table and per gate evaluation."""
+    steps: int = 12
+    """OPCD optimizer steps per round."""
+    agent_batch: int = 8
+    """Episodes played side by side per generation call."""
+    mode: str | None = None
+    """Action mode for the games (``free``, ``short``, ``choice``); None = ``choice`` for the games
+    (the one the default model can follow), ``free`` for house rules."""
+    variant: str = "unstructured"
+    """Extraction prompt variant: ``unstructured`` (free text, for the smallest models; the default model
+    almost never writes the structured variant's item markers) or ``structured``."""
+    extraction_tokens: int = 96
+    """Longest extraction answer (the unstructured variant asks for one short lesson)."""
+    in_context: bool = False
+    """Agents also put the current KB in their prompt while playing (the paper's in-context condition)."""
+    namespace: str | None = None
+    """Namespace of the run; None = the environment's name (which also tells the gate what to evaluate on)."""
+    out_dir: Path = Path("oel-demo")
+    """Everything the run writes: ``store/`` (the object store), the table (markdown, PNG) and ``demo.json``."""
+    seed: int = 0
+
+    @property
+    def ns(self) -> str:
+        return self.namespace or self.env
+
+    @property
+    def action_mode(self) -> str:
+        if self.mode is not None:
+            return self.mode
+        return "free" if self.env == "house-rules" else "choice"
+
+
+@dataclass
+class RoundReport:
+    """What one demo round did (one row of ``demo.json`` and of the summary the CLI prints)."""
+
+    round: int
+    played_with: str
+    episodes: int
+    train_pass_rate: float
+    events: int
+    invalid_events: int
+    new_items: int
+    kb_items: int
+    kb_version: str | None
+    version: str | None = None
+    status: str | None = None
+    reason: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def episode_events(episode, namespace: str, episode_id: str, agent_id: str, model_version: str) -> list[TrajectoryEvent]:
+    """An agent's episode (:class:`producers.agents.Episode`) as the events the recorder SDK would send:
+    start, one step per turn, end (``success`` only for metrics, as everywhere)."""
+    base = dict(namespace=namespace, episode_id=episode_id, agent_id=agent_id, model_version=model_version)
+    events = [TrajectoryEvent(**base, event_id=f"{episode_id}.0", seq=0, kind=EventKind.start,
+                              start=StartPayload(task=episode.first_prompt, metadata=episode.metadata))]
+    for i, turn in enumerate(episode.turns, start=1):
+        events.append(TrajectoryEvent(**base, event_id=f"{episode_id}.{i}", seq=i, kind=EventKind.step, step=StepPayload(
+            prompt=turn.prompt, response=turn.response, action=turn.action, feedback=turn.feedback)))
+    n = len(episode.turns) + 1
+    events.append(TrajectoryEvent(**base, event_id=f"{episode_id}.{n}", seq=n, kind=EventKind.end,
+                                  end=EndPayload(outcome=episode.outcome, success=episode.passed)))
+    return events
+
+
+class LearningLoop:
+    """Rounds of play -> extract -> consolidate -> gate -> roll out, whatever carries the messages.
+
+    Subclasses say how an episode is published (:meth:`publish_episode`), how the processor and the
+    learner get their turn (:meth:`process`, :meth:`learn`) and how agents learn of a new version
+    (:meth:`follow`): :class:`DemoLoop` does all of it in this process; :class:`learner.demo_stack.StackLoop`
+    on the real services."""
+
+    def __init__(self, settings: Settings, config: DemoConfig, store: ObjectStore, backend: Backend | None,
+                 progress: Callable[[str], None]):
+        self.config = config
+        self.settings = _demo_settings(settings, config)
+        self.progress = progress
+        self.out_dir = Path(config.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store
+        if backend is None:
+            from oel.model.hf_backend import HFBackend
+
+            backend = HFBackend.from_settings(self.settings, max_batch_size=max(config.agent_batch, 4))
+        self.backend = backend
+        self.serving: str | None = None  # the adapter the agents act with; None = the base model
+        self.reports: list[RoundReport] = []
+        self.table_paths: tuple[Path, Path] | None = None
+
+    # --- what a transport provides ------------------------------------------------------------
+
+    def publish_episode(self, episode, episode_id: str, agent_id: str, version: str) -> int:
+        """Send one played episode as trajectory events; returns how many were sent."""
+        raise NotImplementedError
+
+    def process(self) -> tuple[ExperienceUpdate | None, int]:
+        """The processor's turn on the new events: (the KB update it published, events it dead-lettered)."""
+        raise NotImplementedError
+
+    def learn(self, update: ExperienceUpdate | None) -> list[VersionRecord]:
+        """The learner's turn: the versions its rounds made (decided: promoted or rejected)."""
+        raise NotImplementedError
+
+    def follow(self) -> None:
+        """Agents pick up the version to serve (between episodes) and load it (:meth:`serve`)."""
+        raise NotImplementedError
+
+    def serve(self, name: str | None, registry: ModelRegistry) -> None:
+        """Act with version ``name`` (None = the base model) from now on; the old adapter is unloaded."""
+        if name == self.serving:
+            return
+        if name is not None and name not in self.backend.list_adapters():
+            record = registry.get(self.config.ns, name)
+            path = registry.download_adapter(record, self.out_dir / "adapters" / name)
+            self.backend.load_adapter(name, path)
+        old, self.serving = self.serving, name
+        if old is not None and old in self.backend.list_adapters():
+            self.backend.unload_adapter(old)  # nothing is in flight between rounds
+        self.progress(f"  agents: now serving {name or BASE_VERSION} (was {old or BASE_VERSION})")
+
+    # --- the four parts -----------------------------------------------------------------------
+
+    # --- driving ----------------------------------------------------------------------------
+
+    def play(self, round_no: int) -> tuple[list, int]:
+        """Agents play this round's training episodes and publish their events; (episodes, events sent)."""
+        from oel.envs import make_env, train_seeds
+        from producers.agents import AgentConfig, run_episodes
+
+        cfg = self.config
+        seeds = train_seeds(cfg.episodes, start=cfg.seed + round_no * cfg.episodes)
+        experience = self._kb_items() if cfg.in_context else None
+        agent = AgentConfig(mode=cfg.action_mode, batch_size=cfg.agent_batch, seed=cfg.seed + round_no, adapter=self.serving)
+        version = self.serving or BASE_VERSION
+        sent = 0
+
+        def publish(ep) -> None:
+            nonlocal sent
+            sent += self.publish_episode(ep, self.episode_id(round_no, ep.seed), f"demo-agent-{ep.seed % 4}", version)
+
+        with _bar(len(seeds), f"round {round_no}: agents play ({version})") as bar:
+            episodes = run_episodes(self.backend, lambda: make_env(cfg.env), seeds, agent, experience=experience,
+                                    on_episode=lambda ep: (publish(ep), bar.update(1)))
+        return episodes, sent
+
+    def episode_id(self, round_no: int, seed: int) -> str:
+        return f"{self.config.ns}-r{round_no}-s{seed}"
+
+    def run_round(self, round_no: int) -> RoundReport:
+        """One round: play, process, learn, follow; returns (and saves) its report."""
+        t: dict[str, float] = {}
+        t0 = time.monotonic()
+        played_with = self.serving or BASE_VERSION
+        episodes, sent = self.play(round_no)
+        t["play"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        update, invalid = self.process()
+        t["extract"] = time.monotonic() - t1
+        t2 = time.monotonic()
+        versions = self.learn(update)
+        t["consolidate+gate"] = time.monotonic() - t2
+        self.follow()
+        passed = sum(1 for ep in episodes if ep.passed)
+        last = self.reports[-1] if self.reports else None
+        report = RoundReport(
+            round=round_no, played_with=played_with, episodes=len(episodes),
+            train_pass_rate=passed / len(episodes) if episodes else 0.0, events=sent, invalid_events=invalid,
+            new_items=len(update.new_item_ids) if update else 0,
+            kb_items=update.total_items if update else (last.kb_items if last else 0),
+            kb_version=update.kb_version if update else (last.kb_version if last else None),
+            seconds={k: round(v, 1) for k, v in t.items()},
+        )
+        if versions:
+            v = versions[-1]
+            report.version, report.status, report.reason = v.manifest.version, v.status.value, v.reason
+            report.training = dict(v.manifest.training)
+        self.reports.append(report)
+        self._save()
+        return report
+
+    def run(self) -> list[RoundReport]:
+        """Every round of the configuration, with a one-line summary each."""
+        for r in range(self.config.rounds):
+            report = self.run_round(r)
+            self.progress(
+                f"round {r}: played with {report.played_with}: train pass rate {report.train_pass_rate:.0%}; "
+                f"+{report.new_items} items (KB {report.kb_items}); "
+                + (f"version {report.version}: {report.status}" + (f" ({report.reason})" if report.reason else "")
+                   if report.version else "no round (no new items)")
+                + f"; {sum(report.seconds.values()):.0f} s"
+            )
+        return self.reports
+
+    def _kb_items(self) -> list[str] | None:
+        from oel.kb import latest_snapshot
+
+        snap = latest_snapshot(self.store, self.config.ns)
+        return list(snap.items) if snap and snap.items else None
+
+    def _save(self) -> None:
+        import json
+
+        doc = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()},
+               "rounds": [asdict(r) for r in self.reports]}
+        (self.out_dir / "demo.json").write_text(json.dumps(doc, indent=2, default=str))
+
+
+class DemoLoop(LearningLoop):
+    """The loop in one process: an in-process bus for the topics, a local directory (default) as the store.
+    ``gate`` overrides the evaluation gate the round runner builds from the settings."""
+
+    TRAJECTORIES = "oel.trajectories"
+    EXPERIENCE = "oel.experience"
+    VERSIONS = "oel.model-versions"
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: DemoConfig,
+        *,
+        backend: Backend | None = None,
+        store: ObjectStore | None = None,
+        gate: Any = None,
+        progress: Callable[[str], None] = print,
+    ):
+        super().__init__(settings, config, store or LocalStore(Path(config.out_dir) / "store"), backend, progress)
+        from oel.model.factory import token_counter
+        from producers.versions import VersionState
+
+        self.bus = InProcessBus()
+        self.registry = ModelRegistry(self.store, publisher=self._publish_version)
+        runner_kwargs: dict[str, Any] = {"registry": self.registry, "auto_promote": True, "backend": self.backend}
+        if gate is not None:
+            runner_kwargs["gate"] = gate
+        self.runner = RoundRunner(self.store, self.settings, **runner_kwargs)
+        self.learner = Consolidator(self.runner, TriggerPolicy(min_new_items=1, cooldown_s=0.0))
+        self.versions = VersionState(config.ns)
+        self.writer = KnowledgeWriter(self.store, self.backend, BASE_VERSION, WriterConfig.from_settings(self.settings.processor),
+                                      count_tokens=token_counter(self.backend))
+        self.kb_state = KBState(namespace=config.ns)
+        self.buffers: dict[str, EpisodeBuffer] = {}
+
+    def publish_episode(self, episode, episode_id: str, agent_id: str, version: str) -> int:
+        events = episode_events(episode, self.config.ns, episode_id, agent_id, version)
+        for event in events:
+            self.bus.publish(self.TRAJECTORIES, episode_id, event.to_bytes())
+        return len(events)
+
+    def process(self) -> tuple[ExperienceUpdate | None, int]:
+        """Assemble episodes from the new events (invalid ones to the DLQ topic), store them, extract, append."""
+        completed: list[CompletedEpisode] = []
+        invalid = 0
+        for msg in self.bus.read(self.TRAJECTORIES, "processor"):
+            try:
+                event = decode(msg.value, TrajectoryEvent, max_bytes=self.settings.topics.max_event_bytes)
+            except InvalidMessage as exc:
+                self.bus.publish(self.TRAJECTORIES + ".dlq", msg.key, msg.value)
+                log.warning("demo processor: event at offset %d to the DLQ: %s", msg.offset, exc.reason)
+                invalid += 1
+                continue
+            buffer, result = add_event(self.buffers.get(event.episode_id), event, time.time())
+            if result is AddResult.complete:
+                self.buffers.pop(event.episode_id, None)
+                completed.append(close(buffer, abandoned=False))
+            elif result is AddResult.accepted:
+                self.buffers[event.episode_id] = buffer
+        if not completed:
+            return None, invalid
+        self.progress(f"  processor: {len(completed)} episodes -> extraction ({self.settings.processor.extraction_variant})")
+        self.kb_state, result = self.writer.process_batch(self.kb_state, completed)
+        if result.update is not None:
+            self.bus.publish(self.EXPERIENCE, self.config.ns, result.update.to_bytes())
+        self.progress(f"  processor: {len(result.new_items)} new items ({result.deduplicated} duplicates, "
+                      f"{result.rejected} rejected); KB {self.kb_state.version} has {len(self.kb_state.all_ids)} items")
+        return result.update, invalid
+
+    def learn(self, update: ExperienceUpdate | None) -> list[VersionRecord]:
+        """Read the experience updates and run every round that is due."""
+        for msg in self.bus.read(self.EXPERIENCE, "learner"):
+            self.learner.observe(decode(msg.value, ExperienceUpdate))
+        outcomes = []
+        for trigger in self.learner.due():
+            self.progress(f"  learner: round {trigger.round_id[:8]} on KB {trigger.kb_version} "
+                          f"({trigger.new_items} new items), {self.config.steps} OPCD steps, then the gate")
+            outcome = self.learner.run_round(trigger)
+            if outcome is not None:
+                outcomes.append(outcome.record)
+        return outcomes
+
+    def follow(self) -> None:
+        for msg in self.bus.read(self.VERSIONS, "agents"):
+            self.versions.apply(decode(msg.value, ModelVersion))
+        current = self.versions.current
+        self.serve(current.version if current is not None else None, self.registry)
+
+    def _publish_version(self, event: ModelVersion) -> None:
+        self.bus.publish(self.VERSIONS, event.namespace, event.to_bytes())
+
+
+def _demo_settings(settings: Settings, config: DemoConfig) -> Settings:
+    """The settings with the demo's round size; everything else (model, LR, gate tolerances) as configured."""
+    learner = settings.learner.model_copy(update={"steps": config.steps, "min_new_items": 1, "cooldown_s": 0.0, "auto_promote": True,
+                                                  "eval_env": config.env, "eval_episodes": config.eval_episodes})
+    processor = settings.processor.model_copy(update={"extraction_variant": config.variant, "max_new_tokens": config.extraction_tokens})
+    return settings.model_copy(update={"learner": learner, "processor": processor})
+
+
+class _bar:
+    """A tqdm progress bar (to stderr), closed on exit."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc=desc, unit="ep", leave=True)
+
+    def __enter__(self):
+        return self._bar
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()

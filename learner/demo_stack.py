@@ -1,0 +1,237 @@
+"""The demo's loop on the real services: Kafka, the S3 store, the Faust processor and the learner service.
+
+:class:`StackLoop` is the agent side of production: it plays episodes with the in-process model, sends
+them with the recorder SDK (:class:`producers.recorder.Recorder`) to the trajectories topic, follows
+the compacted model-versions topic (:class:`producers.versions.VersionFollower`) and loads each new
+version's adapter from the object store before its next episodes. The processor (``oel processor``)
+and the learner service (``python -m learner.service``) run as their own processes — started here
+(``start_services=True``, their logs in ``<out_dir>/logs``) or already running — and the loop only
+waits for their results: the experience update that covers a round's episodes, then the model version
+that consolidates it.
+
+``oel demo --stack`` runs it; ``tests/test_loop_stack.py`` runs it with a few episodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from learner.demo import BASE_VERSION, DemoConfig, LearningLoop
+from learner.versions import ModelRegistry, VersionRecord
+from oel.kb import extraction_key, latest_snapshot
+from oel.model.backend import Backend
+from oel.schemas import ExperienceUpdate, InvalidMessage, decode
+from oel.settings import Settings
+from oel.store import S3Store
+
+log = logging.getLogger(__name__)
+
+
+class ServiceDied(RuntimeError):
+    """A service this loop started exited while the loop waited for it."""
+
+
+class StackLoop(LearningLoop):
+    """The loop of :mod:`learner.demo` on the real services (see the module docstring).
+
+    ``service_env``: extra OEL_* variables for the services (e.g. the topic names a test uses); the
+    demo's own round settings (trigger after one new item, no cool-down, auto-promotion, the round's
+    OPCD steps, the extraction variant and length, one batch per round) are added to it.
+    ``timeout_s`` bounds each wait for a service."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: DemoConfig,
+        *,
+        backend: Backend | None = None,
+        start_services: bool = True,
+        service_env: Mapping[str, str] | None = None,
+        timeout_s: float = 900.0,
+        progress: Callable[[str], None] = print,
+    ):
+        store = S3Store(settings.s3)
+        store.ensure_bucket()
+        super().__init__(settings, config, store, backend, progress)
+        from oel.ops.topics import admin_client, ensure_topics
+        from oel.topics import topic_specs
+        from producers.recorder import Recorder
+        from producers.versions import VersionFollower
+
+        s = self.settings
+        ensure_topics(admin_client(s.kafka), topic_specs(s))
+        self.timeout_s = timeout_s
+        self.registry = ModelRegistry(self.store)
+        self.services: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.service_env = {**os.environ, **(service_env or {}), **_round_env(config)}
+        if start_services:
+            self.start_services()
+        self.recorder = Recorder(s)
+        self.follower = VersionFollower(config.ns, s).start()
+        self._updates = Consumer({**s.kafka.client_config(), "group.id": f"oel-demo-{config.ns}-{os.getpid()}",
+                                  "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        parts = self._updates.list_topics(s.topics.experience, timeout=10).topics[s.topics.experience].partitions
+        self._updates.assign([TopicPartition(s.topics.experience, p, 0) for p in parts])
+        self._round_episodes: list[str] = []
+        self._seen_updates: list[ExperienceUpdate] = []
+
+    # --- services ---------------------------------------------------------------------------
+
+    def start_services(self) -> None:
+        """Start the processor and the learner service with this loop's settings (logs in ``<out_dir>/logs``)."""
+        logs = self.out_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        commands = {
+            "processor": [sys.executable, "-m", "oel.cli", "processor", "--loglevel", "info"],
+            "learner": [sys.executable, "-m", "learner.service"],
+        }
+        for name, cmd in commands.items():
+            path = logs / f"{name}.log"
+            with open(path, "ab") as out:
+                proc = subprocess.Popen(cmd, env=self.service_env, stdout=out, stderr=subprocess.STDOUT)
+            self.services[name] = (proc, path)
+            self.progress(f"  started the {name} (pid {proc.pid}, log {path})")
+
+    def close(self) -> None:
+        """Stop what this loop started, flush the recorder, stop following."""
+        for name, (proc, _) in self.services.items():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop within 60 s; killing it", name)
+                    proc.kill()
+                    proc.wait(10)
+        self.services.clear()
+        self.recorder.close(raise_on_loss=False)
+        self.follower.stop()
+        self._updates.close()
+
+    def __enter__(self) -> StackLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _wait(self, what: str, condition: Callable[[], object], interval: float = 1.0):
+        """Poll ``condition`` until it holds; fail early if a service died, and after ``timeout_s``."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            value = condition()
+            if value:
+                return value
+            for name, (proc, path) in self.services.items():
+                if proc.poll() is not None:
+                    tail = path.read_text(errors="replace")[-3000:]
+                    raise ServiceDied(f"the {name} exited with {proc.returncode} while waiting for {what}; log tail:\n{tail}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {self.timeout_s:.0f} s waiting for {what}")
+            time.sleep(interval)
+
+    # --- the transport --------------------------------------------------------------------------
+
+    def publish_episode(self, episode, episode_id: str, agent_id: str, version: str) -> int:
+        with self.recorder.episode(self.config.ns, agent_id, version, task=episode.first_prompt,
+                                   metadata=episode.metadata, episode_id=episode_id) as ep:
+            for turn in episode.turns:
+                ep.step(turn.prompt, turn.response, action=turn.action, feedback=turn.feedback)
+            ep.end(episode.outcome, success=episode.passed)
+        self._round_episodes.append(episode_id)
+        return len(episode.turns) + 2
+
+    def process(self) -> tuple[ExperienceUpdate | None, int]:
+        """Wait until the processor's updates cover every episode of the round (or, while the KB is still
+        empty, until every episode was extracted from, which publishes no update)."""
+        if self.recorder.flush(60):
+            raise RuntimeError("the recorder could not deliver the round's events within 60 s")
+        want = set(self._round_episodes)
+        self._round_episodes = []
+        covered: set[str] = set()
+        mine: list[ExperienceUpdate] = []
+
+        def done() -> bool:
+            for upd in self._poll_updates():
+                if want & set(upd.source_episode_ids):
+                    mine.append(upd)
+                    covered.update(upd.source_episode_ids)
+            if want <= covered:
+                return True
+            if latest_snapshot(self.store, self.config.ns) is None:
+                return all(self.store.exists(extraction_key(self.config.ns, e)) for e in want)
+            return False
+
+        self._wait(f"the processor to extract from {len(want)} episodes", done)
+        if not mine:
+            self.progress("  processor: no items yet (the KB is empty; no update published)")
+            return None, 0
+        newest = mine[-1]
+        merged = newest.model_copy(update={"new_item_ids": [i for u in mine for i in u.new_item_ids],
+                                           "source_episode_ids": sorted(covered & want)})
+        self.progress(f"  processor: {len(merged.new_item_ids)} new items; KB {merged.kb_version} has {merged.total_items} items")
+        return merged, 0
+
+    def learn(self, update: ExperienceUpdate | None) -> list[VersionRecord]:
+        """Wait for the learner's version of the round's KB version (decided: promoted or rejected)."""
+        if update is None or not update.new_item_ids:
+            return []
+        self.progress(f"  learner: waiting for the round on KB {update.kb_version} (OPCD, then the gate)")
+
+        def decided() -> VersionRecord | None:
+            for record in self.registry.list(self.config.ns):
+                if record.manifest.kb_version == update.kb_version and record.history:
+                    return record
+            return None
+
+        record = self._wait(f"the learner's version of KB {update.kb_version}", decided, interval=2.0)
+        return [record]
+
+    def follow(self) -> None:
+        latest = self.registry.current(self.config.ns)
+        if latest is not None:  # the registry says it is promoted: wait for the topic to say so too
+            want = latest.manifest.version
+            self.follower.wait_for(lambda v: v is not None and v.version == want, timeout_s=60)
+        current = self.follower.current()
+        self.serve(current.version if current is not None else None, self.registry)
+
+    def _poll_updates(self) -> list[ExperienceUpdate]:
+        out = []
+        while (msg := self._updates.poll(0.2)) is not None:
+            if msg.error() is not None:
+                continue
+            try:
+                upd = decode(msg.value(), ExperienceUpdate)
+            except InvalidMessage:
+                continue
+            if upd.namespace == self.config.ns:
+                self._seen_updates.append(upd)
+                out.append(upd)
+        return out
+
+
+def _round_env(config: DemoConfig) -> dict[str, str]:
+    """The services' settings for the demo's round size (as OEL_* variables)."""
+    return {
+        "OEL_LEARNER__MIN_NEW_ITEMS": "1",
+        "OEL_LEARNER__COOLDOWN_S": "0",
+        "OEL_LEARNER__AUTO_PROMOTE": "true",
+        "OEL_LEARNER__STEPS": str(config.steps),
+        "OEL_LEARNER__EVAL_ENV": config.env,
+        "OEL_LEARNER__EVAL_EPISODES": str(config.eval_episodes),
+        "OEL_PROCESSOR__EXTRACTION_VARIANT": config.variant,
+        "OEL_PROCESSOR__MAX_NEW_TOKENS": str(config.extraction_tokens),
+        "OEL_PROCESSOR__BATCH_SIZE": str(config.episodes),
+        "OEL_PROCESSOR__BATCH_WINDOW_S": "5",
+    }
+
+
+__all__ = ["BASE_VERSION", "ServiceDied", "StackLoop"]
