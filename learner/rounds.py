@@ -9,15 +9,22 @@ A round, given a :class:`~learner.policy.RoundTrigger`:
    sample by the trainer, as the paper's K extraction runs);
 3. downloads the parent version's adapter (the round-start weights: student start and frozen teacher);
 4. runs :class:`learner.opcd.OPCDTrainer` (seeded from the round id) and saves the adapter;
-5. stores adapter + manifest under the version name derived from the round id (the manifest last: it is
+5. runs the **evaluation gate** (:class:`learner.gate.HeldOutGate` unless ``learner.gate_enabled`` is
+   off or another gate is passed) on the saved adapter: held-out pass rate without experience against
+   the parent's, OOD instruction following against the base model's. Its numbers and its decision go
+   into the manifest's ``eval``;
+6. stores adapter + manifest under the version name derived from the round id (the manifest last: it is
    the commit point);
-6. **evaluation gate: not built yet.** :data:`EvaluationGate` is the place for it; without one the
-   version stays ``candidate`` (promote it with ``oel models promote``) unless
-   ``learner.auto_promote`` is set, which promotes it at once and publishes it.
+7. applies the decision: a rejected version is recorded ``rejected`` with the gate's reason and never
+   published; an accepted one stays ``candidate`` (promote it with ``oel models promote``) unless
+   ``learner.auto_promote`` is set, which promotes it at once and publishes it. Without a gate, every
+   version is treated as accepted.
 
 Crash safety: everything before the manifest is repeatable (immutable keys; the adapter folder is
-content-addressed); after the manifest, step 1 finds the version and step 6 is idempotent (promoting a
-version already promoted publishes the same version again, harmless on a compacted topic).
+content-addressed; gate results are cached by model and adapter digest); after the manifest, step 1
+finds the version and step 7 is idempotent: it replays the decision recorded in the manifest (a gate
+that recorded none, e.g. for a version made without a gate, is run again on the stored adapter), and
+promoting a version already promoted publishes the same version again, harmless on a compacted topic.
 """
 
 from __future__ import annotations
@@ -48,16 +55,24 @@ class RoundError(RuntimeError):
 
 @dataclass(frozen=True)
 class GateDecision:
-    """What the evaluation gate decided (the gate itself is the next slice of issue 6)."""
+    """What the evaluation gate decided. ``reason``: a sentence for people (recorded as the status
+    reason); ``eval``: the numbers measured (stored in the manifest); ``kind``: for a rejection, the
+    bounded metric label (one of :data:`oel.metrics.REJECT_REASONS`)."""
 
     accepted: bool
     reason: str | None = None
     eval: dict[str, float] = field(default_factory=dict)
+    kind: str | None = None
 
 
 EvaluationGate = Callable[[VersionRecord, Path], GateDecision]
-"""``(candidate record, local adapter folder) -> decision``. Not implemented yet: pass one to
-:class:`RoundRunner` to have rejected versions recorded as ``rejected`` (and never published)."""
+"""``(candidate record, local adapter folder) -> decision``; :class:`learner.gate.HeldOutGate` is the
+project's. A gate may also have ``decision_from_eval(manifest eval) -> GateDecision | None`` to replay a
+decision it recorded in a manifest (then :meth:`RoundRunner.finish` does not evaluate again)."""
+
+GATE_FROM_SETTINGS = "settings"
+"""Default of :class:`RoundRunner`'s ``gate``: :class:`learner.gate.HeldOutGate` when
+``learner.gate_enabled`` (the default), else none."""
 
 
 @dataclass
@@ -110,7 +125,9 @@ class RoundRunner:
     """Runs rounds for the learner service (and for ``oel demo``); see the module docstring.
 
     ``trainer_factory(config, prefixes, experience_sets)`` builds the trainer (default
-    :class:`learner.opcd.OPCDTrainer`); ``gate`` is the evaluation gate (none yet); ``auto_promote``
+    :class:`learner.opcd.OPCDTrainer`); ``gate`` is the evaluation gate (default: from the settings,
+    :data:`GATE_FROM_SETTINGS`; None = no gate); ``backend`` is the model backend the default gate
+    evaluates with (default: one made from the settings when first needed); ``auto_promote``
     overrides ``settings.learner.auto_promote``; ``topic`` the model-versions topic.
     """
 
@@ -121,7 +138,8 @@ class RoundRunner:
         *,
         registry: ModelRegistry | None = None,
         trainer_factory: Callable[..., Any] | None = None,
-        gate: EvaluationGate | None = None,
+        gate: EvaluationGate | None | str = GATE_FROM_SETTINGS,
+        backend: Any = None,
         auto_promote: bool | None = None,
         topic: str | None = None,
         config_overrides: dict[str, Any] | None = None,
@@ -130,7 +148,13 @@ class RoundRunner:
         self.settings = settings
         self.registry = registry or ModelRegistry(store)
         self.trainer_factory = trainer_factory
-        self.gate = gate
+        if gate == GATE_FROM_SETTINGS:
+            gate = None
+            if settings.learner.gate_enabled:
+                from learner.gate import HeldOutGate
+
+                gate = HeldOutGate(store, settings, backend=backend, registry=self.registry)
+        self.gate: EvaluationGate | None = gate  # type: ignore[assignment]
         self.auto_promote = settings.learner.auto_promote if auto_promote is None else auto_promote
         self.topic = topic
         self.config_overrides = dict(config_overrides or {})
@@ -194,6 +218,7 @@ class RoundRunner:
 
             result = trainer.train(callback=on_step)
             adapter_dir = trainer.save(Path(tmp) / "adapter", result, extra={"round_id": trigger.round_id, "namespace": ns})
+            del trainer  # free the training models before the gate loads its own
             summary = result.to_dict()
             training = {k: summary[k] for k in ("first_loss", "last_loss", "response_tokens", "tokens_per_s", "seconds", "skipped_prefixes")}
             training.update(steps=len(result.steps), prefixes=len(prefixes), new_items=trigger.new_items)
@@ -205,26 +230,34 @@ class RoundRunner:
                 parent_version=trigger.parent_version, kb_version=trigger.kb_version, kb_versions=kb_versions,
                 round_config=round_config, training=training,
             )
+            if self.gate is not None:
+                decision = self.gate(VersionRecord(manifest=manifest, history=[]), adapter_dir)
+                manifest = manifest.model_copy(update={"eval": dict(decision.eval)})
             record, _ = self.registry.save_version(manifest, adapter_dir)
             return record, training
 
     def finish(self, record: VersionRecord) -> ModelVersion | None:
-        """The steps after the manifest: the gate's place, then promotion if configured. Idempotent; the
-        service also calls it at start-up for a candidate left by a crash right after its manifest."""
+        """The steps after the manifest: the gate's decision (recorded in the manifest, else taken now),
+        then promotion if configured. Idempotent; the service also calls it at start-up for a candidate
+        left by a crash right after its manifest."""
         m = record.manifest
         if record.status is not VersionStatus.candidate:
             return None  # decided already (promoted, rejected or rolled back by hand): leave it
+        decision: GateDecision | None = None
         if self.gate is not None:
-            with tempfile.TemporaryDirectory(prefix="oel-gate-") as tmp:
-                decision = self.gate(record, self.registry.download_adapter(record, tmp))
+            replay = getattr(self.gate, "decision_from_eval", None)
+            decision = replay(m.eval) if replay is not None else None
+            if decision is None:
+                with tempfile.TemporaryDirectory(prefix="oel-gate-") as tmp:
+                    decision = self.gate(record, self.registry.download_adapter(record, tmp))
             if not decision.accepted:
                 self.registry.reject(m.namespace, m.version, decision.reason or "rejected by the evaluation gate")
-                metrics.count_rejected_round(m.namespace, decision.reason or "other")
+                metrics.count_rejected_round(m.namespace, decision.kind or "other")
                 return None
         if not self.auto_promote:
             return None
         event = self.registry.promote(m.namespace, m.version, self.settings, topic=self.topic,
-                                      reason="auto-promoted (no evaluation gate)" if self.gate is None else "passed the evaluation gate")
+                                      reason="auto-promoted (no evaluation gate)" if decision is None else (decision.reason or "passed the evaluation gate"))
         metrics.ROUNDS_FINISHED.labels(namespace=m.namespace).inc()
         metrics.set_current_version(m.namespace, m.version)
         return event

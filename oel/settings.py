@@ -214,9 +214,33 @@ class LearnerSettings(Section):
         3, ge=1, le=100, description="Newest KB snapshots the teacher draws experience from, one per sample (the paper's K runs)."
     )
     auto_promote: bool = Field(
-        False, description="Promote a round's version at once (there is no evaluation gate yet); false = a candidate for `oel models promote`."
+        False, description="Promote a round's version at once if it passes the evaluation gate; false = a candidate for `oel models promote`."
     )
+    gate_enabled: bool = Field(True, description="Run the evaluation gate (held-out pass rate, OOD instruction following) before a version can be rolled out.")
+    gate_pass_rate_tolerance: float = Field(
+        0.1, ge=0, le=1, description="Gate: largest allowed drop of the held-out pass rate (no experience) below the parent version's (0..1)."
+    )
+    gate_ood_tolerance: float = Field(
+        0.1, ge=0, le=1, description="Gate: largest allowed drop of the OOD instruction-following score below the base model's (0..1)."
+    )
+    eval_env: str | None = Field(
+        None, description="Reference environment for held-out evaluation (frozenlake, sokoban, house-rules, or none); unset = the namespace's own name if it names one."
+    )
+    eval_episodes: int = Field(16, ge=1, le=100_000, description="Held-out episodes per evaluation (gate and `oel eval`; the paper uses 128).")
+    eval_mode: Literal["auto", "free", "short", "choice"] = Field(
+        "auto", description="Agents' action mode in evaluations; auto = choice for the grid games, free for house rules."
+    )
+    eval_max_new_tokens: int | None = Field(None, ge=1, le=32_768, description="Answer budget per turn in evaluations; unset = the action mode's default.")
+    ood_max_new_tokens: int = Field(64, ge=8, le=4096, description="Answer budget per prompt of the OOD instruction-following check.")
     group_id: str = Field("oel-learner", min_length=1, description="Kafka consumer group of the learner service.")
+
+    @field_validator("eval_env")
+    @classmethod
+    def _eval_env(cls, value: str | None) -> str | None:
+        known = ("frozenlake", "sokoban", "house-rules", "none")
+        if value is not None and value not in known:
+            raise ValueError(f"expected one of {', '.join(known)}, got {value!r}")
+        return value
 
 
 class MetricsSettings(Section):

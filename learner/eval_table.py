@@ -1,0 +1,165 @@
+"""The paper's table for one namespace: per round, without experience, with it in context, consolidated.
+
+For every version of the namespace in the registry (one per round, oldest generation first, whatever
+its status), :func:`eval_table` measures on the held-out seeds of the namespace's environment:
+
+``none``          the round-start weights (the parent version, or the base model for the first
+                  round) with no experience in context;
+``in context``    the same weights with the round's KB snapshot (the manifest's ``kb_version``) in
+                  the agent prompt;
+``consolidated``  the version's own adapter, with no experience in context.
+
+Each cell is the pass rate and the mean response tokens per turn. Results come from (and go to) the
+evaluation cache (:class:`learner.evaluation.EvalCache`), so numbers the gate already measured, and a
+round's ``consolidated`` that is the next round's ``none``, are not measured again.
+:meth:`EvalTable.to_markdown` and :meth:`EvalTable.plot` render it (``oel eval`` does both).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from learner.evaluation import EvalSpec, Evaluator
+from learner.versions import ModelRegistry
+from oel.kb import load_snapshot
+from oel.model.backend import Backend
+from oel.store import ObjectNotFound, ObjectStore
+
+CONDITIONS = ("none", "in_context", "consolidated")
+LABELS = {"none": "no experience", "in_context": "experience in context", "consolidated": "consolidated"}
+
+
+@dataclass
+class EvalRow:
+    """One round: the version it produced and the three measured conditions (summaries of
+    :class:`learner.evaluation.EvalResult`)."""
+
+    round: int
+    version: str
+    status: str
+    parent: str | None
+    kb_version: str
+    kb_items: int
+    none: dict[str, Any]
+    in_context: dict[str, Any]
+    consolidated: dict[str, Any]
+
+
+@dataclass
+class EvalTable:
+    """The table of a namespace (module docstring)."""
+
+    namespace: str
+    env: str
+    spec: dict[str, Any]
+    rows: list[EvalRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "env": self.env, "spec": self.spec, "rows": [asdict(r) for r in self.rows]}
+
+    def to_markdown(self) -> str:
+        """A markdown table: pass rate (passed/episodes) and mean response tokens per condition and round."""
+        s = self.spec
+        lines = [
+            f"Namespace `{self.namespace}` on `{self.env}`: {s['episodes']} held-out episodes per cell, "
+            f"mode {s['mode']}, greedy. Pass rate (passed/episodes) and mean response tokens per turn.",
+            "",
+            "| round | version | status | KB version (items) | pass: none | pass: in context | pass: consolidated "
+            "| tokens: none | tokens: in context | tokens: consolidated |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            cells = [getattr(r, c) for c in CONDITIONS]
+            lines.append(
+                f"| {r.round} | {r.version} | {r.status} | {r.kb_version} ({r.kb_items}) | "
+                + " | ".join(f"{100 * c['pass_rate']:.1f}% ({c['passed']}/{c['n_episodes']})" for c in cells) + " | "
+                + " | ".join(_tokens(c["mean_response_tokens"]) for c in cells) + " |"
+            )
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str | Path) -> Path:
+        """A PNG: pass rate and mean response tokens per round, one line per condition."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rounds = [r.round for r in self.rows]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        for cond, marker in zip(CONDITIONS, ("o", "s", "^")):
+            cells = [getattr(r, cond) for r in self.rows]
+            ax1.plot(rounds, [100 * c["pass_rate"] for c in cells], marker=marker, label=LABELS[cond])
+            ax2.plot(rounds, [c["mean_response_tokens"] for c in cells], marker=marker, label=LABELS[cond])
+        ax1.set(title="held-out pass rate", xlabel="round", ylabel="pass rate (%)")
+        ax2.set(title="mean response tokens per turn", xlabel="round", ylabel="tokens")
+        for ax in (ax1, ax2):
+            ax.set_xticks(rounds)
+            ax.grid(alpha=0.3)
+        ax1.set_ylim(bottom=0)
+        ax1.legend()
+        fig.suptitle(f"{self.namespace} on {self.env} ({self.spec['episodes']} held-out episodes, {self.spec['mode']})")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``eval-<namespace>.md``, ``.png`` and ``.json`` into ``out_dir``; returns the paths."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"markdown": out / f"eval-{self.namespace}.md", "png": out / f"eval-{self.namespace}.png",
+                 "json": out / f"eval-{self.namespace}.json"}
+        paths["markdown"].write_text(self.to_markdown())
+        self.plot(paths["png"])
+        paths["json"].write_text(json.dumps(self.to_dict(), indent=2))
+        return paths
+
+
+def _tokens(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
+
+
+def kb_items(store: ObjectStore, namespace: str, kb_version: str) -> list[str]:
+    """The items of a KB snapshot (empty when the snapshot is not in the store)."""
+    try:
+        return list(load_snapshot(store, namespace, kb_version).items)
+    except ObjectNotFound:
+        return []
+
+
+def eval_table(
+    store: ObjectStore,
+    backend: Backend | Callable[[], Backend],
+    namespace: str,
+    spec: EvalSpec,
+    *,
+    registry: ModelRegistry | None = None,
+    evaluator: Evaluator | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> EvalTable:
+    """Measure the table of ``namespace`` (module docstring); ``progress`` gets a line per cell."""
+    registry = registry or ModelRegistry(store)
+    evaluator = evaluator or Evaluator(store, backend, registry)
+    records = registry.list(namespace)
+    if not records:
+        raise ValueError(f"namespace {namespace!r} has no model versions in the registry")
+    table = EvalTable(namespace=namespace, env=spec.env, spec=spec.to_dict())
+    for rec in records:
+        m = rec.manifest
+        items = kb_items(store, namespace, m.kb_version)
+        cells: dict[str, dict[str, Any]] = {}
+        for cond, version, experience in (("none", m.parent_version, None), ("in_context", m.parent_version, items),
+                                          ("consolidated", m.version, None)):
+            if progress is not None:
+                progress(f"round {m.generation} {m.version}: {LABELS[cond]}")
+            cells[cond] = evaluator.policy_of(spec, namespace, version, m.base_model_hash, experience)
+        table.rows.append(EvalRow(round=m.generation, version=m.version, status=rec.status.value, parent=m.parent_version,
+                                  kb_version=m.kb_version, kb_items=len(items), **cells))
+    return table
