@@ -115,13 +115,64 @@ def run_worker(env: dict) -> None:
     from oel.store import S3Store
     from processors.app import Processor, internal_topic_specs
 
+    profile_to = env.get("OEL_BENCH_PROFILE")
+    if profile_to:  # cProfile the whole worker; the stats are written when it stops
+        import atexit
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        atexit.register(lambda: (prof.disable(), prof.dump_stats(profile_to)))
     s = load_settings()
     ensure_topics(admin_client(s.kafka), topic_specs(s) + internal_topic_specs(s))
     store = S3Store(s.s3)
     store.ensure_bucket()
     start_metrics_server(s.metrics.for_service(METRICS_PORT), "processor")
     proc = Processor(s, KnowledgeWriter(store, NoopBackend(), "base"))
-    faust.Worker(proc.app, loglevel="warning", quiet=True).execute_from_commandline()
+    faust.Worker(proc.app, loglevel=env.get("OEL_BENCH_LOGLEVEL", "warning"), quiet=True).execute_from_commandline()
+
+
+def run_bare_faust_worker(env: dict) -> None:
+    """Child process: a Faust worker with the processor's broker settings whose one agent only counts
+    events (no decode, no table): the ceiling of a Faust agent on this machine."""
+    import faust
+
+    from oel import metrics
+    from oel.metrics import start_metrics_server
+    from processors.app import broker_settings
+
+    s = load_settings()
+    start_metrics_server(s.metrics.for_service(METRICS_PORT), "processor")
+    app = faust.App(
+        env["OEL_PROCESSOR__APP_ID"] + "-bare", **broker_settings(s.kafka), store="memory://", web_enabled=False,
+        topic_disable_leader=True, topic_allow_declare=False, consumer_auto_offset_reset="earliest",
+        datadir=f"/tmp/oel-bench-{env['OEL_PROCESSOR__APP_ID']}-bare",
+    )
+    topic = s.topics.trajectories
+    counter = metrics.EVENTS_CONSUMED.labels(topic=topic)
+
+    @app.agent(app.topic(topic, key_serializer="raw", value_serializer="raw"), name="count")
+    async def count(stream):
+        async for _event in stream.events():
+            counter.inc()
+
+    faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+
+
+def time_worker(args: list[str], env: dict, topic: str, total: int) -> tuple[float, float, float, subprocess.Popen]:
+    """Start a worker, return (events/s from its first to its last consumed event, its start time and count, the process)."""
+    worker = subprocess.Popen([sys.executable, __file__, *args], env=env)
+    t_first = None
+    while True:
+        consumed = scrape_consumed(topic)
+        if worker.poll() is not None:
+            sys.exit(f"worker exited with {worker.returncode}")
+        if consumed > 0 and t_first is None:
+            t_first, c_first = time.monotonic(), consumed
+        if consumed >= total:
+            break
+        time.sleep(0.05)
+    return (total - c_first) / (time.monotonic() - t_first), t_first, c_first, worker
 
 
 def main() -> None:
@@ -131,14 +182,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="processor batch size")
     ap.add_argument("--rate", type=float, default=50, help="episodes/s in the latency phase")
     ap.add_argument("--latency-episodes", type=int, default=300)
+    ap.add_argument("--profile", metavar="FILE", help="cProfile the worker, write its stats to FILE (slows it down)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bare-faust-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         run_worker(dict(os.environ))
         return
+    if args.bare_faust_worker:
+        run_bare_faust_worker(dict(os.environ))
+        return
 
     tag = uuid.uuid4().hex[:8]
     env = env_vars(tag, args.batch)
+    if args.profile:
+        env["OEL_BENCH_PROFILE"] = os.path.abspath(args.profile)
     os.environ.update(env)
     s = load_settings()
     ensure_topics(admin_client(s.kafka), topic_specs(s))
@@ -170,20 +228,14 @@ def main() -> None:
     bare_rate = (n - 1) / (time.monotonic() - t_first)
     c.close()
 
-    # 2. Processor on the same pre-filled topic.
-    worker = subprocess.Popen([sys.executable, __file__, "--worker"], env={**os.environ, **env})
+    # 2. A Faust agent that only counts, on the same topic: Faust's own ceiling here.
+    faust_rate, _, _, bare_worker = time_worker(["--bare-faust-worker"], {**os.environ, **env}, topic, total)
+    bare_worker.terminate()
+    bare_worker.wait(30)
+
+    # 3. Processor on the same pre-filled topic.
+    proc_rate, t_first, c_first, worker = time_worker(["--worker"], {**os.environ, **env}, topic, total)
     try:
-        t_first = None
-        while True:
-            consumed = scrape_consumed(topic)
-            if worker.poll() is not None:
-                sys.exit(f"worker exited with {worker.returncode}")
-            if consumed > 0 and t_first is None:
-                t_first, c_first = time.monotonic(), consumed
-            if consumed >= total:
-                break
-            time.sleep(0.05)
-        proc_rate = (total - c_first) / (time.monotonic() - t_first)
 
         # Until every backlog episode is in the KB (items, snapshot and training data stored).
         upd = Consumer({**s.kafka.client_config(), "group.id": f"drain-{tag}", "auto.offset.reset": "earliest"})
@@ -198,7 +250,7 @@ def main() -> None:
         pipeline_rate = (total - c_first) / (time.monotonic() - t_first)
         upd.close()
 
-        # 3. Latency at a steady rate, worker warm.
+        # 4. Latency at a steady rate, worker warm.
         upd = Consumer({**s.kafka.client_config(), "group.id": f"lat-{tag}", "auto.offset.reset": "latest"})
         upd.subscribe([s.topics.experience])
         while not upd.assignment():
@@ -238,13 +290,14 @@ def main() -> None:
     print()
     print(f"{'':38s} {'events/s':>10s}")
     print(f"{'bare confluent-kafka consumer':38s} {bare_rate:10.0f}")
+    print(f"{'bare Faust agent (count only)':38s} {faust_rate:10.0f}")
     print(f"{'oel processor (no-op extractor)':38s} {proc_rate:10.0f}")
     print(f"{'  ... until all episodes are in the KB':38s} {pipeline_rate:10.0f}")
     print(f"{'ratio processor / bare':38s} {proc_rate / bare_rate:10.2f}   (target: >= 5000 events/s per worker)")
     print()
     print(f"end event -> items in store, {len(latencies)} episodes at {args.rate:.0f}/s, batch {args.batch}, window 0.5 s:")
     print(f"  p50 {p50 * 1000:.0f} ms   p99 {p99 * 1000:.0f} ms   (lost: {len(sent)})")
-    print(json.dumps({"bare_events_per_s": bare_rate, "processor_events_per_s": proc_rate, "pipeline_events_per_s": pipeline_rate, "p50_s": p50, "p99_s": p99}))
+    print(json.dumps({"bare_events_per_s": bare_rate, "faust_events_per_s": faust_rate, "processor_events_per_s": proc_rate, "pipeline_events_per_s": pipeline_rate, "p50_s": p50, "p99_s": p99}))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ class BatchResult:
     skipped_episodes: list[str]
     extraction_seconds: float
     reused_extractions: int
+    snapshot_tokens: int | None = None
+    """Tokens of the new snapshot (None when the batch added nothing)."""
 
 
 class KnowledgeWriter:
@@ -96,32 +98,45 @@ class KnowledgeWriter:
             before_sleep=lambda rs: log.warning("extraction failed (%s); retrying", rs.outcome.exception()),
         )
 
-    def _put_all(self, objects: list[tuple[str, object]]) -> None:
-        """Write several JSON objects side by side (each idempotent, each retried)."""
+    def _put_all(self, objects: list[tuple[str, object]]) -> list[bool]:
+        """Write several JSON objects side by side (each idempotent, each retried); per object, whether
+        it was new (False: the identical object was already there)."""
         if not objects:
-            return
+            return []
         put = self._retrying()
 
         def one(item: tuple[str, object]) -> bool:
             return put(self.store.put_json, item[0], item[1])
 
-        list(self._io.map(one, objects))
+        return list(self._io.map(one, objects))
 
-    def save_episodes(self, episodes: list[CompletedEpisode]) -> None:
-        """Store episodes as training data (idempotent), in parallel."""
-        self._put_all([(ep.store_key, ep.model_dump(mode="json")) for ep in episodes])
+    def _get_existing(self, keys: list[str]) -> dict[str, object]:
+        """The JSON objects among ``keys`` that are already stored, looked up side by side."""
+        retrying = self._retrying()
 
-    def _extract(self, episodes: list[CompletedEpisode], previous: list[str]) -> tuple[dict[str, dict], int, float]:
-        """Model answers per episode id, reusing stored ones; returns (answers, reused count, model seconds)."""
-        answers: dict[str, dict] = {}
-        stored = set(self.store.list(f"extractions/{episodes[0].namespace}/")) if episodes else set()
-        todo = []
-        for ep in episodes:
-            key = kb.extraction_key(ep.namespace, ep.episode_id)
-            if key in stored:
-                answers[ep.episode_id] = self.store.get_json(key)
-            else:
-                todo.append(ep)
+        def one(key: str) -> tuple[str, object] | None:
+            return (key, retrying(self.store.get_json, key)) if retrying(self.store.exists, key) else None
+
+        return dict(found for found in self._io.map(one, keys) if found is not None)
+
+    def save_episodes(self, episodes: list[CompletedEpisode]) -> list[bool]:
+        """Store episodes as training data (idempotent), in parallel; per episode, whether it was new."""
+        return self._put_all([(ep.store_key, ep.model_dump(mode="json")) for ep in episodes])
+
+    def _extract(
+        self, episodes: list[CompletedEpisode], previous: list[str], seen_before: set[str] | None = None
+    ) -> tuple[dict[str, dict], int, float]:
+        """Model answers per episode id, reusing stored ones; returns (answers, reused count, model seconds).
+
+        Only the batch's own keys are looked up (not a listing of the namespace, which grows with it),
+        and of those only the episodes in ``seen_before`` (default: all): an extraction is stored after
+        its episode, so an episode stored just now has none yet.
+        """
+        keys = {ep.episode_id: kb.extraction_key(ep.namespace, ep.episode_id) for ep in episodes}
+        lookup = [key for eid, key in keys.items() if seen_before is None or eid in seen_before]
+        stored = self._get_existing(lookup)
+        answers: dict[str, dict] = {eid: stored[key] for eid, key in keys.items() if key in stored}
+        todo = [ep for ep in episodes if ep.episode_id not in answers]
         reused = len(episodes) - len(todo)
         seconds = 0.0
         if todo:
@@ -140,7 +155,7 @@ class KnowledgeWriter:
                     "include_previous": cfg.extraction.include_previous,
                     "output": out.text,
                 }
-            self._put_all([(kb.extraction_key(ep.namespace, ep.episode_id), answers[ep.episode_id]) for ep in todo])
+            self._put_all([(keys[ep.episode_id], answers[ep.episode_id]) for ep in todo])
         return answers, reused, seconds
 
     def process_batch(self, state: kb.KBState, episodes: list[CompletedEpisode]) -> tuple[kb.KBState, BatchResult]:
@@ -150,8 +165,9 @@ class KnowledgeWriter:
         skipped = [ep.episode_id for ep in episodes if ep.episode_id in state.applied_episodes]
         if not fresh:
             return state, BatchResult(None, [], 0, 0, skipped, 0.0, 0)
-        self.save_episodes(fresh)
-        answers, reused, seconds = self._extract(fresh, state.window_texts)
+        new = self.save_episodes(fresh)
+        seen_before = {ep.episode_id for ep, was_new in zip(fresh, new, strict=True) if not was_new}
+        answers, reused, seconds = self._extract(fresh, state.window_texts, seen_before)
         items: list[kb.ExperienceItem] = []
         rejected = 0
         for ep in fresh:
@@ -194,4 +210,5 @@ class KnowledgeWriter:
                 source_episode_ids=sorted(ep.episode_id for ep in fresh),
                 ts=max(ep.ended_at for ep in fresh),
             )
-        return new_state, BatchResult(update, new_items, dedup, rejected, skipped, seconds, reused)
+        tokens = snapshot.tokens if snapshot is not None else None
+        return new_state, BatchResult(update, new_items, dedup, rejected, skipped, seconds, reused, tokens)

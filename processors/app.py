@@ -2,34 +2,43 @@
 
 Stages (each a Faust agent; several workers share the partitions):
 
-1. ``assemble`` reads ``oel.trajectories`` (key = episode id). Events that are not JSON, fail the
-   schema, are too large or carry a key other than their episode id go to ``oel.trajectories.dlq`` with
-   the reason in the ``oel.error`` header. Valid events are added to their episode's buffer in the
-   ``episodes`` table; a complete episode is stored as training data and re-keyed by namespace onto
-   ``oel.episodes``. A closed episode leaves a tombstone so a late duplicate cannot reopen it.
+1. ``assemble`` reads ``oel.trajectories`` (key = episode id) in batches (``take_events``: up to
+   ``take_max`` events, waiting at most ``take_within_s``). Events that are not JSON, fail the schema,
+   are too large or carry a key other than their episode id go to ``oel.trajectories.dlq`` with the
+   reason in the ``oel.error`` header. Valid events are added to their episode's buffer, kept in
+   memory; at the end of a batch every episode still open is written once to the ``episodes`` table
+   (one changelog record per episode and batch, not per event), before the batch's records are acked.
+   A complete episode is re-keyed by namespace onto ``oel.episodes`` and leaves a tombstone in the
+   table, so a late duplicate cannot reopen it.
 2. A timer finds idle episodes and sends an ``abandon`` command to the internal control topic, on the
    episode's own partition; ``control`` closes the episode there (Faust tables can only be changed from
    a stream, never from a timer).
 3. ``extract`` reads ``oel.episodes`` (key = namespace, so one writer per namespace) and collects a
-   batch per namespace; a batch is extracted when it is full, or when a ``flush`` record — sent by a
-   timer once the batch has waited ``batch_window_s`` — reaches it. Because flushes are records in the
-   topic, a replay after a crash forms exactly the same batches. The batch goes through
-   :class:`oel.knowledge.KnowledgeWriter` (model in a worker thread) and an ``ExperienceUpdate`` is
-   published on ``oel.experience``.
+   batch per namespace in memory, leaving its records un-acked; a batch is extracted when it is full,
+   or when a ``flush`` record — sent by a timer once the batch has waited ``batch_window_s`` — reaches
+   it. The batch goes through :class:`oel.knowledge.KnowledgeWriter` (which stores the episodes as
+   training data, extracts with the model in a worker thread and appends to the KB), an
+   ``ExperienceUpdate`` is published on ``oel.experience``, the namespace's KB state is written to the
+   ``kb`` table, and only then are the batch's records acked. After a crash the un-acked episodes are
+   read again; as flushes are records in the topic, the replay forms exactly the same batches, and
+   episodes already applied are skipped.
 
-Tables use the in-memory store and are rebuilt from their changelog topics on start.
+Tables use the in-memory store and are rebuilt from their changelog topics on start; the in-memory
+working state (open buffers, KB states, pending batches) is dropped when partitions are revoked.
 """
-
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+from faust.streams import _current_event  # the context variable behind faust.current_event()
 
 from oel import metrics
 from oel.episodes import AddResult, CompletedEpisode, EpisodeBuffer, EpisodeStatus, add_event, close
@@ -76,17 +85,41 @@ def _ssl_context(kafka: KafkaSettings):
 
 
 class Processor:
-    """Builds the Faust app around a :class:`KnowledgeWriter`; ``app`` is what a worker runs."""
+    """Builds the Faust app around a :class:`KnowledgeWriter`; ``app`` is what a worker runs.
 
-    def __init__(self, settings: Settings, writer: KnowledgeWriter, *, tick_s: float | None = None):
+    ``take_max``/``take_within_s``: the assembly agent handles events in batches of up to ``take_max``,
+    waiting at most ``take_within_s`` for a batch to fill (a bound on the latency it adds).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        writer: KnowledgeWriter,
+        *,
+        tick_s: float | None = None,
+        take_max: int = 1000,
+        take_within_s: float = 0.05,
+    ):
         self.settings = settings
         self.writer = writer
         p = settings.processor
         t = settings.topics
         self.tick_s = tick_s or max(0.5, min(p.abandon_after_s, p.batch_window_s) / 4)
+        self.take_max = take_max
+        self.take_within_s = take_within_s
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oel-extract")
-        self.locks: dict[str, asyncio.Lock] = {}
-        self.namespaces_seen: set[str] = set()  # metrics.init_namespace done
+        # In-memory working state; the tables (and un-acked input) are the truth, so all of it is
+        # dropped when partitions are revoked and rebuilt from them.
+        self.open: dict[str, EpisodeBuffer] = {}
+        """Open episodes' buffers, ahead of the ``episodes`` table only inside an assembly batch."""
+        self.episodes_lock = asyncio.Lock()
+        """Held by an assembly batch and by a control command: both change open episodes."""
+        self.kb_states: dict[str, KBState] = {}
+        """Per namespace, the KB state last written to the ``kb`` table."""
+        self.pending: dict[str, PendingBatch] = {}
+        """Per namespace, the episodes waiting for extraction (their records are not acked yet)."""
+        self.namespaces: set[str] = set()
+        """Namespaces whose metric series this worker has created."""
         datadir = settings.paths.state_dir / "processor" / p.app_id
         datadir.mkdir(parents=True, exist_ok=True)
         app = faust.App(
@@ -103,10 +136,13 @@ class Processor:
             topic_allow_declare=False,
             broker_max_poll_interval=3600.0,
             broker_commit_interval=1.0,
-            stream_wait_empty=True,
+            # Episodes waiting for extraction stay un-acked until their batch is in the KB, so a
+            # rebalance must not wait for every record to be acked (it would wait for the batch window,
+            # with the flush record it needs paused behind it). Un-acked records are replayed by the
+            # partition's next owner, which rebuilds the same batches.
+            stream_wait_empty=False,
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
-            # Table changelogs get a record per event: let aiokafka batch them instead of sending each alone.
             producer_linger=0.01,
             producer_max_batch_size=1_048_576,
         )
@@ -120,10 +156,22 @@ class Processor:
         self.experience = app.topic(t.experience, key_serializer="raw", value_serializer="raw")
         self.episodes = app.Table("episodes", default=None, partitions=t.trajectories_partitions)
         self.kb = app.Table("kb", default=None, partitions=t.episodes_partitions)
-        app.agent(self.trajectories, name="assemble")(self._assemble)
-        app.agent(self.control, name="control")(self._control)
-        app.agent(self.episodes_topic, name="extract")(self._extract)
+        self.assemble = app.agent(self.trajectories, name="assemble")(self._assemble)
+        self.control_agent = app.agent(self.control, name="control")(self._control)
+        self.extract = app.agent(self.episodes_topic, name="extract")(self._extract)
         app.timer(self.tick_s)(self._tick)
+        app.on_partitions_revoked.connect(self._on_revoked)
+        topic = t.trajectories
+        self._consumed = metrics.EVENTS_CONSUMED.labels(topic=topic)
+        self._last_event = metrics.LAST_EVENT_TIMESTAMP.labels(topic=topic)
+        for reason in metrics.DLQ_REASONS:
+            metrics.count_dead_letter(topic, reason, 0)
+
+    async def _on_revoked(self, sender: Any = None, revoked: Any = None, **kwargs: Any) -> None:
+        """Partitions moved: forget the in-memory state; the tables and the replay rebuild it."""
+        self.open.clear()
+        self.kb_states.clear()
+        self.pending.clear()
 
     # --- stage 1: assembly -------------------------------------------------------------------
 
@@ -135,100 +183,143 @@ class Processor:
         log.warning("dead-lettered %s/%d@%d: %s", msg.topic, msg.partition, msg.offset, reason)
 
     async def _assemble(self, stream: faust.StreamT) -> None:
-        topic = self.settings.topics.trajectories
-        async for event in stream.events():
-            metrics.EVENTS_CONSUMED.labels(topic=topic).inc()
-            metrics.LAST_EVENT_TIMESTAMP.labels(topic=topic).set(time.time())
+        async for events in stream.take_events(self.take_max, within=self.take_within_s):
+            async with self.episodes_lock:
+                await self._assemble_batch(events)
+            # Faust acks the batch's records when the loop asks for the next batch: after the table writes.
+
+    async def _assemble_batch(self, events: list[faust.EventT]) -> None:
+        """Add a batch of events to their episodes; an open episode's table entry is written once per
+        batch (one changelog record however many of its events the batch held), a closed one's tombstone
+        once per episode."""
+        self._consumed.inc(len(events))
+        self._last_event.set(time.time())
+        max_bytes = self.settings.topics.max_event_bytes
+        touched: dict[str, faust.EventT] = {}  # open episode id -> its last event in this batch
+        now = time.time()
+        for event in events:
+            msg = event.message
             try:
-                ev = decode(event.message.value, TrajectoryEvent, max_bytes=self.settings.topics.max_event_bytes)
+                ev = decode(msg.value, TrajectoryEvent, max_bytes=max_bytes)
             except InvalidMessage as exc:
                 await self._dead_letter(event, exc.reason)
                 continue
-            key = event.message.key.decode(errors="replace") if event.message.key is not None else None
+            key = msg.key.decode(errors="replace") if msg.key is not None else None
             if key != ev.episode_id:
                 await self._dead_letter(event, f"record key {key!r} is not the episode id {ev.episode_id!r}")
                 continue
-            entry = self.episodes.get(ev.episode_id)
-            if entry is not None and "closed_at" in entry:
-                log.debug("event %s for closed episode %s ignored", ev.event_id, ev.episode_id)
-                continue
-            buffer = EpisodeBuffer.model_validate(entry["buffer"]) if entry else None
-            buffer, result = add_event(buffer, ev, time.time())
+            buffer = self.open.get(ev.episode_id)
+            if buffer is None:
+                entry = self.episodes.get(ev.episode_id)
+                if entry is not None and "closed_at" in entry:
+                    log.debug("event %s for closed episode %s ignored", ev.event_id, ev.episode_id)
+                    continue
+                buffer = EpisodeBuffer.model_validate(entry["buffer"]) if entry else None
+            buffer, result = add_event(buffer, ev, now)
             if result is AddResult.conflict:
                 await self._dead_letter(event, f"namespace {ev.namespace!r} differs from the episode's {buffer.namespace!r}")
             elif result is AddResult.complete:
+                self.open.pop(ev.episode_id, None)
+                touched.pop(ev.episode_id, None)
+                as_current(event)
                 await self._finish(buffer, abandoned=False)
             elif result is AddResult.accepted:
-                self.episodes[ev.episode_id] = {"partition": event.message.partition, "buffer": buffer.model_dump(mode="json")}
+                self.open[ev.episode_id] = buffer
+                touched[ev.episode_id] = event
+        for episode_id, event in touched.items():
+            as_current(event)
+            self.episodes[episode_id] = {"partition": event.message.partition, "buffer": self.open[episode_id].model_dump(mode="json")}
 
     async def _finish(self, buffer: EpisodeBuffer, *, abandoned: bool) -> None:
         """Close an episode: hand it to extraction (which stores it), leave a tombstone (inside a stream)."""
         p = self.settings.processor
         episode = close(buffer, abandoned=abandoned, idle_s=p.abandon_after_s if abandoned else None)
+        self._meet(episode.namespace)
         await self.episodes_topic.send(key=episode.namespace.encode(), value=episode.model_dump_json().encode())
         partition = event_partition()
         self.episodes[buffer.episode_id] = {"partition": partition, "closed_at": time.time()}
-        if episode.namespace not in self.namespaces_seen:  # series at 0 first, so increase() sees the first count
-            metrics.init_namespace(episode.namespace)
-            self.namespaces_seen.add(episode.namespace)
         counter = metrics.EPISODES_ABANDONED if episode.status is EpisodeStatus.abandoned else metrics.EPISODES_COMPLETED
         counter.labels(namespace=episode.namespace).inc()
-        log.info("episode %s/%s %s with %d steps", episode.namespace, episode.episode_id, episode.status.value, len(episode.steps))
+        log.debug("episode %s/%s %s with %d steps", episode.namespace, episode.episode_id, episode.status.value, len(episode.steps))
 
     async def _control(self, stream: faust.StreamT) -> None:
         p = self.settings.processor
         async for command in stream:
-            entry = self.episodes.get(command["episode_id"])
-            if entry is None:
-                continue
-            if command["op"] == "abandon" and "buffer" in entry:
-                buffer = EpisodeBuffer.model_validate(entry["buffer"])
-                if time.time() - buffer.received_at >= p.abandon_after_s:  # still idle when the command arrives
-                    await self._finish(buffer, abandoned=True)
-            elif command["op"] == "purge" and "closed_at" in entry:
-                del self.episodes[command["episode_id"]]
+            async with self.episodes_lock:
+                episode_id = command["episode_id"]
+                entry = self.episodes.get(episode_id)
+                if entry is None:
+                    continue
+                if command["op"] == "abandon" and "buffer" in entry:
+                    buffer = self.open.get(episode_id) or EpisodeBuffer.model_validate(entry["buffer"])
+                    if time.time() - buffer.received_at >= p.abandon_after_s:  # still idle when the command arrives
+                        self.open.pop(episode_id, None)
+                        await self._finish(buffer, abandoned=True)
+                elif command["op"] == "purge" and "closed_at" in entry:
+                    del self.episodes[episode_id]
 
     # --- stage 2: extraction -----------------------------------------------------------------
 
     async def _extract(self, stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            record = json.loads(event.message.value)
-            namespace = event.message.key.decode()
-            lock = self.locks.setdefault(namespace, asyncio.Lock())
-            async with lock:
-                entry = self.kb.get(namespace) or {"state": KBState(namespace=namespace).model_dump(mode="json"), "pending": []}
-                if "flush" in record:
-                    pending = entry["pending"]
-                    if pending and pending[0]["episode_id"] == record["flush"]:
-                        entry = await self._run_batch(namespace, entry)
-                        self.kb[namespace] = entry
-                    continue
-                episode = CompletedEpisode.model_validate(record)
-                state = KBState.model_validate(entry["state"])
-                if episode.episode_id in state.applied_episodes or any(
-                    e["episode_id"] == episode.episode_id for e in entry["pending"]
-                ):
-                    continue  # a replayed or duplicated episode
-                entry["pending"].append(json.loads(episode.model_dump_json()))
-                entry["pending_since"] = entry.get("pending_since") or time.time()
-                if len(entry["pending"]) >= self.settings.processor.batch_size:
-                    entry = await self._run_batch(namespace, entry)
-                self.kb[namespace] = entry
+        """Collect each namespace's episodes into a batch; its records are acked once it is in the KB."""
+        manual = stream.noack()
+        async for event in manual.events():
+            for done in await self._extract_one(event):
+                await manual.ack(done)
 
-    async def _run_batch(self, namespace: str, entry: dict) -> dict:
-        """Extract from the pending episodes; retried until it succeeds (a batch is never dropped)."""
-        state = KBState.model_validate(entry["state"])
-        episodes = [CompletedEpisode.model_validate(e) for e in entry["pending"]]
+    def _kb_state(self, namespace: str) -> KBState:
+        state = self.kb_states.get(namespace)
+        if state is None:
+            entry = self.kb.get(namespace)
+            state = KBState.model_validate(entry["state"]) if entry else KBState(namespace=namespace)
+            self.kb_states[namespace] = state
+            self._meet(namespace)
+            metrics.KB_ITEMS.labels(namespace=namespace).set(len(state.all_ids))
+            metrics.KB_SIZE.labels(namespace=namespace).set(sum(len(t.encode()) for t in state.window_texts))
+        return state
+
+    def _meet(self, namespace: str) -> None:
+        """A namespace's counters start at 0 when this worker first meets it (so increase() sees the first event)."""
+        if namespace not in self.namespaces:
+            self.namespaces.add(namespace)
+            metrics.init_namespace(namespace)
+
+    async def _extract_one(self, event: faust.EventT) -> list[faust.EventT]:
+        """Handle one record of ``oel.episodes``; returns the records that may now be acked."""
+        namespace = event.message.key.decode()
+        value = event.message.value
+        batch = self.pending.get(namespace)
+        if value.startswith(b'{"flush"'):
+            first = json.loads(value)["flush"]
+            if batch is not None and batch.episodes[0].episode_id == first:
+                return await self._run_batch(namespace) + [event]
+            return [event]
+        episode = CompletedEpisode.model_validate_json(value)
+        state = self._kb_state(namespace)
+        if episode.episode_id in state.applied_episodes or (batch is not None and episode.episode_id in batch.ids):
+            return [event]  # a replayed or duplicated episode
+        if batch is None:
+            batch = self.pending[namespace] = PendingBatch(since=time.time())
+        batch.add(episode, event)
+        if len(batch.episodes) >= self.settings.processor.batch_size:
+            return await self._run_batch(namespace)
+        return []
+
+    async def _run_batch(self, namespace: str) -> list[faust.EventT]:
+        """Extract from the pending episodes, retried until it succeeds (a batch is never dropped);
+        writes the new KB state to the table and returns the batch's records to ack."""
+        batch = self.pending[namespace]
+        state = self._kb_state(namespace)
         loop = asyncio.get_running_loop()
         delay = 1.0
+        t0 = time.monotonic()
         while True:
-            t0 = time.monotonic()
             try:
-                new_state, result = await loop.run_in_executor(self.executor, self.writer.process_batch, state, episodes)
+                new_state, result = await loop.run_in_executor(self.executor, self.writer.process_batch, state, batch.episodes)
                 break
             except Exception:
                 metrics.EXTRACTION_FAILURES.labels(namespace=namespace).inc()
-                log.exception("extraction of %d episodes of %s failed; retrying in %.0fs", len(episodes), namespace, delay)
+                log.exception("extraction of %d episodes of %s failed; retrying in %.0fs", len(batch.episodes), namespace, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60)
         metrics.EXTRACTION_DURATION.labels(namespace=namespace).observe(time.monotonic() - t0)
@@ -236,14 +327,18 @@ class Processor:
         metrics.KB_ITEMS_DEDUPLICATED.labels(namespace=namespace).inc(result.deduplicated)
         metrics.KB_ITEMS.labels(namespace=namespace).set(len(new_state.all_ids))
         metrics.KB_SIZE.labels(namespace=namespace).set(sum(len(t.encode()) for t in new_state.window_texts))
-        metrics.KB_SNAPSHOT_TOKENS.labels(namespace=namespace).set(sum(self.writer.count_tokens(f"- {t}\n") for t in new_state.window_texts))
+        if result.snapshot_tokens is not None:
+            metrics.KB_SNAPSHOT_TOKENS.labels(namespace=namespace).set(result.snapshot_tokens)
         if result.update is not None:
             await self.experience.send(key=namespace.encode(), value=result.update.to_bytes())
             log.info(
                 "%s: KB %s, %d new items (%d deduplicated, %d rejected) from %d episodes",
-                namespace, result.update.kb_version, len(result.new_items), result.deduplicated, result.rejected, len(episodes),
+                namespace, result.update.kb_version, len(result.new_items), result.deduplicated, result.rejected, len(batch.episodes),
             )
-        return {"state": new_state.model_dump(mode="json"), "pending": [], "pending_since": None}
+        self.kb[namespace] = {"state": new_state.model_dump(mode="json")}
+        self.kb_states[namespace] = new_state
+        del self.pending[namespace]
+        return batch.events
 
     # --- timers --------------------------------------------------------------------------------
 
@@ -262,9 +357,10 @@ class Processor:
                 await self.control.send(
                     key=episode_id.encode(), value={"op": "purge", "episode_id": episode_id}, partition=entry["partition"]
                 )
-        for namespace, entry in list(self.kb.items()):
-            if entry and entry.get("pending") and now - (entry.get("pending_since") or now) >= p.batch_window_s:
-                first = entry["pending"][0]["episode_id"]
+        for namespace, batch in list(self.pending.items()):
+            if now - batch.since >= p.batch_window_s and not batch.flush_sent:
+                batch.flush_sent = True
+                first = batch.episodes[0].episode_id
                 await self.episodes_topic.send(key=namespace.encode(), value=json.dumps({"flush": first}).encode())
         self._observe_lag()
 
@@ -277,6 +373,32 @@ class Processor:
             high = consumer.highwater(tp)
             if committed is not None and high is not None:
                 metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, high - committed))
+
+
+@dataclass
+class PendingBatch:
+    """The episodes of one namespace waiting for extraction, with their (un-acked) records."""
+
+    since: float
+    episodes: list[CompletedEpisode] = field(default_factory=list)
+    events: list[faust.EventT] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+    flush_sent: bool = False
+
+    def add(self, episode: CompletedEpisode, event: faust.EventT) -> None:
+        self.episodes.append(episode)
+        self.events.append(event)
+        self.ids.add(episode.episode_id)
+
+
+def as_current(event: faust.EventT) -> None:
+    """Make ``event`` the current event of this task, so that a table change goes to its partition's
+    changelog (inside a batch from ``take_events`` Faust does not set it per event).
+
+    Only the task's context variable is set, not the stream's ``current_event`` attribute, which
+    ``take_events`` reads from another task to collect the next batch.
+    """
+    _current_event.set(weakref.ref(event))
 
 
 TABLES = ("episodes", "kb")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -282,3 +284,61 @@ def test_an_idle_episode_is_closed_as_abandoned_and_still_learned_from(env_facto
     assert stored["status"] == "abandoned" and len(stored["steps"]) == 2
     assert "abandoned" in stored["end"]["outcome"]
     assert env.store.get_json(f"trajectories/{ns}/idle-1.json") == stored
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """The worker's /metrics as {(name, labels): value}; empty while it is not serving yet."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return {}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_running_worker_exposes_the_processor_metrics(env_factory, tmp_path):
+    """Events consumed, invalid events, episodes completed and abandoned, extraction latency, items
+    appended and deduplicated, KB size per namespace and consumer lag, read from the worker's /metrics."""
+    env = env_factory(ABANDON_AFTER_S="3", BATCH_SIZE="2")
+    port = free_port()
+    env.vars["OEL_METRICS__PORT"] = str(port)
+    ns, topic = "metered", env.settings.topics.trajectories
+    complete = episode_events("m-done", ns)
+    idle = episode_events("m-idle", ns)[:-1]  # no end event: closed as abandoned
+    records = as_records(complete) + [(b"x", b"{not json")] + as_records(idle)
+    with env.worker(tmp_path / "worker.log"):
+        env.produce(records)
+        wait_for(lambda: {e for u in env.updates() for e in u.source_episode_ids} == {"m-done", "m-idle"}, 300, "both episodes in the KB")
+        nsl = frozenset({("namespace", ns)})
+
+        def lag_seen():
+            m = scrape(port)
+            lags = [v for (name, labels), v in m.items() if name == "oel_consumer_lag_messages" and ("topic", topic) in labels]
+            return m if lags and max(lags) == 0 else None
+
+        m = wait_for(lag_seen, 60, "the consumer lag of the trajectories topic to reach 0")
+    assert m[("oel_events_consumed_total", frozenset({("topic", topic)}))] == len(records)
+    assert m[("oel_events_dead_lettered_total", frozenset({("topic", topic), ("reason", "not_json")}))] == 1
+    assert m[("oel_events_dead_lettered_total", frozenset({("topic", topic), ("reason", "schema")}))] == 0
+    assert m[("oel_episodes_completed_total", nsl)] == 1
+    assert m[("oel_episodes_abandoned_total", nsl)] == 1
+    assert m[("oel_extraction_duration_seconds_count", nsl)] >= 1
+    assert m[("oel_extraction_duration_seconds_sum", nsl)] > 0
+    appended, deduplicated = m[("oel_kb_items_appended_total", nsl)], m[("oel_kb_items_deduplicated_total", nsl)]
+    stored = env.store.list(f"kb/{ns}/items/")
+    assert appended == len(stored) and deduplicated >= 0
+    assert m[("oel_kb_items", nsl)] == len(stored)
+    snapshots = env.store.list(f"kb/{ns}/snapshots/")
+    if snapshots:
+        snapshot = KBSnapshot.model_validate(env.store.get_json(snapshots[-1]))
+        assert m[("oel_kb_size_bytes", nsl)] == sum(len(t.encode()) for t in snapshot.items)
+        assert m[("oel_kb_snapshot_tokens", nsl)] == snapshot.tokens

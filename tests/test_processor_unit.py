@@ -1,0 +1,242 @@
+"""Broker-less unit tests of the processor's agents (processors/app.py), through faust's test contexts.
+
+The real agent functions of :class:`processors.app.Processor` run on faust's in-memory test channels
+(``agent.test_context()``), with the real tables (in memory) and the real decoding, assembly and
+dead-lettering code. No broker is reachable: the Kafka address points at a closed port, and the one
+stand-in is :class:`InMemoryProducer`, which takes the place of the Kafka producer and records what
+the app sends (DLQ records, completed episodes, changelog records) so the tests can read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import random
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+from faust.transport.producer import Producer
+from faust.types import TP
+from faust.types.tuples import RecordMetadata
+
+from oel import metrics
+from oel.episodes import CompletedEpisode
+from oel.settings import load_settings
+from oel.topics import dlq_name
+from processors.app import ERROR_HEADER, SOURCE_HEADER, Processor
+from tests.test_processor import episode_events
+
+
+@dataclass
+class Sent:
+    key: bytes | None
+    value: bytes | None
+    partition: int | None
+    headers: dict[str, bytes]
+
+
+class InMemoryProducer(Producer):
+    """Stand-in for the Kafka producer (these tests have no broker): records every record sent, by topic."""
+
+    def __init__(self, app):
+        super().__init__(app.transport)
+        self.sent: dict[str, list[Sent]] = defaultdict(list)
+
+    def _record(self, topic, key, value, partition, headers) -> RecordMetadata:
+        records = self.sent[topic]
+        records.append(Sent(key, value, partition, dict(headers or {})))
+        part = partition or 0
+        return RecordMetadata(topic=topic, partition=part, topic_partition=TP(topic, part), offset=len(records) - 1)
+
+    async def send(self, topic, key, value, partition, timestamp, headers, *, transactional_id=None):
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(self._record(topic, key, value, partition, headers))
+        return fut
+
+    async def send_and_wait(self, topic, key, value, partition, timestamp, headers, *, transactional_id=None):
+        return self._record(topic, key, value, partition, headers)
+
+    def send_soon(self, fut) -> None:
+        m = fut.message
+        topic = m.channel.get_topic_name()
+        fut.set_result(self._record(topic, m.key, m.value, m.partition, m.headers))
+
+    async def flush(self) -> None:
+        return None
+
+    async def maybe_start(self) -> None:
+        return None
+
+    def key_partition(self, topic, key):  # pragma: no cover - the app always names the partition
+        return TP(topic, 0)
+
+
+@pytest.fixture
+def proc(monkeypatch, tmp_path) -> Callable[[], Processor]:
+    """Makes the processor inside the test's event loop (faust binds to the running loop)."""
+    monkeypatch.setenv("OEL_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv("OEL_PATHS__STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("OEL_TOPICS__MAX_EVENT_BYTES", "4096")
+    monkeypatch.setenv("OEL_PROCESSOR__APP_ID", f"unit-{tmp_path.name}")
+
+    def make() -> Processor:
+        processor = Processor(load_settings(), writer=None, take_within_s=0.01)  # the extract agent is not run here
+        processor.app.producer = InMemoryProducer(processor.app)
+        processor.app.finalize()
+        return processor
+
+    return make
+
+
+def in_loop(test: Callable[[Processor], Awaitable[None]]):
+    """Run an async test body on a fresh asyncio loop, with a processor made inside it."""
+
+    @functools.wraps(test)
+    def run(proc: Callable[[], Processor]) -> None:
+        async def main() -> None:
+            await asyncio.wait_for(test(proc()), timeout=60)
+
+        asyncio.run(main())
+
+    return run
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 10.0):
+    """Await ``condition`` becoming truthy (the agent works in batches, in its own task)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (value := condition()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+    return value
+
+
+def completed(proc: Processor) -> list[tuple[bytes, CompletedEpisode]]:
+    sent = proc.app.producer.sent[proc.settings.topics.episodes]
+    return [(s.key, CompletedEpisode.model_validate_json(s.value)) for s in sent]
+
+
+def dead(proc: Processor) -> list[Sent]:
+    return proc.app.producer.sent[dlq_name(proc.settings.topics.trajectories)]
+
+
+async def put_all(agent, events, partition: int = 0) -> None:
+    for ev in events:
+        await agent.put(ev.to_bytes(), key=ev.episode_id.encode(), partition=partition)
+
+
+def counter(name: str, **labels: str) -> float:
+    return metrics.sample_value(name, labels) or 0.0
+
+
+@in_loop
+async def test_end_event_completes_the_episode_and_rekeys_it_by_namespace(proc):
+    topic = proc.settings.topics.trajectories
+    consumed_before = counter("oel_events_consumed_total", topic=topic)
+    done_before = counter("oel_episodes_completed_total", namespace="unit-a")
+    events = episode_events("ep-1", "unit-a", turns=2)
+    async with proc.assemble.test_context() as agent:
+        await put_all(agent, events[:-1], partition=3)
+        await until(lambda: proc.episodes.get("ep-1"), "the open episode in the table")
+        assert not completed(proc), "completed before its end event"
+        assert proc.episodes["ep-1"]["partition"] == 3 and "buffer" in proc.episodes["ep-1"]
+        await put_all(agent, events[-1:], partition=3)
+        [(key, episode)] = await until(lambda: completed(proc), "the completed episode")
+        await until(lambda: "closed_at" in proc.episodes["ep-1"], "the episode's tombstone")
+    assert key == b"unit-a"  # re-keyed by namespace
+    assert episode.episode_id == "ep-1" and episode.status.value == "completed" and not episode.missing_seqs
+    assert [s.prompt for s in episode.steps] == [e.step.prompt for e in events[1:-1]]
+    assert proc.episodes["ep-1"]["partition"] == 3
+    assert "ep-1" not in proc.open
+    assert counter("oel_events_consumed_total", topic=topic) - consumed_before == len(events)
+    assert counter("oel_episodes_completed_total", namespace="unit-a") - done_before == 1
+    # The table's changes went to the changelog partition of the events' partition.
+    changelog = proc.app.producer.sent[proc.episodes.changelog_topic.get_topic_name()]
+    assert changelog and {c.partition for c in changelog} == {3}
+
+
+@in_loop
+async def test_duplicates_and_out_of_order_steps_are_ordered_by_sequence_number(proc):
+    events = episode_events("ep-2", "unit-b", turns=4)
+    start, steps, end = events[0], events[1:-1], events[-1]
+    # A resent event id carrying another sequence number, and another event id for a sequence number
+    # already in: both are duplicates, neither may fill a gap or replace the first copy.
+    dup_by_id = steps[2].model_copy(update={"seq": steps[3].seq})
+    dup_by_seq = steps[0].model_copy(update={"event_id": "other-id", "step": steps[0].step.model_copy(update={"response": "changed"})})
+    # The end arrives early; step 4 (seq 4) is still missing after these.
+    arrival = [start, steps[2], end, steps[0], dup_by_id, start, dup_by_seq, steps[1]]
+    async with proc.assemble.test_context() as agent:
+        await put_all(agent, arrival)
+        await until(lambda: "buffer" in (proc.episodes.get("ep-2") or {}), "the open episode")
+        assert not completed(proc), "completed while a step was missing"
+        assert sorted(proc.episodes["ep-2"]["buffer"]["events"]) == ["0", "1", "2", "3", "5"]
+        await put_all(agent, [steps[3], end, steps[0]])  # the missing step, then late duplicates
+        [(_, episode)] = await until(lambda: completed(proc), "the completed episode")
+        await until(lambda: "closed_at" in proc.episodes["ep-2"], "the tombstone")
+    assert [s.prompt for s in episode.steps] == [s.step.prompt for s in steps]
+    assert [s.response for s in episode.steps] == [s.step.response for s in steps]  # first copy kept
+    assert len(completed(proc)) == 1 and not dead(proc)
+
+
+@in_loop
+async def test_an_open_episode_survives_losing_the_in_memory_cache(proc):
+    """Between batches an open episode lives in the table; after a rebalance (cache dropped) the next
+    event continues it from there."""
+    events = episode_events("ep-3", "unit-c", turns=3)
+    async with proc.assemble.test_context() as agent:
+        await put_all(agent, events[:3])
+        await until(lambda: len((proc.episodes.get("ep-3") or {}).get("buffer", {}).get("events", {})) == 3, "three events in the table")
+        await proc._on_revoked(revoked=set())
+        assert not proc.open
+        await put_all(agent, events[3:])
+        [(_, episode)] = await until(lambda: completed(proc), "the completed episode")
+    assert len(episode.steps) == 3 and episode.status.value == "completed"
+
+
+@in_loop
+async def test_a_late_event_of_a_closed_episode_is_ignored(proc):
+    events = episode_events("ep-4", "unit-d", turns=1)
+    async with proc.assemble.test_context() as agent:
+        await put_all(agent, events)
+        await until(lambda: completed(proc), "the completed episode")
+        await put_all(agent, [events[-1], events[1]])
+        marker = episode_events("ep-5", "unit-d", turns=1)
+        await put_all(agent, marker)  # processed after the late events
+        await until(lambda: len(completed(proc)) == 2, "the next episode")
+    assert [ep.episode_id for _, ep in completed(proc)] == ["ep-4", "ep-5"]
+
+
+@in_loop
+async def test_bad_events_go_to_the_dlq_with_their_reason_and_good_ones_keep_flowing(proc):
+    topic = proc.settings.topics.trajectories
+    ns = "unit-dlq"
+    good = episode_events("ok-1", ns)
+    schema_bad = {**json.loads(good[1].to_bytes()), "kind": "teleport"}
+    oversize = episode_events("big", ns, response="y" * 5000)[1]
+    conflict = episode_events("ok-1", "other-namespace")[1].model_copy(update={"event_id": "conflict", "seq": 7})
+    before = {r: counter("oel_events_dead_lettered_total", topic=topic, reason=r) for r in ("not_json", "schema", "too_large")}
+    async with proc.assemble.test_context() as agent:
+        await agent.put(b"{not json", key=b"x", partition=1)
+        await put_all(agent, good[:2])
+        await agent.put(json.dumps(schema_bad).encode(), key=b"ok-1", partition=2)
+        await agent.put(oversize.to_bytes(), key=b"big")
+        await agent.put(good[2].to_bytes(), key=b"someone-else")  # key is not the episode id
+        await put_all(agent, [conflict])
+        await put_all(agent, good[2:])
+        await until(lambda: completed(proc), "the valid episode")
+        await until(lambda: len(dead(proc)) == 5, "five dead letters")
+    reasons = [d.headers[ERROR_HEADER].decode() for d in dead(proc)]
+    assert "not valid JSON" in reasons[0]
+    assert "kind" in reasons[1]
+    assert "over the limit of 4096" in reasons[2]
+    assert "not the episode id" in reasons[3]
+    assert "differs from the episode's" in reasons[4]
+    assert dead(proc)[0].value == b"{not json" and dead(proc)[0].key == b"x"  # the original record
+    assert dead(proc)[0].headers[SOURCE_HEADER].decode() == f"{topic}/1/0"
+    after = {r: counter("oel_events_dead_lettered_total", topic=topic, reason=r) for r in before}
+    assert {r: after[r] - before[r] for r in before} == {"not_json": 1, "schema": 3, "too_large": 1}
+    [(_, episode)] = completed(proc)
+    assert episode.episode_id == "ok-1" and len(episode.steps) == 2
