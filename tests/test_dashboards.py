@@ -313,6 +313,9 @@ def test_every_panel_returns_data_from_the_real_services_and_alerts_fire(kafka, 
         # The scrape that saw the rollback saw the agents' current version go back to the base model.
         rows = _api(prom, "query", query=f'oel_model_version_info{{job="oel-agents", namespace="{namespace}"}}')["result"]
         assert [r["metric"]["model_version"] for r in rows] == [BASE_VERSION]
+        # ... and the panel target that waited for it (MAY_BE_ZERO) shows the rollback once a range step reaches it.
+        [rollbacks] = [t for _, title, t in targets if (title, t["refId"]) == ("Rounds in progress and rollbacks", "B")]
+        wait_for(lambda: max(finite_values(run_target(prom, rollbacks, namespace, start))) > 0, 20, "the rollbacks panel to show the rollback")
         for path in DASHBOARDS:
             for ann in json.loads(path.read_text())["annotations"]["list"]:
                 assert _api(prom, "query", query=ann["expr"])["result"], f"annotation {ann['name']}: no data"
