@@ -28,9 +28,10 @@ Which service exposes what (default ports: processor 9101, learner 9102, agents 
 ======================  ==========================================================================
 processor               events consumed / dead-lettered, episodes, extraction latency, KB items and
                         size, consumer lag of ``oel.trajectories``
-learner                 rounds, OPCD steps, training throughput, evaluation, current version,
-                        rollbacks, consumer lag of ``oel.experience``
-agents (producers)      recorder events sent / failed / pending, current version, adapter loads
+learner                 rounds, OPCD steps, training throughput, evaluation, the version it last
+                        published, consumer lag of ``oel.experience``
+agents (producers)      recorder events sent / failed / pending (Recorder), current version and
+                        rollbacks (VersionFollower), adapter loads (producers.adapters.AdapterLoader)
 ======================  ==========================================================================
 
 This module is part of the core: it imports no Kafka or Faust client.
