@@ -158,9 +158,13 @@ class LearningLoop:
 
             backend = HFBackend.from_settings(self.settings, max_batch_size=max(config.agent_batch, 4))
         self.backend = backend
+        from producers.adapters import AdapterLoader
+
+        self.loader = AdapterLoader(backend, store, cache_dir=self.out_dir / "adapters")
         self.serving: str | None = None  # the adapter the agents act with; None = the base model
         self.reports: list[RoundReport] = []
         self.table_paths: tuple[Path, Path] | None = None
+        self.registry: ModelRegistry
 
     # --- what a transport provides ------------------------------------------------------------
 
@@ -180,20 +184,18 @@ class LearningLoop:
         """Agents pick up the version to serve (between episodes) and load it (:meth:`serve`)."""
         raise NotImplementedError
 
-    def serve(self, name: str | None, registry: ModelRegistry) -> None:
-        """Act with version ``name`` (None = the base model) from now on; the old adapter is unloaded."""
+    def serve(self, version: ModelVersion | None) -> None:
+        """Act with ``version`` (None = the base model) from now on: its adapter is fetched from the store
+        and loaded (:class:`producers.adapters.AdapterLoader`, as agents do), the old one unloaded."""
+        name = version.version if version is not None else None
         if name == self.serving:
             return
-        if name is not None and name not in self.backend.list_adapters():
-            record = registry.get(self.config.ns, name)
-            path = registry.download_adapter(record, self.out_dir / "adapters" / name)
-            self.backend.load_adapter(name, path)
+        if version is not None and not self.loader.load(version):
+            raise RuntimeError(f"could not load the adapter of {name} (see the log); still serving {self.serving or BASE_VERSION}")
         old, self.serving = self.serving, name
         if old is not None and old in self.backend.list_adapters():
             self.backend.unload_adapter(old)  # nothing is in flight between rounds
         self.progress(f"  agents: now serving {name or BASE_VERSION} (was {old or BASE_VERSION})")
-
-    # --- the four parts -----------------------------------------------------------------------
 
     # --- driving ----------------------------------------------------------------------------
 
@@ -265,6 +267,23 @@ class LearningLoop:
                 + f"; {sum(report.seconds.values()):.0f} s"
             )
         return self.reports
+
+    def final_table(self):
+        """The ``oel eval`` table of the namespace (:func:`learner.eval_table.eval_table`), saved under the
+        output folder (markdown, PNG, JSON; :attr:`table_paths`); None when no round ran."""
+        from learner.eval_table import eval_table
+        from learner.evaluation import EvalSpec
+
+        if not self.registry.list(self.config.ns):
+            self.progress("no round ran (the KB never got an item), so there is no table to show")
+            return None
+        self.progress("evaluating every round on the held-out seeds (no experience / in context / consolidated)")
+        spec = EvalSpec.from_settings(self.settings, self.config.env)
+        table = eval_table(self.store, self.backend, self.config.ns, spec, registry=self.registry,
+                           progress=lambda line: self.progress(f"  eval: {line}"))
+        paths = table.save(self.out_dir)
+        self.table_paths = (Path(paths["markdown"]), Path(paths["png"]))
+        return table
 
     def _kb_items(self) -> list[str] | None:
         from oel.kb import latest_snapshot
@@ -365,8 +384,7 @@ class DemoLoop(LearningLoop):
     def follow(self) -> None:
         for msg in self.bus.read(self.VERSIONS, "agents"):
             self.versions.apply(decode(msg.value, ModelVersion))
-        current = self.versions.current
-        self.serve(current.version if current is not None else None, self.registry)
+        self.serve(self.versions.current)
 
     def _publish_version(self, event: ModelVersion) -> None:
         self.bus.publish(self.VERSIONS, event.namespace, event.to_bytes())

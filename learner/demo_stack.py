@@ -200,8 +200,7 @@ class StackLoop(LearningLoop):
         if latest is not None:  # the registry says it is promoted: wait for the topic to say so too
             want = latest.manifest.version
             self.follower.wait_for(lambda v: v is not None and v.version == want, timeout_s=60)
-        current = self.follower.current()
-        self.serve(current.version if current is not None else None, self.registry)
+        self.serve(self.follower.current())
 
     def _poll_updates(self) -> list[ExperienceUpdate]:
         out = []

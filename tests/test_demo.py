@@ -36,11 +36,12 @@ def demo_run(tmp_path_factory):
     loop = DemoLoop(settings, config, progress=lines.append)
     loop.bus.publish(loop.TRAJECTORIES, "broken", b"{not json")  # an invalid event among the real ones
     reports = loop.run()
-    return loop, reports, lines, out
+    table = loop.final_table()
+    return loop, reports, lines, out, table
 
 
 def test_rounds_roll_out_what_the_gate_accepts_and_agents_use_it(demo_run):
-    loop, reports, _, _ = demo_run
+    loop, reports, *_ = demo_run
     r0, r1 = reports
     assert r0.played_with == "base"
     assert r0.episodes == 3 and r1.episodes == 3
@@ -60,7 +61,7 @@ def test_rounds_roll_out_what_the_gate_accepts_and_agents_use_it(demo_run):
 
 
 def test_events_are_real_trajectories_and_bad_ones_go_to_the_dlq(demo_run):
-    loop, reports, _, _ = demo_run
+    loop, reports, *_ = demo_run
     assert reports[0].invalid_events == 1 and loop.bus.size(loop.TRAJECTORIES + ".dlq") == 1
     for r in reports:
         stored = [k for k in loop.store.list("trajectories/house-rules/") if f"-r{r.round}-" in k]
@@ -71,7 +72,7 @@ def test_events_are_real_trajectories_and_bad_ones_go_to_the_dlq(demo_run):
 
 
 def test_kb_and_run_record(demo_run):
-    loop, reports, lines, out = demo_run
+    loop, reports, lines, out, table = demo_run
     snap = latest_snapshot(loop.store, "house-rules")
     assert (snap is None) == (reports[-1].kb_items == 0)
     if snap is not None:
@@ -79,3 +80,17 @@ def test_kb_and_run_record(demo_run):
     doc = json.loads((Path(out) / "demo.json").read_text())
     assert [r["round"] for r in doc["rounds"]] == [0, 1]
     assert any(line.startswith("round 1: played with") for line in lines)
+
+
+def test_the_final_table_has_a_row_per_version_and_is_saved(demo_run):
+    loop, reports, _, out, table = demo_run
+    made = [r.version for r in reports if r.version]
+    if not made:
+        assert table is None
+        return
+    assert [row.version for row in table.rows] == made
+    for row in table.rows:
+        for cell in (row.none, row.in_context, row.consolidated):
+            assert cell["n_episodes"] == 2 and 0.0 <= cell["pass_rate"] <= 1.0
+    md, png = loop.table_paths
+    assert md.read_text() == table.to_markdown() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
