@@ -27,8 +27,8 @@ Guarantees and what they cost:
   characters), so a consumer can also deduplicate anything re-sent by the application itself.
 * **Validation at the call site.** Every event is validated against the schema (and the topic's
   size limit) before it is buffered; a bad one raises :class:`InvalidEvent` in the agent's code,
-  naming the field, and consumes no sequence number. (Plain ``str``/``dict``/``list`` input takes
-  a fast path that accepts only what the schema accepts and writes the same bytes as
+  naming the field, and consumes no sequence number. (Plain ``str``/``dict``/``list`` input, and
+  lists of ``ChatMessage``, take a fast path that accepts only what the schema accepts and writes the same bytes as
   ``TrajectoryEvent.to_bytes()``; anything else goes through the pydantic models. Tests check both.)
 * **Bounded memory, back-pressure.** The buffer holds at most ``recorder.buffer_max_events`` events
   and ``recorder.buffer_max_kbytes`` KB. When it is full the call blocks until the broker takes
