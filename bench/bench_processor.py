@@ -19,13 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
@@ -108,12 +111,11 @@ def scrape_consumed(topic: str) -> float:
 
 def run_worker(env: dict) -> None:
     """Child process: a processor worker whose extractor is the no-op backend."""
-    import faust
 
     from oel.knowledge import KnowledgeWriter
     from oel.metrics import start_metrics_server
-    from oel.store import S3Store
-    from processors.app import Processor, internal_topic_specs
+    from oel.store import LocalStore, S3Store
+    from processors.app import Processor, internal_topic_specs, make_worker
 
     profile_to = env.get("OEL_BENCH_PROFILE")
     if profile_to:  # cProfile the whole worker; the stats are written when it stops
@@ -125,11 +127,14 @@ def run_worker(env: dict) -> None:
         atexit.register(lambda: (prof.disable(), prof.dump_stats(profile_to)))
     s = load_settings()
     ensure_topics(admin_client(s.kafka), topic_specs(s) + internal_topic_specs(s))
-    store = S3Store(s.s3)
-    store.ensure_bucket()
+    if env.get("OEL_BENCH_STORE") == "local":  # the directory store: the streaming path without S3 requests
+        store = LocalStore(Path(env["OEL_BENCH_LOCAL_DIR"]))
+    else:
+        store = S3Store(s.s3)
+        store.ensure_bucket()
     start_metrics_server(s.metrics.for_service(METRICS_PORT), "processor")
     proc = Processor(s, KnowledgeWriter(store, NoopBackend(), "base"))
-    faust.Worker(proc.app, loglevel=env.get("OEL_BENCH_LOGLEVEL", "warning"), quiet=True).execute_from_commandline()
+    make_worker(proc.app, env.get("OEL_BENCH_LOGLEVEL", "warning")).execute_from_commandline()
 
 
 def run_bare_faust_worker(env: dict) -> None:
@@ -139,7 +144,7 @@ def run_bare_faust_worker(env: dict) -> None:
 
     from oel import metrics
     from oel.metrics import start_metrics_server
-    from processors.app import broker_settings
+    from processors.app import broker_settings, make_worker
 
     s = load_settings()
     start_metrics_server(s.metrics.for_service(METRICS_PORT), "processor")
@@ -156,7 +161,7 @@ def run_bare_faust_worker(env: dict) -> None:
         async for _event in stream.events():
             counter.inc()
 
-    faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+    make_worker(app, "warning").execute_from_commandline()
 
 
 def time_worker(args: list[str], env: dict, topic: str, total: int) -> tuple[float, float, float, subprocess.Popen]:
@@ -182,6 +187,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="processor batch size")
     ap.add_argument("--rate", type=float, default=50, help="episodes/s in the latency phase")
     ap.add_argument("--latency-episodes", type=int, default=300)
+    ap.add_argument(
+        "--store", choices=["s3", "local"], default="s3",
+        help="where the worker writes episodes, extractions and the KB: MinIO (s3) or a local directory (the streaming path without S3 requests)",
+    )
     ap.add_argument("--profile", metavar="FILE", help="cProfile the worker, write its stats to FILE (slows it down)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bare-faust-worker", action="store_true", help=argparse.SUPPRESS)
@@ -195,6 +204,9 @@ def main() -> None:
 
     tag = uuid.uuid4().hex[:8]
     env = env_vars(tag, args.batch)
+    env["OEL_BENCH_STORE"] = args.store
+    if args.store == "local":
+        env["OEL_BENCH_LOCAL_DIR"] = tempfile.mkdtemp(prefix=f"oel-bench-{tag}-")
     if args.profile:
         env["OEL_BENCH_PROFILE"] = os.path.abspath(args.profile)
     os.environ.update(env)
@@ -283,6 +295,8 @@ def main() -> None:
     finally:
         worker.terminate()
         worker.wait(30)
+        if "OEL_BENCH_LOCAL_DIR" in env:
+            shutil.rmtree(env["OEL_BENCH_LOCAL_DIR"], ignore_errors=True)
 
     latencies.sort()
     p50 = statistics.median(latencies) if latencies else float("nan")
@@ -295,6 +309,7 @@ def main() -> None:
     print(f"{'  ... until all episodes are in the KB':38s} {pipeline_rate:10.0f}")
     print(f"{'ratio processor / bare':38s} {proc_rate / bare_rate:10.2f}   (target: >= 5000 events/s per worker)")
     print()
+    print(f"store: {args.store}; load average {os.getloadavg()[0]:.1f}")
     print(f"end event -> items in store, {len(latencies)} episodes at {args.rate:.0f}/s, batch {args.batch}, window 0.5 s:")
     print(f"  p50 {p50 * 1000:.0f} ms   p99 {p99 * 1000:.0f} ms   (lost: {len(sent)})")
     print(json.dumps({"bare_events_per_s": bare_rate, "faust_events_per_s": faust_rate, "processor_events_per_s": proc_rate, "pipeline_events_per_s": pipeline_rate, "p50_s": p50, "p99_s": p99}))

@@ -104,7 +104,10 @@ class Processor:
         self.writer = writer
         p = settings.processor
         t = settings.topics
-        self.tick_s = tick_s or max(0.5, min(p.abandon_after_s, p.batch_window_s) / 4)
+        self.tick_s = tick_s or max(0.5, p.abandon_after_s / 4)
+        """Period of the scan of the ``episodes`` table for idle episodes (and lag)."""
+        self.flush_tick_s = max(0.05, p.batch_window_s / 10)
+        """Period of the check for batches that have waited ``batch_window_s`` (cheap: in memory)."""
         self.take_max = take_max
         self.take_within_s = take_within_s
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oel-extract")
@@ -120,6 +123,7 @@ class Processor:
         """Per namespace, the episodes waiting for extraction (their records are not acked yet)."""
         self.namespaces: set[str] = set()
         """Namespaces whose metric series this worker has created."""
+        self._lag_observed_at = 0.0
         datadir = settings.paths.state_dir / "processor" / p.app_id
         datadir.mkdir(parents=True, exist_ok=True)
         app = faust.App(
@@ -160,6 +164,7 @@ class Processor:
         self.control_agent = app.agent(self.control, name="control")(self._control)
         self.extract = app.agent(self.episodes_topic, name="extract")(self._extract)
         app.timer(self.tick_s)(self._tick)
+        app.timer(self.flush_tick_s)(self._flush_tick)
         app.on_partitions_revoked.connect(self._on_revoked)
         topic = t.trajectories
         self._consumed = metrics.EVENTS_CONSUMED.labels(topic=topic)
@@ -343,7 +348,7 @@ class Processor:
     # --- timers --------------------------------------------------------------------------------
 
     async def _tick(self) -> None:
-        """Send abandon/purge and flush commands; never changes a table itself."""
+        """Send abandon/purge commands; never changes a table itself."""
         p = self.settings.processor
         now = time.time()
         for episode_id, entry in list(self.episodes.items()):
@@ -357,12 +362,19 @@ class Processor:
                 await self.control.send(
                     key=episode_id.encode(), value={"op": "purge", "episode_id": episode_id}, partition=entry["partition"]
                 )
+
+    async def _flush_tick(self) -> None:
+        """Send a flush record for every batch that has waited ``batch_window_s``."""
+        p = self.settings.processor
+        now = time.time()
         for namespace, batch in list(self.pending.items()):
             if now - batch.since >= p.batch_window_s and not batch.flush_sent:
                 batch.flush_sent = True
                 first = batch.episodes[0].episode_id
                 await self.episodes_topic.send(key=namespace.encode(), value=json.dumps({"flush": first}).encode())
-        self._observe_lag()
+        if now - self._lag_observed_at >= 1.0:
+            self._lag_observed_at = now
+            self._observe_lag()
 
     def _observe_lag(self) -> None:
         consumer = getattr(self.app, "consumer", None)
@@ -389,6 +401,15 @@ class PendingBatch:
         self.episodes.append(episode)
         self.events.append(event)
         self.ids.add(episode.episode_id)
+
+
+def make_worker(app: faust.App, loglevel: str) -> faust.Worker:
+    """A Faust worker for ``app`` without the start-up spinner: at a log level of WARN and above, Faust
+    shows one and sets the root logger to DEBUG for good, so that every debug call in Faust and aiokafka
+    (one per record sent) builds a log record (measured: ~7% of the worker's time)."""
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.spinner = None
+    return worker
 
 
 def as_current(event: faust.EventT) -> None:

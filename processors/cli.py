@@ -22,8 +22,6 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     (batching, abandonment, extraction prompt), OEL_MODEL__* (which model extracts), OEL_KAFKA__*,
     OEL_S3__*; metrics on OEL_METRICS__PORT (default 9101).
     """
-    import faust
-
     from oel.cli_context import settings_of
     from oel.knowledge import KnowledgeWriter, WriterConfig
     from oel.metrics import start_metrics_server
@@ -31,7 +29,7 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     from oel.ops.topics import admin_client, ensure_topics
     from oel.store import S3Store
     from oel.topics import topic_specs
-    from processors.app import Processor, internal_topic_specs
+    from processors.app import Processor, internal_topic_specs, make_worker
 
     s = settings_of(ctx)
     p = s.processor
@@ -49,4 +47,4 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     start_metrics_server(s.metrics.for_service(METRICS_PORT), "processor")
     proc = Processor(s, writer)
     log.info("processor %s starting on %s", p.app_id, s.kafka.bootstrap_servers)
-    faust.Worker(proc.app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    make_worker(proc.app, loglevel).execute_from_commandline()
