@@ -1,0 +1,105 @@
+"""A reference agent in production: plays episodes with its namespace's current model version, records
+them with the recorder SDK, and follows the model-versions topic.
+
+:class:`LiveAgent` ties the agent-side pieces together the way a deployed agent would:
+
+* a :class:`~producers.versions.VersionFollower` on the compacted ``oel.model-versions`` topic, with an
+  :class:`~producers.adapters.AdapterLoader` hook that fetches and loads each new version's adapter;
+* the version is pinned once per batch of episodes (:meth:`VersionFollower.pin`), so an episode never
+  switches adapters midway; the previous adapter is unloaded once no episode uses it any more;
+* every finished episode goes to ``oel.trajectories`` through a :class:`~producers.recorder.Recorder`
+  (start, one step per turn, end).
+
+``oel agents serve`` runs one until stopped (the Kubernetes sample agent); ``oel demo --stack`` uses one
+as the agent side of the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+
+from oel.model.backend import Backend
+from oel.settings import Settings
+from oel.store import ObjectStore
+from producers.adapters import AdapterLoader
+from producers.agents import AgentConfig, Episode, run_episodes
+from producers.recorder import BASE_VERSION, Recorder
+from producers.versions import VersionFollower
+
+log = logging.getLogger(__name__)
+
+
+class LiveAgent:
+    """See the module docstring. ``make_env`` builds a fresh environment; ``agent`` says how to act (its
+    ``adapter`` is ignored: the followed version decides)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        namespace: str,
+        make_env: Callable,
+        backend: Backend,
+        store: ObjectStore,
+        *,
+        agent: AgentConfig = AgentConfig(),
+        agent_id: str | None = None,
+        adapter_cache: str | Path | None = None,
+    ):
+        self.namespace = namespace
+        self.make_env = make_env
+        self.backend = backend
+        self.agent = agent
+        self.agent_id = agent_id or f"agent-{uuid.uuid4().hex[:8]}"
+        self.loader = AdapterLoader(backend, store, cache_dir=adapter_cache)
+        self.recorder = Recorder(settings)
+        self.follower = VersionFollower(namespace, settings, on_change=self.loader).start()
+        self.serving = BASE_VERSION
+
+    def play(self, seeds: Iterable[int], episode_id: Callable[[Episode], str] | None = None,
+             on_episode: Callable[[Episode], None] | None = None) -> list[Episode]:
+        """Play one batch of episodes (one per seed) with the version current now, recording each as it ends."""
+        pinned = self.follower.pin()
+        if pinned.version is not None and not self.loader.load(pinned.version):
+            log.warning("%s: the adapter of %s is not loadable; playing this batch with %s", self.namespace, pinned.name, self.serving)
+        else:
+            self._switch(pinned.name)
+        adapter = None if self.serving == BASE_VERSION else self.serving
+        version = self.serving
+
+        def record(ep: Episode) -> None:
+            eid = episode_id(ep) if episode_id is not None else None
+            with self.recorder.episode(self.namespace, self.agent_id, version, task=ep.first_prompt,
+                                       metadata=ep.metadata, episode_id=eid) as rec:
+                for turn in ep.turns:
+                    rec.step(turn.prompt, turn.response, action=turn.action, feedback=turn.feedback)
+                rec.end(ep.outcome, success=ep.passed)
+            if on_episode is not None:
+                on_episode(ep)
+
+        return run_episodes(self.backend, self.make_env, seeds, replace(self.agent, adapter=adapter), on_episode=record)
+
+    def _switch(self, name: str) -> None:
+        """Serve ``name`` from the next batch on; the old adapter is unloaded (no episode uses it any more)."""
+        if name == self.serving:
+            return
+        old, self.serving = self.serving, name
+        log.info("%s: agent %s now plays with %s (was %s)", self.namespace, self.agent_id, name, old)
+        if old != BASE_VERSION and old in self.backend.list_adapters():
+            self.backend.unload_adapter(old)
+
+    def close(self) -> None:
+        """Flush the recorder (raising if events were lost) and stop following."""
+        try:
+            self.recorder.close()
+        finally:
+            self.follower.stop()
+
+    def __enter__(self) -> LiveAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
