@@ -247,3 +247,62 @@ def compare(ctx: click.Context, env_name: str, episodes: int, modes: tuple[str, 
         click.echo(f"| {r['house']} | {r['mode']} | {r['episodes']} | {n['pass_rate']:.1%} ({n['passed']}) | {x['pass_rate']:.1%} ({x['passed']}) "
                    f"| {n['valid_action_rate']:.1%} | {x['valid_action_rate']:.1%} | {n['mean_response_tokens']:.1f} / {x['mean_response_tokens']:.1f} "
                    f"| {n['mean_turns']:.2f} / {x['mean_turns']:.2f} |")
+
+
+@agents.command("serve")
+@click.option("--env", "env_name", type=click.Choice(ENV_NAMES), required=True, help=ENV_HELP)
+@click.option("--namespace", default=None, help="Namespace the agent learns in (default: the environment's name).")
+@click.option("--mode", type=click.Choice(["free", "short", "choice"]), default=None,
+              help="Action mode (default: choice for the games, free for house rules).")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+              help="Episodes played side by side; the model version is pinned per batch.")
+@click.option("--max-batches", type=click.IntRange(1), default=None, help="Stop after this many batches (default: run until SIGTERM/Ctrl-C).")
+@click.option("--seed-start", type=click.IntRange(0), default=0, show_default=True, help="First training seed; later batches continue from there.")
+@click.option("--agent-id", default=None, help="Agent id in the recorded events (default: a random one).")
+@click.pass_context
+def serve(ctx: click.Context, env_name: str, namespace: str | None, mode: str | None, batch_size: int, max_batches: int | None,
+          seed_start: int, agent_id: str | None) -> None:
+    """Play episodes like an agent in production, until stopped: each batch with the namespace's current
+    model version (followed on the model-versions topic; new adapters are fetched from the object store),
+    every episode recorded to the trajectories topic. Metrics on OEL_METRICS__PORT (default 9103).
+    SIGTERM finishes the current batch, flushes the recorder and exits."""
+    import signal
+    import threading
+
+    from oel.envs import make_env, train_seeds
+    from oel.envs.base import EVAL_SEED_BASE
+    from oel.metrics import start_metrics_server
+    from oel.model.factory import make_backend
+    from oel.store import S3Store, StoreError
+    from producers.agents import AgentConfig, summarize
+    from producers.live_agent import LiveAgent
+
+    settings = settings_of(ctx)
+    ns = namespace or env_name
+    mode = mode or ("free" if env_name == "house-rules" else "choice")
+    try:
+        store = S3Store(settings.s3)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    start_metrics_server(settings.metrics.for_service(9103), "agents")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    backend = make_backend(settings, max_batch_size=batch_size)
+    agent = LiveAgent(settings, ns, lambda: make_env(env_name), backend, store,
+                      agent=AgentConfig(mode=mode, batch_size=batch_size), agent_id=agent_id)
+    click.echo(f"agent {agent.agent_id}: {env_name} in namespace {ns}, mode {mode}, {batch_size} episodes per batch", err=True)
+    batch, start = 0, seed_start
+    try:
+        while not stop.is_set() and (max_batches is None or batch < max_batches):
+            if start + batch_size > EVAL_SEED_BASE:
+                start = 0  # training seeds wrap around; evaluation seeds are never played
+            t0 = time.monotonic()
+            episodes = agent.play(train_seeds(batch_size, start=start))
+            stats = summarize(episodes, time.monotonic() - t0)
+            click.echo(f"batch {batch}: {agent.serving}: pass rate {stats.pass_rate:.0%}, "
+                       f"{stats.mean_response_tokens:.0f} tokens/turn, {stats.episodes_per_minute:.1f} episodes/min", err=True)
+            batch, start = batch + 1, start + batch_size
+    except KeyboardInterrupt:
+        pass
+    finally:
+        agent.close()
