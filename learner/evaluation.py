@@ -307,6 +307,14 @@ class Evaluator:
         log.info("OOD %s: %.3f (%s)", subject, summary["score"], "measured" if computed else "cached")
         return summary
 
+    def cached_policy(self, spec: EvalSpec, subject: str, experience: Sequence[str] | None = None) -> dict[str, Any] | None:
+        """The cached held-out result of ``subject``, or None."""
+        return self.cache.get("policy", spec.fingerprint(list(experience or []) or None), subject)
+
+    def cached_ood(self, subject: str) -> dict[str, Any] | None:
+        """The cached OOD result of ``subject``, or None."""
+        return self.cache.get("ood", prompts_fingerprint(self.ood_prompts, self.ood_max_new_tokens), subject)
+
     def with_adapter(self, name: str, adapter_dir: str | Path, fn: Callable[[], Any]) -> Any:
         """``fn()`` with the adapter folder loaded as ``name`` (unloaded after, if loaded here)."""
         loaded = ensure_adapter(self.backend, name, adapter_dir)

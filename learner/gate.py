@@ -129,7 +129,11 @@ class HeldOutGate:
             cand = ev_.policy_eval(spec, subject, name) if spec is not None else None
             return cand, ev_.ood_eval(subject, name)
 
-        cand, cand_ood = ev_.with_adapter(name, adapter_dir, measure)
+        cached = ev_.cached_policy(spec, subject) if spec is not None else None, ev_.cached_ood(subject)
+        if cached[1] is not None and (spec is None or cached[0] is not None):
+            cand, cand_ood = cached  # measured before (a replay): no need to load the adapter
+        else:
+            cand, cand_ood = ev_.with_adapter(name, adapter_dir, measure)
         if cand is not None and reference is not None:
             ev.update(pass_rate=cand["pass_rate"], mean_response_tokens=cand["mean_response_tokens"],
                       valid_action_rate=cand["valid_action_rate"], eval_episodes=float(cand["n_episodes"]),

@@ -28,6 +28,9 @@ from oel.schemas import ModelVersion, VersionStatus
 from oel.settings import load_settings
 from oel.store import LocalStore
 
+# Loading the damaged adapter, peft notes that a LoRA bias on a bias-free layer cannot be merged (it is not merged).
+pytestmark = pytest.mark.filterwarnings("ignore:.*lora_bias=True.*")
+
 OOD_SUBSET = tuple(p for p in OOD_PROMPTS if p.id in {
     "keyword-bees", "keywords-train", "constrained-sun", "french-weather", "forbidden-cat", "repeat-france",
     "lowercase-beach", "title-robot"})
