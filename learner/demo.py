@@ -199,8 +199,9 @@ class LearningLoop:
 
     # --- driving ----------------------------------------------------------------------------
 
-    def play(self, round_no: int) -> tuple[list, int]:
-        """Agents play this round's training episodes and publish their events; (episodes, events sent)."""
+    def play(self, round_no: int) -> tuple[list, int, str]:
+        """Agents play this round's training episodes and publish their events; (episodes, events sent,
+        the version they played with)."""
         from oel.envs import make_env, train_seeds
         from producers.agents import AgentConfig, run_episodes
 
@@ -218,7 +219,7 @@ class LearningLoop:
         with _bar(len(seeds), f"round {round_no}: agents play ({version})") as bar:
             episodes = run_episodes(self.backend, lambda: make_env(cfg.env), seeds, agent, experience=experience,
                                     on_episode=lambda ep: (publish(ep), bar.update(1)))
-        return episodes, sent
+        return episodes, sent, version
 
     def episode_id(self, round_no: int, seed: int) -> str:
         return f"{self.config.ns}-r{round_no}-s{seed}"
@@ -227,8 +228,7 @@ class LearningLoop:
         """One round: play, process, learn, follow; returns (and saves) its report."""
         t: dict[str, float] = {}
         t0 = time.monotonic()
-        played_with = self.serving or BASE_VERSION
-        episodes, sent = self.play(round_no)
+        episodes, sent, played_with = self.play(round_no)
         t["play"] = time.monotonic() - t0
         t1 = time.monotonic()
         update, invalid = self.process()

@@ -1,9 +1,9 @@
 """The demo's loop on the real services: Kafka, the S3 store, the Faust processor and the learner service.
 
-:class:`StackLoop` is the agent side of production: it plays episodes with the in-process model, sends
-them with the recorder SDK (:class:`producers.recorder.Recorder`) to the trajectories topic, follows
-the compacted model-versions topic (:class:`producers.versions.VersionFollower`) and loads each new
-version's adapter from the object store before its next episodes. The processor (``oel processor``)
+:class:`StackLoop`'s agent side is a :class:`producers.live_agent.LiveAgent`, as in production: it
+plays episodes with the in-process model, sends them with the recorder SDK to the trajectories topic,
+follows the compacted model-versions topic and loads each new version's adapter from the object store
+before its next episodes. The processor (``oel processor``)
 and the learner service (``python -m learner.service``) run as their own processes — started here
 (``start_services=True``, their logs in ``<out_dir>/logs``) or already running — and the loop only
 waits for their results: the experience update that covers a round's episodes, then the model version
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from learner.demo import BASE_VERSION, DemoConfig, LearningLoop
+from learner.demo import BASE_VERSION, DemoConfig, LearningLoop, _bar
 from learner.versions import ModelRegistry, VersionRecord
 from oel.kb import extraction_key, latest_snapshot
 from oel.model.backend import Backend
@@ -59,14 +59,13 @@ class StackLoop(LearningLoop):
         timeout_s: float = 900.0,
         progress: Callable[[str], None] = print,
     ):
+        if config.in_context:
+            raise ValueError("in-context play is not supported on the real services yet (the live agent keeps no KB); drop --in-context")
         store = S3Store(settings.s3)
         store.ensure_bucket()
         super().__init__(settings, config, store, backend, progress)
         from oel.ops.topics import admin_client, ensure_topics
         from oel.topics import topic_specs
-        from producers.recorder import Recorder
-        from producers.versions import VersionFollower
-
         s = self.settings
         ensure_topics(admin_client(s.kafka), topic_specs(s))
         self.timeout_s = timeout_s
@@ -75,8 +74,13 @@ class StackLoop(LearningLoop):
         self.service_env = {**os.environ, **(service_env or {}), **_round_env(config)}
         if start_services:
             self.start_services()
-        self.recorder = Recorder(s)
-        self.follower = VersionFollower(config.ns, s).start()
+        from oel.envs import make_env
+        from producers.agents import AgentConfig
+        from producers.live_agent import LiveAgent
+
+        self.agent = LiveAgent(s, config.ns, lambda: make_env(config.env), self.backend, self.store,
+                               agent=AgentConfig(mode=config.action_mode, batch_size=config.agent_batch, seed=config.seed),
+                               agent_id="demo-agent", adapter_cache=self.out_dir / "adapters")
         self._updates = Consumer({**s.kafka.client_config(), "group.id": f"oel-demo-{config.ns}-{os.getpid()}",
                                   "enable.auto.commit": False, "auto.offset.reset": "earliest"})
         parts = self._updates.list_topics(s.topics.experience, timeout=10).topics[s.topics.experience].partitions
@@ -113,8 +117,7 @@ class StackLoop(LearningLoop):
                     proc.kill()
                     proc.wait(10)
         self.services.clear()
-        self.recorder.close(raise_on_loss=False)
-        self.follower.stop()
+        self.agent.close()
         self._updates.close()
 
     def __enter__(self) -> StackLoop:
@@ -140,19 +143,23 @@ class StackLoop(LearningLoop):
 
     # --- the transport --------------------------------------------------------------------------
 
-    def publish_episode(self, episode, episode_id: str, agent_id: str, version: str) -> int:
-        with self.recorder.episode(self.config.ns, agent_id, version, task=episode.first_prompt,
-                                   metadata=episode.metadata, episode_id=episode_id) as ep:
-            for turn in episode.turns:
-                ep.step(turn.prompt, turn.response, action=turn.action, feedback=turn.feedback)
-            ep.end(episode.outcome, success=episode.passed)
-        self._round_episodes.append(episode_id)
-        return len(episode.turns) + 2
+    def play(self, round_no: int) -> tuple[list, int, str]:
+        """The live agent plays the round's episodes with the version it follows and records them."""
+        from oel.envs import train_seeds
+
+        cfg = self.config
+        seeds = train_seeds(cfg.episodes, start=cfg.seed + round_no * cfg.episodes)
+        with _bar(len(seeds), f"round {round_no}: agents play") as bar:
+            episodes = self.agent.play(seeds, episode_id=lambda ep: self.episode_id(round_no, ep.seed),
+                                       on_episode=lambda ep: (self._round_episodes.append(self.episode_id(round_no, ep.seed)),
+                                                              bar.update(1)))
+        self.serving = None if self.agent.serving == BASE_VERSION else self.agent.serving
+        return episodes, sum(len(ep.turns) + 2 for ep in episodes), self.agent.serving
 
     def process(self) -> tuple[ExperienceUpdate | None, int]:
         """Wait until the processor's updates cover every episode of the round (or, while the KB is still
         empty, until every episode was extracted from, which publishes no update)."""
-        if self.recorder.flush(60):
+        if self.agent.recorder.flush(60):
             raise RuntimeError("the recorder could not deliver the round's events within 60 s")
         want = set(self._round_episodes)
         self._round_episodes = []
@@ -166,8 +173,11 @@ class StackLoop(LearningLoop):
                     covered.update(upd.source_episode_ids)
             if want <= covered:
                 return True
-            if latest_snapshot(self.store, self.config.ns) is None:
-                return all(self.store.exists(extraction_key(self.config.ns, e)) for e in want)
+            if latest_snapshot(self.store, self.config.ns) is None and all(
+                    self.store.exists(extraction_key(self.config.ns, e)) for e in want):
+                # The KB is empty and every episode was extracted from: an update comes only if some
+                # item passes validation (the processor's own functions say whether one does).
+                return not self._would_add_items(want)
             return False
 
         self._wait(f"the processor to extract from {len(want)} episodes", done)
@@ -179,6 +189,20 @@ class StackLoop(LearningLoop):
                                            "source_episode_ids": sorted(covered & want)})
         self.progress(f"  processor: {len(merged.new_item_ids)} new items; KB {merged.kb_version} has {merged.total_items} items")
         return merged, 0
+
+    def _would_add_items(self, episode_ids: set[str]) -> bool:
+        """Whether the stored extraction answers of these episodes hold an item the processor keeps."""
+        from oel.episodes import CompletedEpisode, episode_key
+        from oel.extraction import PromptVariant, parse_items, render_trajectory, validate_items
+
+        ns = self.config.ns
+        for eid in episode_ids:
+            answer = self.store.get_json(extraction_key(ns, eid))
+            episode = CompletedEpisode.model_validate(self.store.get_json(episode_key(ns, eid)))
+            kept, _ = validate_items(parse_items(answer["output"], PromptVariant(answer["variant"])), render_trajectory(episode))
+            if kept:
+                return True
+        return False
 
     def learn(self, update: ExperienceUpdate | None) -> list[VersionRecord]:
         """Wait for the learner's version of the round's KB version (decided: promoted or rejected)."""
@@ -196,11 +220,13 @@ class StackLoop(LearningLoop):
         return [record]
 
     def follow(self) -> None:
+        """Wait until the agent's follower has seen what the registry says is current (it switches to it
+        when the next batch starts)."""
         latest = self.registry.current(self.config.ns)
-        if latest is not None:  # the registry says it is promoted: wait for the topic to say so too
+        if latest is not None:
             want = latest.manifest.version
-            self.follower.wait_for(lambda v: v is not None and v.version == want, timeout_s=60)
-        self.serve(self.follower.current())
+            self.agent.follower.wait_for(lambda v: v is not None and v.version == want, timeout_s=60)
+            self.progress(f"  agents: {want} announced; the next episodes play with it")
 
     def _poll_updates(self) -> list[ExperienceUpdate]:
         out = []
