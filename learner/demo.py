@@ -140,7 +140,7 @@ def episode_events(episode, namespace: str, episode_id: str, agent_id: str, mode
 class LearningLoop:
     """Rounds of play -> extract -> consolidate -> gate -> roll out, whatever carries the messages.
 
-    Subclasses say how an episode is published (:meth:`publish_episode`), how the processor and the
+    Subclasses say how episodes are published (:meth:`publish_episode`, or all of :meth:`play`), how the processor and the
     learner get their turn (:meth:`process`, :meth:`learn`) and how agents learn of a new version
     (:meth:`follow`): :class:`DemoLoop` does all of it in this process; :class:`learner.demo_stack.StackLoop`
     on the real services."""
@@ -158,9 +158,6 @@ class LearningLoop:
 
             backend = HFBackend.from_settings(self.settings, max_batch_size=max(config.agent_batch, 4))
         self.backend = backend
-        from producers.adapters import AdapterLoader
-
-        self.loader = AdapterLoader(backend, store, cache_dir=self.out_dir / "adapters")
         self.serving: str | None = None  # the adapter the agents act with; None = the base model
         self.reports: list[RoundReport] = []
         self.table_paths: tuple[Path, Path] | None = None
@@ -181,21 +178,8 @@ class LearningLoop:
         raise NotImplementedError
 
     def follow(self) -> None:
-        """Agents pick up the version to serve (between episodes) and load it (:meth:`serve`)."""
+        """Agents learn of the version to serve (they switch between episodes)."""
         raise NotImplementedError
-
-    def serve(self, version: ModelVersion | None) -> None:
-        """Act with ``version`` (None = the base model) from now on: its adapter is fetched from the store
-        and loaded (:class:`producers.adapters.AdapterLoader`, as agents do), the old one unloaded."""
-        name = version.version if version is not None else None
-        if name == self.serving:
-            return
-        if version is not None and not self.loader.load(version):
-            raise RuntimeError(f"could not load the adapter of {name} (see the log); still serving {self.serving or BASE_VERSION}")
-        old, self.serving = self.serving, name
-        if old is not None and old in self.backend.list_adapters():
-            self.backend.unload_adapter(old)  # nothing is in flight between rounds
-        self.progress(f"  agents: now serving {name or BASE_VERSION} (was {old or BASE_VERSION})")
 
     # --- driving ----------------------------------------------------------------------------
 
@@ -333,6 +317,9 @@ class DemoLoop(LearningLoop):
                                       count_tokens=token_counter(self.backend))
         self.kb_state = KBState(namespace=config.ns)
         self.buffers: dict[str, EpisodeBuffer] = {}
+        from producers.adapters import AdapterLoader
+
+        self.loader = AdapterLoader(self.backend, self.store, cache_dir=self.out_dir / "adapters")
 
     def publish_episode(self, episode, episode_id: str, agent_id: str, version: str) -> int:
         events = episode_events(episode, self.config.ns, episode_id, agent_id, version)
@@ -385,6 +372,19 @@ class DemoLoop(LearningLoop):
         for msg in self.bus.read(self.VERSIONS, "agents"):
             self.versions.apply(decode(msg.value, ModelVersion))
         self.serve(self.versions.current)
+
+    def serve(self, version: ModelVersion | None) -> None:
+        """Act with ``version`` (None = the base model) from now on: its adapter is fetched from the store
+        and loaded (:class:`producers.adapters.AdapterLoader`, as agents do), the old one unloaded."""
+        name = version.version if version is not None else None
+        if name == self.serving:
+            return
+        if version is not None and not self.loader.load(version):
+            raise RuntimeError(f"could not load the adapter of {name} (see the log); still serving {self.serving or BASE_VERSION}")
+        old, self.serving = self.serving, name
+        if old is not None and old in self.backend.list_adapters():
+            self.backend.unload_adapter(old)  # nothing is in flight between rounds
+        self.progress(f"  agents: now serving {name or BASE_VERSION} (was {old or BASE_VERSION})")
 
     def _publish_version(self, event: ModelVersion) -> None:
         self.bus.publish(self.VERSIONS, event.namespace, event.to_bytes())
