@@ -1,17 +1,22 @@
-"""Processor streaming throughput and end-to-knowledge latency, next to a bare confluent-kafka consumer.
+"""Processor streaming throughput and end-to-knowledge latency, next to a bare confluent-kafka consumer
+and a bare Faust agent.
 
 What it measures (on the local stack, `oel stack up`):
 
 1. **bare consumer**: a confluent-kafka consumer reading the same pre-filled topic (decode only), events/s;
-2. **processor, throughput**: one `oel processor` worker (Faust) with extraction replaced by a no-op
+2. **bare Faust agent**: a Faust worker with the processor's broker settings whose one agent only counts
+   the events of the same topic (no decode, no table): what Faust itself costs per event here;
+3. **processor, throughput**: one `oel processor` worker (Faust) with extraction replaced by a no-op
    extractor (every episode yields one fixed-form item at once), reading the same pre-filled topic:
    events/s from its first consumed event until every event is consumed (its own counter, scraped from
-   its /metrics endpoint);
-3. **processor, latency**: episodes produced at a steady rate while the worker runs; for each episode,
+   its /metrics endpoint), and until every episode's ExperienceUpdate is out (episodes, extractions,
+   items and snapshots written to the store: MinIO, or with ``--store local`` a local directory);
+4. **processor, latency**: episodes produced at a steady rate while the worker runs; for each episode,
    the time from producing its end event to the ExperienceUpdate naming it (its items are in the store
    by then); model time is zero with the no-op extractor, batching waits are included.
 
-Run:  .venv/bin/python bench/bench_processor.py [--episodes 2000] [--steps 3] [--rate 50]
+Run:  .venv/bin/python bench/bench_processor.py [--episodes 2000] [--steps 3] [--rate 50] [--store s3|local]
+      [--profile FILE]   (cProfile of the worker's main thread)
 """
 
 from __future__ import annotations
@@ -137,6 +142,24 @@ def run_worker(env: dict) -> None:
     make_worker(proc.app, env.get("OEL_BENCH_LOGLEVEL", "warning")).execute_from_commandline()
 
 
+def logic_rate(events: list[bytes], max_bytes: int) -> float:
+    """Events/s of the processor's own per-event work with no Kafka and no Faust: decode and validate,
+    add to the episode's buffer, close the complete episode and serialise it (as the assembly agent does)."""
+    from oel.episodes import AddResult, add_event, close
+
+    buffers: dict = {}
+    t0 = time.perf_counter()
+    for raw in events:
+        ev = decode(raw, TrajectoryEvent, max_bytes=max_bytes)
+        buf, result = add_event(buffers.get(ev.episode_id), ev, 0.0)
+        if result is AddResult.complete:
+            buffers.pop(ev.episode_id, None)
+            close(buf, abandoned=False).model_dump_json()
+        else:
+            buffers[ev.episode_id] = buf
+    return len(events) / (time.perf_counter() - t0)
+
+
 def run_bare_faust_worker(env: dict) -> None:
     """Child process: a Faust worker with the processor's broker settings whose one agent only counts
     events (no decode, no table): the ceiling of a Faust agent on this machine."""
@@ -176,7 +199,7 @@ def time_worker(args: list[str], env: dict, topic: str, total: int) -> tuple[flo
             t_first, c_first = time.monotonic(), consumed
         if consumed >= total:
             break
-        time.sleep(0.05)
+        time.sleep(0.2)  # each scrape costs the worker CPU: not too often
     return (total - c_first) / (time.monotonic() - t_first), t_first, c_first, worker
 
 
@@ -217,9 +240,11 @@ def main() -> None:
     # Fill the topic.
     p = producer(s)
     total = 0
+    raws = []
     for i in range(args.episodes):
         for ev in episode(i, args.steps, tag):
-            p.produce(topic, key=ev.episode_id, value=ev.to_bytes())
+            raws.append(ev.to_bytes())
+            p.produce(topic, key=ev.episode_id, value=raws[-1])
             total += 1
             if total % 10000 == 0:
                 p.poll(0)
@@ -239,6 +264,8 @@ def main() -> None:
         n += 1
     bare_rate = (n - 1) / (time.monotonic() - t_first)
     c.close()
+
+    logic = logic_rate(raws, s.topics.max_event_bytes)
 
     # 2. A Faust agent that only counts, on the same topic: Faust's own ceiling here.
     faust_rate, _, _, bare_worker = time_worker(["--bare-faust-worker"], {**os.environ, **env}, topic, total)
@@ -305,14 +332,17 @@ def main() -> None:
     print(f"{'':38s} {'events/s':>10s}")
     print(f"{'bare confluent-kafka consumer':38s} {bare_rate:10.0f}")
     print(f"{'bare Faust agent (count only)':38s} {faust_rate:10.0f}")
+    print(f"{'processor logic alone (no Kafka)':38s} {logic:10.0f}")
+    print(f"{'  bound: Faust agent + logic, one core':38s} {1 / (1 / faust_rate + 1 / logic):10.0f}")
     print(f"{'oel processor (no-op extractor)':38s} {proc_rate:10.0f}")
     print(f"{'  ... until all episodes are in the KB':38s} {pipeline_rate:10.0f}")
-    print(f"{'ratio processor / bare':38s} {proc_rate / bare_rate:10.2f}   (target: >= 5000 events/s per worker)")
+    print(f"{'ratio processor / bare consumer':38s} {proc_rate / bare_rate:10.2f}   (target: >= 5000 events/s per worker)")
+    print(f"{'ratio processor / bare Faust agent':38s} {proc_rate / faust_rate:10.2f}")
     print()
     print(f"store: {args.store}; load average {os.getloadavg()[0]:.1f}")
     print(f"end event -> items in store, {len(latencies)} episodes at {args.rate:.0f}/s, batch {args.batch}, window 0.5 s:")
     print(f"  p50 {p50 * 1000:.0f} ms   p99 {p99 * 1000:.0f} ms   (lost: {len(sent)})")
-    print(json.dumps({"bare_events_per_s": bare_rate, "faust_events_per_s": faust_rate, "processor_events_per_s": proc_rate, "pipeline_events_per_s": pipeline_rate, "p50_s": p50, "p99_s": p99}))
+    print(json.dumps({"bare_events_per_s": bare_rate, "faust_events_per_s": faust_rate, "logic_events_per_s": logic, "processor_events_per_s": proc_rate, "pipeline_events_per_s": pipeline_rate, "p50_s": p50, "p99_s": p99}))
 
 
 if __name__ == "__main__":

@@ -105,9 +105,10 @@ class Processor:
         p = settings.processor
         t = settings.topics
         self.tick_s = tick_s or max(0.5, p.abandon_after_s / 4)
-        """Period of the scan of the ``episodes`` table for idle episodes (and lag)."""
+        """Period of the scan of the ``episodes`` table for idle and long-closed episodes."""
         self.flush_tick_s = max(0.05, p.batch_window_s / 10)
-        """Period of the check for batches that have waited ``batch_window_s`` (cheap: in memory)."""
+        """Period of the check for batches that have waited ``batch_window_s`` (cheap: in memory); the
+        consumer lag is observed with it, at most once a second."""
         self.take_max = take_max
         self.take_within_s = take_within_s
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oel-extract")
@@ -200,7 +201,7 @@ class Processor:
         self._consumed.inc(len(events))
         self._last_event.set(time.time())
         max_bytes = self.settings.topics.max_event_bytes
-        touched: dict[str, faust.EventT] = {}  # open episode id -> its last event in this batch
+        touched: dict[str, tuple[faust.EventT, EpisodeBuffer]] = {}  # open episode -> its last event here, its buffer
         now = time.time()
         for event in events:
             msg = event.message
@@ -230,10 +231,10 @@ class Processor:
                 await self._finish(buffer, abandoned=False)
             elif result is AddResult.accepted:
                 self.open[ev.episode_id] = buffer
-                touched[ev.episode_id] = event
-        for episode_id, event in touched.items():
+                touched[ev.episode_id] = (event, buffer)
+        for episode_id, (event, buffer) in touched.items():
             as_current(event)
-            self.episodes[episode_id] = {"partition": event.message.partition, "buffer": self.open[episode_id].model_dump(mode="json")}
+            self.episodes[episode_id] = {"partition": event.message.partition, "buffer": buffer.model_dump(mode="json")}
 
     async def _finish(self, buffer: EpisodeBuffer, *, abandoned: bool) -> None:
         """Close an episode: hand it to extraction (which stores it), leave a tombstone (inside a stream)."""
@@ -342,7 +343,7 @@ class Processor:
             )
         self.kb[namespace] = {"state": new_state.model_dump(mode="json")}
         self.kb_states[namespace] = new_state
-        del self.pending[namespace]
+        self.pending.pop(namespace, None)  # (already gone if partitions were revoked meanwhile)
         return batch.events
 
     # --- timers --------------------------------------------------------------------------------
