@@ -22,21 +22,23 @@ from oel.cli_context import settings_of
               help="Where eval-<namespace>.md, .png and .json are written.")
 @click.option("--store-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Use a local directory as the object store (as `oel demo` does) instead of the S3 server in the settings.")
+@click.option("--ood", is_flag=True, help="Add each version's OOD instruction-following score (and the base model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON instead of markdown.")
 @click.pass_context
 def eval_command(ctx: click.Context, namespace: str, env_name: str | None, episodes: int | None, mode: str | None,
-                 out_dir: Path, store_dir: Path | None, as_json: bool) -> None:
+                 out_dir: Path, store_dir: Path | None, ood: bool, as_json: bool) -> None:
     """Pass rate and response length per round: no experience, experience in context, consolidated.
 
     For every model version of the namespace (one per round, oldest first) it plays the held-out seeds
     of the reference environment three times: with the round-start weights (parent version or base
     model) and no experience; with the same weights and the round's KB snapshot in the prompt; and
     with the version's adapter and no experience. Results are cached in the object store (evals/), so
-    numbers the evaluation gate measured already are not measured again. Prints the table and writes
+    numbers the evaluation gate measured already are not measured again. --ood adds each version's
+    out-of-distribution instruction-following score (the gate's check), next to the base model's. Prints the table and writes
     it as markdown, JSON and a PNG plot.
     """
     from learner.eval_table import eval_table
-    from learner.evaluation import EvalSpec, env_for_namespace
+    from learner.evaluation import EvalSpec, Evaluator, env_for_namespace
     from oel.model.factory import make_backend
     from oel.store import LocalStore, S3Store, StoreError
     from producers.agents import ActionMode
@@ -55,9 +57,11 @@ def eval_command(ctx: click.Context, namespace: str, env_name: str | None, episo
         store = LocalStore(store_dir) if store_dir is not None else S3Store(settings.s3)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
+    backend = lambda: make_backend(settings)  # noqa: E731 - made only if something is not cached yet
+    evaluator = Evaluator.from_settings(store, backend, settings)
     try:
-        table = eval_table(store, lambda: make_backend(settings), namespace, spec,
-                           progress=lambda line: click.echo(line, err=True))
+        table = eval_table(store, backend, namespace, spec, evaluator=evaluator,
+                           progress=lambda line: click.echo(line, err=True), ood=ood)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     paths = table.save(out_dir)

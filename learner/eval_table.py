@@ -48,6 +48,8 @@ class EvalRow:
     none: dict[str, Any]
     in_context: dict[str, Any]
     consolidated: dict[str, Any]
+    ood: float | None = None
+    """The version's OOD instruction-following score (:mod:`learner.ood`), when asked for."""
 
 
 @dataclass
@@ -58,20 +60,25 @@ class EvalTable:
     env: str
     spec: dict[str, Any]
     rows: list[EvalRow] = field(default_factory=list)
+    base_ood: float | None = None
+    """The base model's OOD score, when asked for."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"namespace": self.namespace, "env": self.env, "spec": self.spec, "rows": [asdict(r) for r in self.rows]}
+        return {"namespace": self.namespace, "env": self.env, "spec": self.spec, "base_ood": self.base_ood,
+                "rows": [asdict(r) for r in self.rows]}
 
     def to_markdown(self) -> str:
         """A markdown table: pass rate (passed/episodes) and mean response tokens per condition and round."""
         s = self.spec
+        with_ood = self.base_ood is not None
         lines = [
             f"Namespace `{self.namespace}` on `{self.env}`: {s['episodes']} held-out episodes per cell, "
-            f"mode {s['mode']}, greedy. Pass rate (passed/episodes) and mean response tokens per turn.",
+            f"mode {s['mode']}, greedy. Pass rate (passed/episodes) and mean response tokens per turn."
+            + (f" OOD: instruction-following score of the version (base model: {100 * self.base_ood:.1f}%)." if with_ood else ""),
             "",
             "| round | version | status | KB version (items) | pass: none | pass: in context | pass: consolidated "
-            "| tokens: none | tokens: in context | tokens: consolidated |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| tokens: none | tokens: in context | tokens: consolidated |" + (" OOD |" if with_ood else ""),
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_ood else ""),
         ]
         for r in self.rows:
             cells = [getattr(r, c) for c in CONDITIONS]
@@ -79,6 +86,7 @@ class EvalTable:
                 f"| {r.round} | {r.version} | {r.status} | {r.kb_version} ({r.kb_items}) | "
                 + " | ".join(f"{100 * c['pass_rate']:.1f}% ({c['passed']}/{c['n_episodes']})" for c in cells) + " | "
                 + " | ".join(_tokens(c["mean_response_tokens"]) for c in cells) + " |"
+                + (f" {'n/a' if r.ood is None else f'{100 * r.ood:.1f}%'} |" if with_ood else "")
             )
         return "\n".join(lines) + "\n"
 
@@ -143,8 +151,11 @@ def eval_table(
     registry: ModelRegistry | None = None,
     evaluator: Evaluator | None = None,
     progress: Callable[[str], None] | None = None,
+    ood: bool = False,
 ) -> EvalTable:
-    """Measure the table of ``namespace`` (module docstring); ``progress`` gets a line per cell."""
+    """Measure the table of ``namespace`` (module docstring); ``progress`` gets a line per cell. With
+    ``ood``, also each version's and the base model's OOD instruction-following score. ``backend``: the
+    backend, or a function that makes it when first needed; an ``evaluator`` given brings its own."""
     registry = registry or ModelRegistry(store)
     evaluator = evaluator or Evaluator(store, backend, registry)
     records = registry.list(namespace)
@@ -160,6 +171,11 @@ def eval_table(
             if progress is not None:
                 progress(f"round {m.generation} {m.version}: {LABELS[cond]}")
             cells[cond] = evaluator.policy_of(spec, namespace, version, m.base_model_hash, experience)
+        ood_score = None
+        if ood:
+            if table.base_ood is None:
+                table.base_ood = evaluator.ood_of(namespace, None, m.base_model_hash)["score"]
+            ood_score = evaluator.ood_of(namespace, m.version, m.base_model_hash)["score"]
         table.rows.append(EvalRow(round=m.generation, version=m.version, status=rec.status.value, parent=m.parent_version,
-                                  kb_version=m.kb_version, kb_items=len(items), **cells))
+                                  kb_version=m.kb_version, kb_items=len(items), **cells, ood=ood_score))
     return table

@@ -279,6 +279,12 @@ class Evaluator:
         self.ood_prompts = tuple(ood_prompts)
         self.ood_max_new_tokens = ood_max_new_tokens
 
+    @classmethod
+    def from_settings(cls, store: ObjectStore, backend: Backend | Callable[[], Backend], settings: Settings,
+                      registry: ModelRegistry | None = None, **kwargs: Any) -> Evaluator:
+        """An evaluator with the OOD answer budget of ``learner.ood_max_new_tokens``."""
+        return cls(store, backend, registry, ood_max_new_tokens=settings.learner.ood_max_new_tokens, **kwargs)
+
     @property
     def backend(self) -> Backend:
         if not isinstance(self._backend, Backend):

@@ -82,7 +82,8 @@ def decide(ev: Mapping[str, float]) -> GateDecision:
 class HeldOutGate:
     """The evaluation gate (module docstring). ``backend`` runs the evaluations (default: one made from
     the settings on first use, :func:`oel.model.factory.make_backend`); ``env`` overrides the
-    environment choice (None = OOD check only; default: :func:`env_for_namespace`); ``spec_overrides``
+    environment choice (an environment name, or None = OOD check only; default ``...``:
+    :func:`env_for_namespace`); ``spec_overrides``
     go to :meth:`EvalSpec.from_settings` (e.g. ``episodes``)."""
 
     def __init__(
@@ -92,14 +93,14 @@ class HeldOutGate:
         *,
         backend: Backend | None = None,
         registry: ModelRegistry | None = None,
-        env: str | None | type[Ellipsis] = ...,
+        env: Any = ...,
         spec_overrides: Mapping[str, Any] | None = None,
         ood_prompts: Sequence[OODPrompt] = OOD_PROMPTS,
     ):
         self.settings = settings
         self.registry = registry or ModelRegistry(store)
-        self.evaluator = Evaluator(store, backend if backend is not None else (lambda: make_backend(settings)), self.registry,
-                                   ood_prompts=ood_prompts, ood_max_new_tokens=settings.learner.ood_max_new_tokens)
+        self.evaluator = Evaluator.from_settings(store, backend if backend is not None else (lambda: make_backend(settings)),
+                                                 settings, self.registry, ood_prompts=ood_prompts)
         self._env = env
         self.spec_overrides = dict(spec_overrides or {})
         self.pass_rate_tolerance = settings.learner.gate_pass_rate_tolerance

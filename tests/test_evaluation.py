@@ -90,7 +90,7 @@ def test_which_environment_a_namespace_is_evaluated_on():
 
 # --- the real model -----------------------------------------------------------------------------------------
 
-FAST = {"eval_max_new_tokens": 12, "eval_episodes": 2}
+FAST = {"eval_max_new_tokens": 12, "eval_episodes": 2, "ood_max_new_tokens": 8}
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_oel_eval_writes_the_table_as_markdown_and_png(tmp_path, monkeypatch):
         parent = m.version
     for key, value in FAST.items():
         monkeypatch.setenv(f"OEL_LEARNER__{key.upper()}", str(value))
-    res = CliRunner().invoke(cli, ["eval", "--namespace", ns, "--store-dir", str(store_dir), "--out-dir", str(out_dir)])
+    res = CliRunner().invoke(cli, ["eval", "--namespace", ns, "--store-dir", str(store_dir), "--out-dir", str(out_dir), "--ood"])
     assert res.exit_code == 0, res.output
     md = (out_dir / f"eval-{ns}.md").read_text()
     assert md in res.output
@@ -168,6 +168,8 @@ def test_oel_eval_writes_the_table_as_markdown_and_png(tmp_path, monkeypatch):
     table = json.loads((out_dir / f"eval-{ns}.json").read_text())
     r1, r2 = table["rows"]
     assert r2["none"] == r1["consolidated"] and r2["parent"] == r1["version"]
+    # --ood: each version's instruction-following score; a fresh LoRA scores what the base model does.
+    assert "| OOD |" in md and table["base_ood"] is not None and r1["ood"] == r2["ood"] == table["base_ood"]
     # A namespace that names no environment needs --env.
     bad = CliRunner().invoke(cli, ["eval", "--namespace", "support", "--store-dir", str(store_dir)])
     assert bad.exit_code != 0 and "--env" in bad.output
