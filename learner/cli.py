@@ -17,6 +17,19 @@ def learner() -> None:
     """The learner: consolidation of experience into the weights (OPCD)."""
 
 
+@learner.command("run")
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """The learner service, until SIGTERM or Ctrl-C: consume oel.experience, run a consolidation round
+    when a namespace has enough new knowledge (OEL_LEARNER__MIN_NEW_ITEMS, OEL_LEARNER__COOLDOWN_S),
+    gate it (OEL_LEARNER__GATE_*), store the version and publish it if accepted
+    (OEL_LEARNER__AUTO_PROMOTE). Metrics on OEL_METRICS__PORT (default 9102)."""
+    from learner.service import serve
+    from oel.cli_context import settings_of
+
+    serve(settings_of(ctx))
+
+
 @learner.command("distill")
 @click.option("--prefixes", "prefixes_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSON lines of training prefixes (chat conversations ending with a user message).")

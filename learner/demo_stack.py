@@ -4,7 +4,7 @@
 plays episodes with the in-process model, sends them with the recorder SDK to the trajectories topic,
 follows the compacted model-versions topic and loads each new version's adapter from the object store
 before its next episodes. The processor (``oel processor``)
-and the learner service (``python -m learner.service``) run as their own processes — started here
+and the learner service (``oel learner run``) run as their own processes — started here
 (``start_services=True``, their logs in ``<out_dir>/logs``) or already running — and the loop only
 waits for their results: the experience update that covers a round's episodes, then the model version
 that consolidates it.
@@ -96,7 +96,7 @@ class StackLoop(LearningLoop):
         logs.mkdir(parents=True, exist_ok=True)
         commands = {
             "processor": [sys.executable, "-m", "oel.cli", "processor", "--loglevel", "info"],
-            "learner": [sys.executable, "-m", "learner.service"],
+            "learner": [sys.executable, "-m", "oel.cli", "learner", "run"],
         }
         for name, cmd in commands.items():
             path = logs / f"{name}.log"

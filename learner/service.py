@@ -208,15 +208,12 @@ class LearnerService:
         self._committed.clear()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m learner.service``: run the learner on the settings' Kafka and object store until Ctrl-C."""
+def serve(settings: Settings) -> None:
+    """Run the learner on the settings' Kafka and object store until SIGTERM or Ctrl-C (``oel learner run``)."""
     import signal
 
-    from oel.settings import load_settings
     from oel.store import S3Store
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = load_settings()
     store = S3Store(settings.s3)
     store.ensure_bucket()
     metrics.start_metrics_server(settings.metrics, "learner", default_port=9102)
@@ -226,6 +223,14 @@ def main(argv: list[str] | None = None) -> None:
         service.run()
     except KeyboardInterrupt:
         service.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m learner.service``: the same as ``oel learner run``."""
+    from oel.settings import load_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(load_settings())
 
 
 if __name__ == "__main__":
