@@ -110,7 +110,11 @@ class EvalTable:
         for ax in (ax1, ax2):
             ax.set_xticks(rounds)
             ax.grid(alpha=0.3)
-        ax1.set_ylim(bottom=0)
+        top = max([100 * getattr(r, c)["pass_rate"] for r in self.rows for c in CONDITIONS] + [0.0])
+        ax1.set_ylim(0, min(100.0, max(10.0, 1.2 * top)))
+        tokens = [getattr(r, c)["mean_response_tokens"] for r in self.rows for c in CONDITIONS]
+        tokens = [t for t in tokens if t is not None and not math.isnan(t)]
+        ax2.set_ylim(0, 1.15 * max(tokens + [1.0]))
         ax1.legend()
         fig.suptitle(f"{self.namespace} on {self.env} ({self.spec['episodes']} held-out episodes, {self.spec['mode']})")
         fig.tight_layout()
