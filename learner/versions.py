@@ -73,7 +73,7 @@ class VersionManifest(BaseModel):
     adapter_files: dict[str, str] = Field(default_factory=dict, description="Adapter file name -> sha256.")
     round_config: dict[str, Any] = Field(default_factory=dict, description="The OPCD configuration of the round.")
     training: dict[str, Any] = Field(default_factory=dict, description="What training measured (losses, tokens, time).")
-    eval: dict[str, float] = Field(default_factory=dict, description="Evaluation results (empty until the gate exists).")
+    eval: dict[str, float] = Field(default_factory=dict, description="The evaluation gate's numbers and decision (learner.gate): held-out pass rate and response length against the reference, OOD score against the base model; empty for a version made without a gate.")
     status: VersionStatus = Field(VersionStatus.candidate, description="The status it was created with.")
     created_at: datetime = Field(default_factory=_now)
 
