@@ -104,7 +104,8 @@ class DemoConfig:
 
 @dataclass
 class RoundReport:
-    """What one demo round did (one row of ``demo.json`` and of the summary the CLI prints)."""
+    """What one demo round did (one row of ``demo.json`` and of the summary the CLI prints). Rounds count
+    from 1, like the generations of the versions they make (the ``oel eval`` table's rows)."""
 
     round: int
     played_with: str
@@ -190,7 +191,7 @@ class LearningLoop:
         from producers.agents import AgentConfig, run_episodes
 
         cfg = self.config
-        seeds = train_seeds(cfg.episodes, start=cfg.seed + round_no * cfg.episodes)
+        seeds = train_seeds(cfg.episodes, start=cfg.seed + (round_no - 1) * cfg.episodes)
         experience = self._kb_items() if cfg.in_context else None
         agent = AgentConfig(mode=cfg.action_mode, batch_size=cfg.agent_batch, seed=cfg.seed + round_no, adapter=self.serving)
         version = self.serving or BASE_VERSION
@@ -241,7 +242,7 @@ class LearningLoop:
 
     def run(self) -> list[RoundReport]:
         """Every round of the configuration, with a one-line summary each."""
-        for r in range(self.config.rounds):
+        for r in range(1, self.config.rounds + 1):
             report = self.run_round(r)
             self.progress(
                 f"round {r}: played with {report.played_with}: train pass rate {report.train_pass_rate:.0%}; "

@@ -148,7 +148,7 @@ class StackLoop(LearningLoop):
         from oel.envs import train_seeds
 
         cfg = self.config
-        seeds = train_seeds(cfg.episodes, start=cfg.seed + round_no * cfg.episodes)
+        seeds = train_seeds(cfg.episodes, start=cfg.seed + (round_no - 1) * cfg.episodes)
         with _bar(len(seeds), f"round {round_no}: agents play") as bar:
             episodes = self.agent.play(seeds, episode_id=lambda ep: self.episode_id(round_no, ep.seed),
                                        on_episode=lambda ep: (self._round_episodes.append(self.episode_id(round_no, ep.seed)),

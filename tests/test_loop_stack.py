@@ -2,7 +2,7 @@
 -> OPCD round -> gate -> model-versions topic -> the agent loads the new version and plays with it.
 
 The processor and the learner service run as their own processes (started by :class:`StackLoop`) on
-topics, a bucket, consumer groups and a namespace private to this test. Round 0 (two episodes) makes a
+topics, a bucket, consumer groups and a namespace private to this test. Round 1 (two episodes) makes a
 version; the agent follows the topic to it and plays two more episodes with it, and the episodes the
 processor stores carry that version.
 """
@@ -52,7 +52,7 @@ def test_loop_on_the_real_stack_makes_a_version_the_agent_then_uses(kafka, s3_st
     with StackLoop(settings, config, service_env=env, timeout_s=600, progress=lines.append) as loop:
         # The default model's extractions are sampled: a round can add no item (then no round is due).
         # Play rounds until one makes a version, three at most.
-        for r in range(3):
+        for r in range(1, 4):
             r0 = loop.run_round(r)
             if r0.version is not None:
                 break
@@ -69,7 +69,7 @@ def test_loop_on_the_real_stack_makes_a_version_the_agent_then_uses(kafka, s3_st
         by_round: dict[int, set[str]] = {}
         for ep in stored:
             by_round.setdefault(int(ep["episode_id"].split("-r")[1].split("-")[0]), set()).add(ep["model_version"])
-        assert by_round == {**{r: {"base"} for r in range(r0.round + 1)}, r0.round + 1: {r0.version}}, \
+        assert by_round == {**{r: {"base"} for r in range(1, r0.round + 1)}, r0.round + 1: {r0.version}}, \
             "the processor saw the next round played by the new version"
         record = registry.get(ns, r0.version)
         assert record.manifest.kb_version == r0.kb_version and record.manifest.parent_version is None
