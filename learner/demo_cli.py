@@ -8,11 +8,15 @@ from pathlib import Path
 import click
 
 from oel.cli_context import settings_of
+from oel.envs.house_rules import RULE_NAMES
 
 
 @click.command("demo")
 @click.option("--env", "env", type=click.Choice(["house-rules", "frozenlake", "sokoban"]), default="house-rules",
               show_default=True, help="Reference environment the agents play.")
+@click.option("--rule", "rules", multiple=True, type=click.Choice(RULE_NAMES),
+              help="House rule of the house-rules tasks (repeatable) [default: greeting, the one the default model "
+                   "measurably follows once it knows it].")
 @click.option("--rounds", type=click.IntRange(1, 100), default=2, show_default=True,
               help="Learning rounds: play -> extract -> consolidate -> gate -> roll out.")
 @click.option("--episodes", type=click.IntRange(1, 10_000), default=16, show_default=True,
@@ -34,7 +38,7 @@ from oel.cli_context import settings_of
                    "service (started by the demo, logs under --out-dir), the KB and versions in the S3 store. "
                    "Needs the local stack (`oel stack up`) or the configured Kafka and S3.")
 @click.pass_context
-def demo(ctx: click.Context, env: str, rounds: int, episodes: int, eval_episodes: int, steps: int, mode: str | None,
+def demo(ctx: click.Context, env: str, rules: tuple[str, ...], rounds: int, episodes: int, eval_episodes: int, steps: int, mode: str | None,
          variant: str, in_context: bool, out_dir: Path, seed: int, stack: bool) -> None:
     """Run the whole loop in one process: agents play -> episodes -> extraction -> KB -> OPCD -> gate ->
     new version -> agents reload, for N rounds, then print the `oel eval` table and save it as markdown
@@ -48,7 +52,9 @@ def demo(ctx: click.Context, env: str, rounds: int, episodes: int, eval_episodes
     from learner.demo import DemoConfig, DemoLoop
 
     settings = settings_of(ctx)
-    config = DemoConfig(env=env, rounds=rounds, episodes=episodes, eval_episodes=eval_episodes, steps=steps, mode=mode,
+    if rules and env != "house-rules":
+        raise click.UsageError("--rule applies to --env house-rules only")
+    config = DemoConfig(env=env, rules=rules or DemoConfig.rules, rounds=rounds, episodes=episodes, eval_episodes=eval_episodes, steps=steps, mode=mode,
                         variant=variant, in_context=in_context, out_dir=out_dir, seed=seed)
     t0 = time.monotonic()
     click.echo(f"oel demo: {rounds} round(s) on {env}, {episodes} episodes and {steps} OPCD steps per round; "

@@ -78,7 +78,7 @@ class StackLoop(LearningLoop):
         from producers.agents import AgentConfig
         from producers.live_agent import LiveAgent
 
-        self.agent = LiveAgent(s, config.ns, lambda: make_env(config.env), self.backend, self.store,
+        self.agent = LiveAgent(s, config.ns, lambda: make_env(config.env, **config.env_options), self.backend, self.store,
                                agent=AgentConfig(mode=config.action_mode, batch_size=config.agent_batch, seed=config.seed),
                                agent_id="demo-agent", adapter_cache=self.out_dir / "adapters")
         self._updates = Consumer({**s.kafka.client_config(), "group.id": f"oel-demo-{config.ns}-{os.getpid()}",
@@ -252,6 +252,7 @@ def _round_env(config: DemoConfig) -> dict[str, str]:
         "OEL_LEARNER__STEPS": str(config.steps),
         "OEL_LEARNER__EVAL_ENV": config.env,
         "OEL_LEARNER__EVAL_EPISODES": str(config.eval_episodes),
+        **({"OEL_LEARNER__EVAL_RULES": ",".join(config.rules)} if config.env == "house-rules" else {}),
         "OEL_PROCESSOR__EXTRACTION_VARIANT": config.variant,
         "OEL_PROCESSOR__MAX_NEW_TOKENS": str(config.extraction_tokens),
         "OEL_PROCESSOR__BATCH_SIZE": str(config.episodes),

@@ -82,6 +82,8 @@ class EvalSpec:
             "mode": None if ls.eval_mode == "auto" else ActionMode(ls.eval_mode),
             "max_new_tokens": ls.eval_max_new_tokens,
         }
+        if env == "house-rules" and ls.eval_rules:
+            values["env_options"] = {"rules": tuple(ls.eval_rules.split(","))}
         values.update(overrides)
         return cls(**values)
 

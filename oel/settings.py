@@ -227,6 +227,9 @@ class LearnerSettings(Section):
     eval_env: str | None = Field(
         None, description="Reference environment for held-out evaluation (frozenlake, sokoban, house-rules, or none); unset = the namespace's own name if it names one."
     )
+    eval_rules: str | None = Field(
+        None, description="House rules of house-rules evaluations, comma-separated (e.g. greeting,order-number); unset = the environment's default house."
+    )
     eval_episodes: int = Field(16, ge=1, le=100_000, description="Held-out episodes per evaluation (gate and `oel eval`; the paper uses 128).")
     eval_mode: Literal["auto", "free", "short", "choice"] = Field(
         "auto", description="Agents' action mode in evaluations; auto = choice for the grid games, free for house rules."
@@ -234,6 +237,19 @@ class LearnerSettings(Section):
     eval_max_new_tokens: int | None = Field(None, ge=1, le=32_768, description="Answer budget per turn in evaluations; unset = the action mode's default.")
     ood_max_new_tokens: int = Field(64, ge=8, le=4096, description="Answer budget per prompt of the OOD instruction-following check.")
     group_id: str = Field("oel-learner", min_length=1, description="Kafka consumer group of the learner service.")
+
+    @field_validator("eval_rules")
+    @classmethod
+    def _eval_rules(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from oel.envs.house_rules import RULE_NAMES
+
+        rules = [r.strip() for r in value.split(",") if r.strip()]
+        unknown = [r for r in rules if r not in RULE_NAMES]
+        if not rules or unknown:
+            raise ValueError(f"expected comma-separated house rules out of {', '.join(RULE_NAMES)}, got {value!r}")
+        return ",".join(rules)
 
     @field_validator("eval_env")
     @classmethod
