@@ -86,7 +86,6 @@ class StackLoop(LearningLoop):
         parts = self._updates.list_topics(s.topics.experience, timeout=10).topics[s.topics.experience].partitions
         self._updates.assign([TopicPartition(s.topics.experience, p, 0) for p in parts])
         self._round_episodes: list[str] = []
-        self._seen_updates: list[ExperienceUpdate] = []
 
     # --- services ---------------------------------------------------------------------------
 
@@ -193,13 +192,13 @@ class StackLoop(LearningLoop):
     def _would_add_items(self, episode_ids: set[str]) -> bool:
         """Whether the stored extraction answers of these episodes hold an item the processor keeps."""
         from oel.episodes import CompletedEpisode, episode_key
-        from oel.extraction import PromptVariant, parse_items, render_trajectory, validate_items
+        from oel.extraction import PromptVariant, answer_items
 
         ns = self.config.ns
         for eid in episode_ids:
             answer = self.store.get_json(extraction_key(ns, eid))
             episode = CompletedEpisode.model_validate(self.store.get_json(episode_key(ns, eid)))
-            kept, _ = validate_items(parse_items(answer["output"], PromptVariant(answer["variant"])), render_trajectory(episode))
+            kept, _ = answer_items(answer["output"], PromptVariant(answer["variant"]), episode)
             if kept:
                 return True
         return False
@@ -238,7 +237,6 @@ class StackLoop(LearningLoop):
             except InvalidMessage:
                 continue
             if upd.namespace == self.config.ns:
-                self._seen_updates.append(upd)
                 out.append(upd)
         return out
 

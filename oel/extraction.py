@@ -174,3 +174,9 @@ def validate_items(candidates: list[str], trajectory_text: str) -> tuple[list[st
         else:
             kept.append(text)
     return kept, rejected
+
+
+def answer_items(output: str, variant: PromptVariant, episode: CompletedEpisode) -> tuple[list[str], list[Rejected]]:
+    """The items a model's extraction answer about ``episode`` contributes: every parsed item, validated
+    against the episode's own (untrusted) text. (kept, rejected)."""
+    return validate_items(parse_items(output, variant), render_trajectory(episode))

@@ -22,7 +22,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from oel import kb
 from oel.episodes import CompletedEpisode
-from oel.extraction import ExtractionConfig, PromptVariant, build_prompt, item_id, parse_items, render_trajectory, validate_items
+from oel.extraction import ExtractionConfig, PromptVariant, answer_items, build_prompt, item_id
 from oel.model.backend import Backend, BackendError, SamplingParams
 from oel.schemas import ExperienceUpdate
 from oel.store import ObjectStore, StoreError
@@ -172,8 +172,7 @@ class KnowledgeWriter:
         rejected = 0
         for ep in fresh:
             answer = answers[ep.episode_id]
-            candidates = parse_items(answer["output"], self.config.extraction.variant)
-            kept, bad = validate_items(candidates, render_trajectory(ep))
+            kept, bad = answer_items(answer["output"], self.config.extraction.variant, ep)
             rejected += len(bad)
             for reason in bad:
                 log.info("episode %s: item rejected (%s): %.80s", ep.episode_id, reason.reason, reason.text)
