@@ -103,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in backends:
             if name == "hf":
-                from oel.model.hf_backend import HFBackend
+                from oel.model.hf_backend import HFBackend, resolve_dtype
 
                 t0 = time.perf_counter()
-                live[name] = HFBackend(model_dir, dtype=settings.model.dtype, max_batch_size=max(args.batch_sizes))
+                live[name] = HFBackend(model_dir, dtype=resolve_dtype(settings.model.dtype), max_batch_size=max(args.batch_sizes))
                 print(f"in-process backend loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
             elif name == "vllm":
                 from oel.model.vllm_backend import VLLMBackend

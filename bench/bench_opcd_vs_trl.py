@@ -129,7 +129,8 @@ def worker_trl(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from learner.opcd.data import EXPERIENCE_HEADER, SITUATION_HEADER, render_experience
+    from learner.opcd.data import render_experience
+    from oel.envs.prompts import EXPERIENCE_INTRO, SITUATION_HEADING
 
     tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     exp = experience_items(tok, args.experience_tokens)
@@ -147,7 +148,7 @@ def worker_trl(args: argparse.Namespace) -> dict:
         max_prompt_length=None,
         distillation_mode="topk_logits", distillation_topk=256, distillation_alpha=1.0, distillation_add_tail=False,
         distillation_is_clip=None, teacher_model_kind="base",
-        teacher_prompt_template=EXPERIENCE_HEADER + "\n{privileged_context}\n\n" + SITUATION_HEADER + "\n{prompt}",
+        teacher_prompt_template=EXPERIENCE_INTRO + "\n{privileged_context}\n\n" + SITUATION_HEADING + "\n{prompt}",
         use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True,
         dataloader_num_workers=0, shuffle_dataset=False, seed=0,
     )

@@ -73,20 +73,21 @@ class DemoConfig:
     """Learning rounds (play -> extract -> consolidate -> gate -> roll out)."""
     episodes: int = 16
     """Training episodes the agents play per round (fresh seeds every round)."""
-    eval_episodes: int = 16
+    eval_episodes: int = 32
     """Held-out episodes per cell of the final table and per gate evaluation."""
-    steps: int = 12
-    """OPCD optimizer steps per round."""
+    steps: int = 40
+    """OPCD optimizer steps per round (the ``oel demo`` command takes ``OEL_LEARNER__STEPS``)."""
     agent_batch: int = 8
     """Episodes played side by side per generation call."""
     mode: str | None = None
     """Action mode for the games (``free``, ``short``, ``choice``); None = ``choice`` for the games
     (the one the default model can follow), ``free`` for house rules."""
-    variant: str = "unstructured"
-    """Extraction prompt variant: ``unstructured`` (free text, for the smallest models; the default model
-    almost never writes the structured variant's item markers) or ``structured``."""
+    variant: str = "auto"
+    """Extraction variant (``OEL_PROCESSOR__EXTRACTION_VARIANT``): ``auto`` = ``grounded`` (rule statements
+    lifted from the environment's trusted feedback) for the default model, the paper's ``structured``
+    prompt for a model given by ``OEL_MODEL__PATH``; or ``unstructured``."""
     extraction_tokens: int = 96
-    """Longest extraction answer (the unstructured variant asks for one short lesson)."""
+    """Longest extraction answer of the model's variants."""
     in_context: bool = False
     """Agents also put the current KB in their prompt while playing (the paper's in-context condition)."""
     namespace: str | None = None
@@ -266,14 +267,15 @@ class LearningLoop:
         """The ``oel eval`` table of the namespace (:func:`learner.eval_table.eval_table`), saved under the
         output folder (markdown, PNG, JSON; :attr:`table_paths`); None when no round ran."""
         from learner.eval_table import eval_table
-        from learner.evaluation import EvalSpec
+        from learner.evaluation import EvalSpec, Evaluator
 
         if not self.registry.list(self.config.ns):
             self.progress("no round ran (the KB never got an item), so there is no table to show")
             return None
         self.progress("evaluating every round on the held-out seeds (no experience / in context / consolidated)")
         spec = EvalSpec.from_settings(self.settings, self.config.env)
-        table = eval_table(self.store, self.backend, self.config.ns, spec, registry=self.registry,
+        table = eval_table(self.store, self.backend, self.config.ns, spec, registry=self.registry, ood=True,
+                           evaluator=Evaluator.from_settings(self.store, self.backend, self.settings, self.registry),
                            progress=lambda line: self.progress(f"  eval: {line}"))
         paths = table.save(self.out_dir)
         self.table_paths = (Path(paths["markdown"]), Path(paths["png"]))
@@ -323,7 +325,7 @@ class DemoLoop(LearningLoop):
         self.runner = RoundRunner(self.store, self.settings, **runner_kwargs)
         self.learner = Consolidator(self.runner, TriggerPolicy(min_new_items=1, cooldown_s=0.0))
         self.versions = VersionState(config.ns)
-        self.writer = KnowledgeWriter(self.store, self.backend, BASE_VERSION, WriterConfig.from_settings(self.settings.processor),
+        self.writer = KnowledgeWriter(self.store, self.backend, BASE_VERSION, WriterConfig.from_settings(self.settings),
                                       count_tokens=token_counter(self.backend))
         self.kb_state = KBState(namespace=config.ns)
         self.buffers: dict[str, EpisodeBuffer] = {}
@@ -357,7 +359,7 @@ class DemoLoop(LearningLoop):
                 self.buffers[event.episode_id] = buffer
         if not completed:
             return None, invalid
-        self.progress(f"  processor: {len(completed)} episodes -> extraction ({self.settings.processor.extraction_variant})")
+        self.progress(f"  processor: {len(completed)} episodes -> extraction ({self.writer.config.extraction.variant.value})")
         self.kb_state, result = self.writer.process_batch(self.kb_state, completed)
         if result.update is not None:
             self.bus.publish(self.EXPERIENCE, self.config.ns, result.update.to_bytes())
@@ -371,8 +373,8 @@ class DemoLoop(LearningLoop):
             self.learner.observe(decode(msg.value, ExperienceUpdate))
         outcomes = []
         for trigger in self.learner.due():
-            self.progress(f"  learner: round {trigger.round_id[:8]} on KB {trigger.kb_version} "
-                          f"({trigger.new_items} new items), {self.config.steps} OPCD steps, then the gate")
+            self.progress(f"  learner: round {trigger.round_id[:8]} on KB {trigger.kb_version} ({trigger.new_items} new items): "
+                          f"knowledge gate, then {self.config.steps} OPCD steps and the evaluation gate")
             outcome = self.learner.run_round(trigger)
             if outcome is not None:
                 outcomes.append(outcome.record)

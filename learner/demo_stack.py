@@ -193,12 +193,17 @@ class StackLoop(LearningLoop):
         """Whether the stored extraction answers of these episodes hold an item the processor keeps."""
         from oel.episodes import CompletedEpisode, episode_key
         from oel.extraction import PromptVariant, answer_items
+        from oel.knowledge import WriterConfig
 
         ns = self.config.ns
         for eid in episode_ids:
             answer = self.store.get_json(extraction_key(ns, eid))
-            episode = CompletedEpisode.model_validate(self.store.get_json(episode_key(ns, eid)))
-            kept, _ = answer_items(answer["output"], PromptVariant(answer["variant"]), episode)
+            if answer["variant"] == PromptVariant.grounded.value:
+                kept = answer["items"]  # the grounded variant records the items each episode contributed
+            else:
+                episode = CompletedEpisode.model_validate(self.store.get_json(episode_key(ns, eid)))
+                kept, _ = answer_items(answer["output"], PromptVariant(answer["variant"]), episode,
+                                       WriterConfig.from_settings(self.settings).trusted(ns))
             if kept:
                 return True
         return False

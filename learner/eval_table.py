@@ -7,9 +7,11 @@ its status), :func:`eval_table` measures on the held-out seeds of the namespace'
                   round) with no experience in context;
 ``in context``    the same weights with the round's KB snapshot (the manifest's ``kb_version``) in
                   the agent prompt;
-``consolidated``  the version's own adapter, with no experience in context.
+``consolidated``  the version's own adapter, with no experience in context (none for a round the
+                  knowledge gate skipped: it trained nothing).
 
-Each cell is the pass rate and the mean response tokens per turn. Results come from (and go to) the
+Each cell is the pass rate, with its binomial standard error, and the mean response tokens per turn.
+Rounds are numbered in the order they ran (a rejected or skipped round counts too). Results come from (and go to) the
 evaluation cache (:class:`learner.evaluation.EvalCache`), so numbers the gate already measured, and a
 round's ``consolidated`` that is the next round's ``none``, are not measured again.
 :meth:`EvalTable.to_markdown` and :meth:`EvalTable.plot` render it (``oel eval`` does both).
@@ -47,9 +49,26 @@ class EvalRow:
     kb_items: int
     none: dict[str, Any]
     in_context: dict[str, Any]
-    consolidated: dict[str, Any]
+    consolidated: dict[str, Any] | None
+    """None for a skipped round (no adapter)."""
     ood: float | None = None
     """The version's OOD instruction-following score (:mod:`learner.ood`), when asked for."""
+    variants: dict[str, int] = field(default_factory=dict)
+    """How the KB's items were extracted (variant -> items; from the manifest's provenance)."""
+
+
+def stderr(cell: dict[str, Any] | None) -> float | None:
+    """Binomial standard error of a cell's pass rate, sqrt(p(1-p)/n) (None for a missing cell)."""
+    if cell is None or not cell.get("n_episodes"):
+        return None
+    p, n = cell["pass_rate"], cell["n_episodes"]
+    return math.sqrt(p * (1 - p) / n)
+
+
+def _cell(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "—"
+    return f"{100 * c['pass_rate']:.1f}% ± {100 * stderr(c):.1f} ({c['passed']}/{c['n_episodes']})"
 
 
 @dataclass
@@ -64,8 +83,14 @@ class EvalTable:
     """The base model's OOD score, when asked for."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"namespace": self.namespace, "env": self.env, "spec": self.spec, "base_ood": self.base_ood,
-                "rows": [asdict(r) for r in self.rows]}
+        rows = []
+        for r in self.rows:
+            row = asdict(r)
+            for cond in CONDITIONS:
+                if row[cond] is not None:
+                    row[cond]["stderr"] = stderr(row[cond])
+            rows.append(row)
+        return {"namespace": self.namespace, "env": self.env, "spec": self.spec, "base_ood": self.base_ood, "rows": rows}
 
     def to_markdown(self) -> str:
         """A markdown table: pass rate (passed/episodes) and mean response tokens per condition and round."""
@@ -73,25 +98,28 @@ class EvalTable:
         with_ood = self.base_ood is not None
         lines = [
             f"Namespace `{self.namespace}` on `{self.env}`: {s['episodes']} held-out episodes per cell, "
-            f"mode {s['mode']}, greedy. Pass rate (passed/episodes) and mean response tokens per turn."
+            f"mode {s['mode']}, greedy. Pass rate ± its standard error (passed/episodes) and mean response tokens per turn."
             + (f" OOD: instruction-following score of the version (base model: {100 * self.base_ood:.1f}%)." if with_ood else ""),
             "",
-            "| round | version | status | KB version (items) | pass: none | pass: in context | pass: consolidated "
+            "| round | version | status | KB version (items, variant) | pass: none | pass: in context | pass: consolidated "
             "| tokens: none | tokens: in context | tokens: consolidated |" + (" OOD |" if with_ood else ""),
             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_ood else ""),
         ]
         for r in self.rows:
             cells = [getattr(r, c) for c in CONDITIONS]
+            variants = ", ".join(f"{n} {v}" for v, n in sorted(r.variants.items())) or f"{r.kb_items}"
             lines.append(
-                f"| {r.round} | {r.version} | {r.status} | {r.kb_version} ({r.kb_items}) | "
-                + " | ".join(f"{100 * c['pass_rate']:.1f}% ({c['passed']}/{c['n_episodes']})" for c in cells) + " | "
-                + " | ".join(_tokens(c["mean_response_tokens"]) for c in cells) + " |"
+                f"| {r.round} | {r.version} | {r.status} | {r.kb_version} ({variants}) | "
+                + " | ".join(_cell(c) for c in cells) + " | "
+                + " | ".join(_tokens(c["mean_response_tokens"] if c else None) for c in cells) + " |"
                 + (f" {'n/a' if r.ood is None else f'{100 * r.ood:.1f}%'} |" if with_ood else "")
             )
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> Path:
-        """A PNG: pass rate and mean response tokens per round, one line per condition."""
+        """A PNG: pass rate (with standard-error bars) and mean response tokens per round, one line per
+        condition; each round's status (promoted, rejected, skipped...) is written under its point, and the
+        base model's and each version's OOD score are drawn when known."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -100,22 +128,35 @@ class EvalTable:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         rounds = [r.round for r in self.rows]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
         for cond, marker in zip(CONDITIONS, ("o", "s", "^")):
-            cells = [getattr(r, cond) for r in self.rows]
-            ax1.plot(rounds, [100 * c["pass_rate"] for c in cells], marker=marker, label=LABELS[cond])
-            ax2.plot(rounds, [c["mean_response_tokens"] for c in cells], marker=marker, label=LABELS[cond])
-        ax1.set(title="held-out pass rate", xlabel="round", ylabel="pass rate (%)")
+            pts = [(r.round, getattr(r, cond)) for r in self.rows if getattr(r, cond) is not None]
+            if not pts:
+                continue
+            xs = [x for x, _ in pts]
+            ax1.errorbar(xs, [100 * c["pass_rate"] for _, c in pts], yerr=[100 * stderr(c) for _, c in pts],
+                         marker=marker, capsize=4, label=LABELS[cond])
+            ax2.plot(xs, [c["mean_response_tokens"] for _, c in pts], marker=marker, label=LABELS[cond])
+        if self.base_ood is not None:
+            ax1.axhline(100 * self.base_ood, color="grey", linestyle=":", label="OOD score, base model")
+            ood = [(r.round, r.ood) for r in self.rows if r.ood is not None]
+            if ood:
+                ax1.plot([x for x, _ in ood], [100 * v for _, v in ood], "x", color="grey", label="OOD score, version")
+        for r in self.rows:
+            ax1.annotate(r.status, (r.round, 0), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8,
+                         color={"promoted": "green", "rejected": "red", "skipped": "orange"}.get(r.status, "black"))
+        ax1.set(title="held-out pass rate (± standard error)", xlabel="round", ylabel="pass rate (%)")
         ax2.set(title="mean response tokens per turn", xlabel="round", ylabel="tokens")
         for ax in (ax1, ax2):
             ax.set_xticks(rounds)
             ax.grid(alpha=0.3)
-        top = max([100 * getattr(r, c)["pass_rate"] for r in self.rows for c in CONDITIONS] + [0.0])
-        ax1.set_ylim(0, min(100.0, max(10.0, 1.2 * top)))
-        tokens = [getattr(r, c)["mean_response_tokens"] for r in self.rows for c in CONDITIONS]
+        cells = [c for r in self.rows for c in (getattr(r, k) for k in CONDITIONS) if c is not None]
+        top = max([100 * (c["pass_rate"] + (stderr(c) or 0)) for c in cells] + [100 * (self.base_ood or 0), 0.0])
+        ax1.set_ylim(0, min(100.0, max(10.0, 1.15 * top)))
+        tokens = [c["mean_response_tokens"] for c in cells]
         tokens = [t for t in tokens if t is not None and not math.isnan(t)]
         ax2.set_ylim(0, 1.15 * max(tokens + [1.0]))
-        ax1.legend()
+        ax1.legend(fontsize=8, loc="upper left")
         fig.suptitle(f"{self.namespace} on {self.env} ({self.spec['episodes']} held-out episodes, {self.spec['mode']})")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
@@ -166,20 +207,25 @@ def eval_table(
     if not records:
         raise ValueError(f"namespace {namespace!r} has no model versions in the registry")
     table = EvalTable(namespace=namespace, env=spec.env, spec=spec.to_dict())
-    for rec in records:
+    for number, rec in enumerate(sorted(records, key=lambda r: r.manifest.created_at), start=1):
         m = rec.manifest
         items = kb_items(store, namespace, m.kb_version)
-        cells: dict[str, dict[str, Any]] = {}
+        trained = m.adapter_uri is not None
+        cells: dict[str, dict[str, Any] | None] = {"consolidated": None}
         for cond, version, experience in (("none", m.parent_version, None), ("in_context", m.parent_version, items),
                                           ("consolidated", m.version, None)):
+            if cond == "consolidated" and not trained:
+                continue
             if progress is not None:
-                progress(f"round {m.generation} {m.version}: {LABELS[cond]}")
+                progress(f"round {number} {m.version}: {LABELS[cond]}")
             cells[cond] = evaluator.policy_of(spec, namespace, version, m.base_model_hash, experience)
         ood_score = None
         if ood:
             if table.base_ood is None:
                 table.base_ood = evaluator.ood_of(namespace, None, m.base_model_hash)["score"]
-            ood_score = evaluator.ood_of(namespace, m.version, m.base_model_hash)["score"]
-        table.rows.append(EvalRow(round=m.generation, version=m.version, status=rec.status.value, parent=m.parent_version,
-                                  kb_version=m.kb_version, kb_items=len(items), **cells, ood=ood_score))
+            if trained:
+                ood_score = evaluator.ood_of(namespace, m.version, m.base_model_hash)["score"]
+        table.rows.append(EvalRow(round=number, version=m.version, status=rec.status.value, parent=m.parent_version,
+                                  kb_version=m.kb_version, kb_items=len(items), **cells, ood=ood_score,
+                                  variants=dict(m.knowledge.get("variants", {}))))
     return table

@@ -306,13 +306,17 @@ class Evaluator:
                  summary["pass_rate"], "measured" if computed else "cached")
         return summary
 
-    def ood_eval(self, subject: str, adapter: str | None) -> dict[str, Any]:
-        """OOD result (:meth:`learner.ood.OODResult.to_dict`) of ``adapter`` (loaded; None = base), cached as ``subject``."""
-        fp = prompts_fingerprint(self.ood_prompts, self.ood_max_new_tokens)
+    def ood_eval(self, subject: str, adapter: str | None, experience: Sequence[str] | None = None) -> dict[str, Any]:
+        """OOD result (:meth:`learner.ood.OODResult.to_dict`) of ``adapter`` (loaded; None = base), with
+        ``experience`` in context if given, cached as ``subject``."""
+        experience = list(experience or []) or None
+        fp = prompts_fingerprint(self.ood_prompts, self.ood_max_new_tokens, experience)
         summary, computed = self.cache.get_or_compute(
             "ood", fp, subject,
-            lambda: ood_score(self.backend, adapter, prompts=self.ood_prompts, max_new_tokens=self.ood_max_new_tokens).to_dict())
-        log.info("OOD %s: %.3f (%s)", subject, summary["score"], "measured" if computed else "cached")
+            lambda: ood_score(self.backend, adapter, prompts=self.ood_prompts, max_new_tokens=self.ood_max_new_tokens,
+                              experience=experience).to_dict())
+        log.info("OOD %s%s: %.3f (%s)", subject, " with experience" if experience else "", summary["score"],
+                 "measured" if computed else "cached")
         return summary
 
     def cached_policy(self, spec: EvalSpec, subject: str, experience: Sequence[str] | None = None) -> dict[str, Any] | None:
@@ -360,7 +364,11 @@ class Evaluator:
         return self._stored(namespace, version, model_hash, "policy", spec.fingerprint(experience),
                             lambda subject, name: self.policy_eval(spec, subject, name, experience))
 
-    def ood_of(self, namespace: str, version: str | None, model_hash: str) -> dict[str, Any]:
-        """OOD result of a stored version (None = the base model with hash ``model_hash``)."""
-        return self._stored(namespace, version, model_hash, "ood", prompts_fingerprint(self.ood_prompts, self.ood_max_new_tokens),
-                            lambda subject, name: self.ood_eval(subject, name))
+    def ood_of(self, namespace: str, version: str | None, model_hash: str,
+               experience: Sequence[str] | None = None) -> dict[str, Any]:
+        """OOD result of a stored version (None = the base model with hash ``model_hash``), with
+        ``experience`` in context if given."""
+        experience = list(experience or []) or None
+        fp = prompts_fingerprint(self.ood_prompts, self.ood_max_new_tokens, experience)
+        return self._stored(namespace, version, model_hash, "ood", fp,
+                            lambda subject, name: self.ood_eval(subject, name, experience))

@@ -181,10 +181,13 @@ def check_response(prompt: OODPrompt, response: str) -> OODCheck:
                     instructions={r.instruction_id: r.loose_pass for r in results})
 
 
-def prompts_fingerprint(prompts: Sequence[OODPrompt] = OOD_PROMPTS, max_new_tokens: int = OOD_MAX_NEW_TOKENS) -> str:
-    """16 hex characters that change whenever the prompt set, its checks or the answer budget change
-    (the key under which a model's OOD score is cached)."""
-    payload = {"prompts": [asdict(p) for p in prompts], "max_new_tokens": max_new_tokens, "decoding": "greedy"}
+def prompts_fingerprint(prompts: Sequence[OODPrompt] = OOD_PROMPTS, max_new_tokens: int = OOD_MAX_NEW_TOKENS,
+                        experience: Sequence[str] | None = None) -> str:
+    """16 hex characters that change whenever the prompt set, its checks, the answer budget or the
+    experience in context change (the key under which a model's OOD score is cached)."""
+    payload: dict = {"prompts": [asdict(p) for p in prompts], "max_new_tokens": max_new_tokens, "decoding": "greedy"}
+    if experience:
+        payload["experience"] = list(experience)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -194,15 +197,20 @@ def ood_score(
     *,
     prompts: Sequence[OODPrompt] = OOD_PROMPTS,
     max_new_tokens: int = OOD_MAX_NEW_TOKENS,
+    experience: Sequence[str] | None = None,
 ) -> OODResult:
     """Answer every prompt greedily with ``adapter`` (a name loaded in ``backend``; None = the base
-    model) in one batched call, and check each answer (see the module docstring)."""
+    model) in one batched call, and check each answer (see the module docstring). With ``experience``,
+    each prompt gets the agents' experience block in front (:func:`oel.envs.prompts.agent_prompt`): what
+    a knowledge base in context does to requests outside its namespace."""
     import time
+
+    from oel.envs.prompts import agent_prompt
 
     if not prompts:
         raise ValueError("no OOD prompts")
     t0 = time.monotonic()
-    conversations = [[ChatMessage(role="user", content=p.prompt)] for p in prompts]
+    conversations = [[ChatMessage(role="user", content=agent_prompt(p.prompt, experience))] for p in prompts]
     gens = backend.generate(conversations, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=0), adapter=adapter)
     results = []
     for p, g in zip(prompts, gens):

@@ -4,11 +4,18 @@ A round, given a :class:`~learner.policy.RoundTrigger`:
 
 1. asks the registry whether the round id already produced a version; if so, nothing is trained again
    (a round replayed after a crash finishes the remaining steps only: see below);
-2. loads every training prefix of the namespace (``trajectories/<ns>/*.json``, each turn's prompt) and
-   the newest ``learner.experience_sets`` KB snapshots up to the trigger's KB version (one is drawn per
-   sample by the trainer, as the paper's K extraction runs);
-3. downloads the parent version's adapter (the round-start weights: student start and frozen teacher);
-4. runs :class:`learner.opcd.OPCDTrainer` (seeded from the round id) and saves the adapter;
+2. runs the **knowledge gate** (:class:`learner.knowledge_gate.KnowledgeGate`, unless
+   ``learner.knowledge_gate_enabled`` is off): the trigger's KB snapshot in context must make the base
+   model better on held-out episodes (and not worse on the OOD prompts). If it does not, the round is
+   recorded as a version with status ``skipped``, no adapter and the gate's numbers, and nothing is trained;
+3. loads every training prefix of the namespace (``trajectories/<ns>/*.json``, each turn's prompt) and
+   the newest ``learner.experience_sets`` KB snapshots up to the trigger's KB version (default 1: the
+   whole current KB; with more, one is drawn per sample, as the paper's K extraction runs);
+4. runs :class:`learner.opcd.OPCDTrainer` (seeded from the round id) on a **fresh adapter from the base
+   model**, whose frozen copy with the KB in context is the teacher, and saves the adapter. The parent
+   version is the lineage (and the evaluation gate's reference), not the starting point: the KB only
+   grows, so the whole KB distilled into the base model holds what the parent learned, and a teacher
+   chained on the parent's adapter measured worse (a second round collapsed to 0/16 on the default model);
 5. runs the **evaluation gate** (:class:`learner.gate.HeldOutGate` unless ``learner.gate_enabled`` is
    off or another gate is passed) on the saved adapter: held-out pass rate without experience against
    the parent's, OOD instruction following against the base model's. Its numbers and its decision go
@@ -37,11 +44,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from learner.knowledge_gate import KnowledgeGate
 from learner.policy import RoundTrigger
 from learner.versions import ModelRegistry, VersionManifest, VersionRecord
 from oel import metrics
 from oel.episodes import CompletedEpisode
-from oel.kb import load_snapshot
+from oel.kb import ExperienceItem, item_key, load_snapshot
 from oel.schemas import ModelVersion, VersionStatus
 from oel.settings import Settings
 from oel.store import ObjectNotFound, ObjectStore
@@ -121,14 +129,33 @@ def load_experience_sets(store: ObjectStore, namespace: str, kb_version: str, k:
     return sets, versions
 
 
+def kb_provenance(store: ObjectStore, namespace: str, kb_version: str) -> dict[str, Any]:
+    """Where a KB snapshot's items come from, for the manifest: per item its id, variant, sources and
+    source episodes, and counts per variant (items stored before provenance was recorded count as ``unknown``)."""
+    snap = load_snapshot(store, namespace, kb_version)
+    items: list[dict[str, Any]] = []
+    variants: dict[str, int] = {}
+    for item_id in snap.item_ids:
+        try:
+            item = ExperienceItem.model_validate(store.get_json(item_key(namespace, item_id)))
+        except ObjectNotFound:
+            variants["unknown"] = variants.get("unknown", 0) + 1
+            continue
+        variants[item.variant] = variants.get(item.variant, 0) + 1
+        items.append({"id": item.id, "variant": item.variant, "sources": list(item.sources),
+                      "source_episode_ids": list(item.source_episode_ids), "extracted_by": item.extracted_by})
+    return {"items": items, "variants": variants}
+
+
 class RoundRunner:
     """Runs rounds for the learner service (and for ``oel demo``); see the module docstring.
 
     ``trainer_factory(config, prefixes, experience_sets)`` builds the trainer (default
     :class:`learner.opcd.OPCDTrainer`); ``gate`` is the evaluation gate (default: from the settings,
-    :data:`GATE_FROM_SETTINGS`; None = no gate); ``backend`` is the model backend the default gate
-    evaluates with (default: one made from the settings when first needed); ``auto_promote``
-    overrides ``settings.learner.auto_promote``; ``topic`` the model-versions topic.
+    :data:`GATE_FROM_SETTINGS`; None = no gate); ``knowledge_gate`` the check before training (default:
+    from the settings, sharing the evaluation gate's evaluator; None = none); ``backend`` is the model
+    backend the default gates evaluate with (default: one made from the settings when first needed);
+    ``auto_promote`` overrides ``settings.learner.auto_promote``; ``topic`` the model-versions topic.
     """
 
     def __init__(
@@ -139,6 +166,7 @@ class RoundRunner:
         registry: ModelRegistry | None = None,
         trainer_factory: Callable[..., Any] | None = None,
         gate: EvaluationGate | None | str = GATE_FROM_SETTINGS,
+        knowledge_gate: KnowledgeGate | None | str = GATE_FROM_SETTINGS,
         backend: Any = None,
         auto_promote: bool | None = None,
         topic: str | None = None,
@@ -155,6 +183,16 @@ class RoundRunner:
 
                 gate = HeldOutGate(store, settings, backend=backend, registry=self.registry)
         self.gate: EvaluationGate | None = gate  # type: ignore[assignment]
+        if knowledge_gate == GATE_FROM_SETTINGS:
+            knowledge_gate = None
+            if settings.learner.knowledge_gate_enabled:
+                from learner.evaluation import Evaluator
+                from oel.model.factory import make_backend
+
+                evaluator = getattr(self.gate, "evaluator", None) or Evaluator.from_settings(
+                    store, backend if backend is not None else (lambda: make_backend(settings)), settings, self.registry)
+                knowledge_gate = KnowledgeGate(evaluator, settings)
+        self.knowledge_gate: KnowledgeGate | None = knowledge_gate  # type: ignore[assignment]
         self.auto_promote = settings.learner.auto_promote if auto_promote is None else auto_promote
         self.topic = topic
         self.config_overrides = dict(config_overrides or {})
@@ -172,7 +210,10 @@ class RoundRunner:
         metrics.ROUNDS_STARTED.labels(namespace=ns).inc()
         metrics.ROUND_IN_PROGRESS.labels(namespace=ns).set(1)
         try:
-            record, training = self._train(trigger)
+            skipped, knowledge_eval = self._check_knowledge(trigger)
+            if skipped is not None:
+                return RoundOutcome(trigger, skipped, True, skipped.status, None, time.monotonic() - t0)
+            record, training = self._train(trigger, knowledge_eval)
         except Exception:
             metrics.ROUNDS_FAILED.labels(namespace=ns).inc()
             raise
@@ -188,7 +229,33 @@ class RoundRunner:
 
     # --- the steps ----------------------------------------------------------------------------
 
-    def _train(self, trigger: RoundTrigger) -> tuple[VersionRecord, dict[str, Any]]:
+    def _check_knowledge(self, trigger: RoundTrigger) -> tuple[VersionRecord | None, dict[str, float]]:
+        """The knowledge gate (module docstring, step 2): (None, its numbers) to go on and train, else
+        (the recorded ``skipped`` version, its numbers)."""
+        if self.knowledge_gate is None:
+            return None, {}
+        from oel.model.prepare import model_hash, resolve_model_path
+
+        ns = trigger.namespace
+        items = load_snapshot(self.store, ns, trigger.kb_version).items
+        model_path = resolve_model_path(self.settings)
+        base_hash = model_hash(Path(model_path))
+        decision = self.knowledge_gate(ns, list(items), base_hash)
+        metrics.observe_knowledge(ns, decision.eval.get("knowledge_none_pass_rate"), decision.eval.get("knowledge_in_context_pass_rate"))
+        if decision.accepted:
+            return None, dict(decision.eval)
+        name, generation = self.registry.next_version_name(ns, trigger.round_id, trigger.parent_version)
+        manifest = VersionManifest(
+            namespace=ns, version=name, generation=generation, round_id=trigger.round_id,
+            base_model=Path(model_path).name, base_model_hash=base_hash, parent_version=trigger.parent_version,
+            kb_version=trigger.kb_version, kb_versions=[trigger.kb_version],
+            knowledge=kb_provenance(self.store, ns, trigger.kb_version), eval=dict(decision.eval),
+        )
+        record, _ = self.registry.save_version(manifest)
+        self.finish(record)  # records the skip (also what a restart after a crash here does)
+        return self.registry.get(ns, name), dict(decision.eval)
+
+    def _train(self, trigger: RoundTrigger, knowledge_eval: dict[str, float]) -> tuple[VersionRecord, dict[str, Any]]:
         from learner.opcd import OPCDConfig
         from oel.model.prepare import model_hash, resolve_model_path
 
@@ -200,12 +267,8 @@ class RoundRunner:
         model_path = resolve_model_path(self.settings)
         name, generation = self.registry.next_version_name(ns, trigger.round_id, trigger.parent_version)
         with tempfile.TemporaryDirectory(prefix=f"oel-round-{trigger.round_id}-") as tmp:
-            init_adapter = None
-            if trigger.parent_version is not None:
-                parent = self.registry.get(ns, trigger.parent_version)
-                if parent.manifest.adapter_uri is not None:
-                    init_adapter = self.registry.download_adapter(parent, Path(tmp) / "parent")
-            overrides = {"model_path": model_path, "init_adapter": init_adapter, "seed": int(trigger.round_id[:8], 16)}
+            # A fresh adapter from the base model, whatever the parent (module docstring, step 4).
+            overrides = {"model_path": model_path, "init_adapter": None, "seed": int(trigger.round_id[:8], 16)}
             overrides.update(self.config_overrides)
             config = OPCDConfig.from_settings(self.settings, **overrides)
             factory = self.trainer_factory
@@ -223,16 +286,16 @@ class RoundRunner:
             training = {k: summary[k] for k in ("first_loss", "last_loss", "response_tokens", "tokens_per_s", "seconds", "skipped_prefixes")}
             training.update(steps=len(result.steps), prefixes=len(prefixes), new_items=trigger.new_items)
             round_config = config.to_dict()
-            round_config["init_adapter"] = trigger.parent_version  # the version, not a temporary path
             manifest = VersionManifest(
                 namespace=ns, version=name, generation=generation, round_id=trigger.round_id,
                 base_model=Path(model_path).name, base_model_hash=model_hash(Path(model_path)),
                 parent_version=trigger.parent_version, kb_version=trigger.kb_version, kb_versions=kb_versions,
-                round_config=round_config, training=training,
+                knowledge=kb_provenance(self.store, ns, trigger.kb_version),
+                round_config=round_config, training=training, eval=dict(knowledge_eval),
             )
             if self.gate is not None:
                 decision = self.gate(VersionRecord(manifest=manifest, history=[]), adapter_dir)
-                manifest = manifest.model_copy(update={"eval": dict(decision.eval)})
+                manifest = manifest.model_copy(update={"eval": {**manifest.eval, **decision.eval}})
             record, _ = self.registry.save_version(manifest, adapter_dir)
             return record, training
 
@@ -242,7 +305,13 @@ class RoundRunner:
         left by a crash right after its manifest."""
         m = record.manifest
         if record.status is not VersionStatus.candidate:
-            return None  # decided already (promoted, rejected or rolled back by hand): leave it
+            return None  # decided already (promoted, rejected, skipped or rolled back by hand): leave it
+        skip = KnowledgeGate.decision_from_eval(m.eval)
+        if skip is not None and not skip.accepted:
+            self.registry.record_status(m.namespace, m.version, VersionStatus.skipped, skip.reason)
+            metrics.count_skipped_round(m.namespace, skip.kind or "other")
+            log.info("%s: round %s skipped: %s", m.namespace, m.round_id, skip.reason)
+            return None
         decision: GateDecision | None = None
         if self.gate is not None:
             replay = getattr(self.gate, "decision_from_eval", None)

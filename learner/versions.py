@@ -71,9 +71,12 @@ class VersionManifest(BaseModel):
     kb_versions: list[str] = Field(default_factory=list, description="Every KB snapshot the teacher drew experience from.")
     adapter_uri: str | None = Field(None, description="Object-store prefix of the adapter folder (ends with '/').")
     adapter_files: dict[str, str] = Field(default_factory=dict, description="Adapter file name -> sha256.")
+    knowledge: dict[str, Any] = Field(
+        default_factory=dict, description="Provenance of the consolidated KB snapshot: per item its variant, sources and source episodes (learner.rounds.kb_provenance)."
+    )
     round_config: dict[str, Any] = Field(default_factory=dict, description="The OPCD configuration of the round.")
     training: dict[str, Any] = Field(default_factory=dict, description="What training measured (losses, tokens, time).")
-    eval: dict[str, float] = Field(default_factory=dict, description="The evaluation gate's numbers and decision (learner.gate): held-out pass rate and response length against the reference, OOD score against the base model; empty for a version made without a gate.")
+    eval: dict[str, float] = Field(default_factory=dict, description="The gates' numbers and decisions: the knowledge gate's (knowledge_*: the KB in context vs none, learner.knowledge_gate) and the evaluation gate's (learner.gate: held-out pass rate and response length against the reference, OOD score against the base model); empty for a version made without gates.")
     status: VersionStatus = Field(VersionStatus.candidate, description="The status it was created with.")
     created_at: datetime = Field(default_factory=_now)
 

@@ -8,9 +8,14 @@ Two prompt variants (DESIGN.md, "Method facts"):
 * **unstructured** — the model writes one short free-text lesson, taken whole as one item (for the
   smallest models, which rarely follow the marker format).
 
-Trajectory text comes from users and environments, so it is *sanitised* before it is shown to the
-model: anything that looks like an item marker is neutralised, and an item that merely repeats text
-from the trajectory is rejected, so a user cannot write items into the knowledge base.
+A third variant, **grounded** (:mod:`oel.grounded`), asks no model at all: it lifts rule statements from
+the feedback of a source the namespace trusts. It is the default for the default 135M model, which
+cannot abstract a lesson (its own extractions measured as noise that made the agents worse).
+
+Trajectory text comes from users, agents and environments, so it is *sanitised* before it is shown to
+the model: anything that looks like an item marker is neutralised, and an item that repeats untrusted
+text from the trajectory (or the extraction prompt's own instruction) is rejected, so a user cannot
+write items into the knowledge base.
 """
 
 from __future__ import annotations
@@ -18,11 +23,16 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from oel.episodes import CompletedEpisode
 from oel.schemas import ChatMessage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from oel.grounded import Source
 
 MARKER = "- EXPERIENCE ITEM:"
 _MARKER_RE = re.compile(r"-?\s*\**\s*experience\s*item\s*\**\s*:\s*", re.IGNORECASE)
@@ -36,6 +46,8 @@ MAX_ITEM_CHARS = 400
 class PromptVariant(str, Enum):
     structured = "structured"
     unstructured = "unstructured"
+    grounded = "grounded"
+    """No prompt: items are rule statements lifted from trusted feedback (:mod:`oel.grounded`)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,25 @@ def _clip(text: str, limit: int) -> str:
     return text[:half] + " [...] " + text[-half:]
 
 
+_INSTRUCTIONS: dict[PromptVariant, tuple[str, str]] = {
+    PromptVariant.structured: (
+        "You study the work of an AI agent to learn lessons that will help it next time. "
+        "You are precise and write general rules, not stories.",
+        "First analyse in depth why the agent succeeded or failed: compare what it did with what the "
+        "feedback asked for. Then write 1 or 2 NEW lessons that would help in other episodes of this kind "
+        "and that are not already in the experience above. Write each lesson on its own line, starting "
+        f"exactly with `{MARKER}`.",
+    ),
+    PromptVariant.unstructured: (
+        "You help an AI agent learn from its own work.",
+        "In one or two sentences, state the most useful general lesson for next time.",
+    ),
+}
+"""(system message, request) of each prompt variant: what the model is told, never knowledge itself."""
+PROMPT_TEXT = "\n".join(["Experience learned so far:", "An episode of the agent:", *(t for pair in _INSTRUCTIONS.values() for t in pair)])
+"""The extraction prompts' own words: an item that repeats them is an echo of the instruction, not a lesson."""
+
+
 def render_trajectory(episode: CompletedEpisode, max_turn_chars: int = 1500) -> str:
     """The episode as the extractor reads it: each turn's input and output, then a summary line."""
     lines = []
@@ -81,26 +112,10 @@ def build_prompt(episode: CompletedEpisode, previous: list[str], config: Extract
     """The conversation that asks the model for experience items from one episode."""
     trajectory = render_trajectory(episode, config.max_turn_chars)
     known = "\n".join(f"- {sanitise(item)}" for item in previous) if previous and config.include_previous else "(none yet)"
-    if config.variant is PromptVariant.structured:
-        system = (
-            "You study the work of an AI agent to learn lessons that will help it next time. "
-            "You are precise and write general rules, not stories."
-        )
-        user = (
-            f"Experience learned so far:\n{known}\n\n"
-            f"An episode of the agent:\n{trajectory}\n\n"
-            "First analyse in depth why the agent succeeded or failed: compare what it did with what the "
-            "feedback asked for. Then write 1 or 2 NEW lessons that would help in other episodes of this kind "
-            "and that are not already in the experience above. Write each lesson on its own line, starting "
-            f"exactly with `{MARKER}`."
-        )
-    else:
-        system = "You help an AI agent learn from its own work."
-        user = (
-            f"Experience learned so far:\n{known}\n\n"
-            f"An episode of the agent:\n{trajectory}\n\n"
-            "In one or two sentences, state the most useful general lesson for next time."
-        )
+    if config.variant is PromptVariant.grounded:
+        raise ValueError("the grounded variant has no prompt (oel.grounded lifts items from trusted feedback)")
+    system, ask = _INSTRUCTIONS[config.variant]
+    user = f"Experience learned so far:\n{known}\n\nAn episode of the agent:\n{trajectory}\n\n{ask}"
     return [ChatMessage(role="system", content=system), ChatMessage(role="user", content=user)]
 
 
@@ -145,7 +160,8 @@ COPY_WORDS = 8
 """An item sharing this many consecutive words with the trajectory is treated as copied from it."""
 
 
-def _shingles(text: str, n: int = COPY_WORDS) -> set[tuple[str, ...]]:
+def shingles(text: str, n: int = COPY_WORDS) -> set[tuple[str, ...]]:
+    """Every run of ``n`` consecutive words of ``text`` (case-folded): two texts sharing one share a passage."""
     words = re.findall(r"\w+", text.casefold())
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
@@ -156,10 +172,15 @@ class Rejected:
     reason: str
 
 
-def validate_items(candidates: list[str], trajectory_text: str) -> tuple[list[str], list[Rejected]]:
-    """Keep items of sane length that are not copies of the trajectory's (untrusted) text."""
-    haystack = normalise_item(trajectory_text).casefold()
-    copied = _shingles(trajectory_text)
+_PROMPT_FOLDED = normalise_item(PROMPT_TEXT).casefold()
+_PROMPT_SHINGLES = shingles(PROMPT_TEXT, 6)
+
+
+def validate_items(candidates: list[str], untrusted_text: str) -> tuple[list[str], list[Rejected]]:
+    """Keep items of sane length that copy neither the episode's untrusted text (user and agent text,
+    and feedback the namespace does not trust) nor the extraction prompt's own instructions."""
+    haystack = normalise_item(untrusted_text).casefold()
+    copied = shingles(untrusted_text)
     kept: list[str] = []
     rejected: list[Rejected] = []
     for text in candidates:
@@ -167,8 +188,10 @@ def validate_items(candidates: list[str], trajectory_text: str) -> tuple[list[st
             rejected.append(Rejected(text, f"shorter than {MIN_ITEM_CHARS} characters"))
         elif len(text) > MAX_ITEM_CHARS:
             rejected.append(Rejected(text, f"longer than {MAX_ITEM_CHARS} characters"))
-        elif text.casefold() in haystack or _shingles(text) & copied:
-            rejected.append(Rejected(text, "copies trajectory text (possible injection)"))
+        elif text.casefold() in haystack or shingles(text) & copied:
+            rejected.append(Rejected(text, "copies untrusted trajectory text (possible injection)"))
+        elif text.casefold() in _PROMPT_FOLDED or shingles(text, 6) & _PROMPT_SHINGLES:
+            rejected.append(Rejected(text, "repeats the extraction prompt's instruction"))
         elif text.casefold() in (k.casefold() for k in kept):
             rejected.append(Rejected(text, "repeated in the same answer"))
         else:
@@ -176,7 +199,10 @@ def validate_items(candidates: list[str], trajectory_text: str) -> tuple[list[st
     return kept, rejected
 
 
-def answer_items(output: str, variant: PromptVariant, episode: CompletedEpisode) -> tuple[list[str], list[Rejected]]:
+def answer_items(output: str, variant: PromptVariant, episode: CompletedEpisode,
+                 trusted: Iterable[Source] = ()) -> tuple[list[str], list[Rejected]]:
     """The items a model's extraction answer about ``episode`` contributes: every parsed item, validated
-    against the episode's own (untrusted) text. (kept, rejected)."""
-    return validate_items(parse_items(output, variant), render_trajectory(episode))
+    against the episode's untrusted text (every source not in ``trusted``). (kept, rejected)."""
+    from oel.grounded import untrusted_text
+
+    return validate_items(parse_items(output, variant), untrusted_text(episode, trusted))

@@ -40,8 +40,13 @@ class ExperienceItem(BaseModel):
     namespace: str
     text: str
     source_episode_ids: list[str]
-    extracted_by: str = Field(description="The model version that wrote it.")
-    variant: str = Field(description="Extraction prompt variant.")
+    extracted_by: str = Field(description="The model version that wrote it (grounded items: the model version of the episodes' agents).")
+    variant: str = Field(description="Extraction variant: structured, unstructured (the model's words) or grounded (trusted feedback's words).")
+    sources: list[str] = Field(
+        default_factory=list,
+        description="Where the text comes from, as source:field (environment:step.feedback, ...); model:extraction = "
+        "the model's own words about the episode. Empty on items stored before provenance was recorded.",
+    )
 
 
 class KBSnapshot(BaseModel):

@@ -23,6 +23,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from oel import kb
 from oel.episodes import CompletedEpisode
 from oel.extraction import ExtractionConfig, PromptVariant, answer_items, build_prompt, item_id
+from oel.grounded import DEFAULT_TRUSTED_FEEDBACK, GroundedConfig, grounded_items, trusted_sources
 from oel.model.backend import Backend, BackendError, SamplingParams
 from oel.schemas import ExperienceUpdate
 from oel.store import ObjectStore, StoreError
@@ -39,19 +40,39 @@ class WriterConfig:
     temperature: float = 0.7
     token_budget: int = 2048
     """Experience beyond this many tokens is dropped, oldest first (paper: 8192; 2048 for small models)."""
+    trusted_feedback: str = DEFAULT_TRUSTED_FEEDBACK
+    """Namespaces (comma-separated globs) whose environment feedback is trusted (:func:`oel.grounded.trusted_sources`)."""
+    grounded: GroundedConfig = field(default_factory=GroundedConfig)
     attempts: int = 5
     """Tries for a model or store failure before the batch fails (it is then retried by the caller, never dropped)."""
     backoff_s: float = 0.5
 
     @classmethod
-    def from_settings(cls, processor: Any) -> WriterConfig:
-        """The configuration ``Settings.processor`` describes (variant, previous experience, length, budget)."""
+    def from_settings(cls, settings: Any) -> WriterConfig:
+        """The configuration the settings describe (``processor``: variant, previous experience, length,
+        budget, trust; ``model``: which model, for the ``auto`` variant)."""
+        processor = settings.processor
         return cls(
-            extraction=ExtractionConfig(variant=PromptVariant(processor.extraction_variant), include_previous=processor.include_previous),
+            extraction=ExtractionConfig(variant=resolve_variant(settings), include_previous=processor.include_previous),
             max_new_tokens=processor.max_new_tokens,
             temperature=processor.temperature,
             token_budget=processor.token_budget,
+            trusted_feedback=processor.trusted_feedback,
+            grounded=GroundedConfig(min_episodes=processor.grounded_min_episodes),
         )
+
+    def trusted(self, namespace: str):
+        return trusted_sources(namespace, self.trusted_feedback)
+
+
+def resolve_variant(settings: Any) -> PromptVariant:
+    """The extraction variant of ``processor.extraction_variant``; ``auto`` = ``grounded`` for the bundled
+    default model (too small to abstract a lesson: its own extractions measured as noise), ``structured``
+    (the paper's) for a model given by ``model.path``."""
+    name = settings.processor.extraction_variant
+    if name == "auto":
+        return PromptVariant.grounded if settings.model.path is None else PromptVariant.structured
+    return PromptVariant(name)
 
 
 @dataclass
@@ -158,6 +179,57 @@ class KnowledgeWriter:
             self._put_all([(keys[ep.episode_id], answers[ep.episode_id]) for ep in todo])
         return answers, reused, seconds
 
+    def _grounded(self, episodes: list[CompletedEpisode], trusted, known: list[str]) -> list[kb.ExperienceItem]:
+        """Items lifted from the batch's trusted feedback (:mod:`oel.grounded`; no model call), other than
+        the ``known`` ones (the KB's)."""
+        t0 = time.monotonic()
+        found = grounded_items(episodes, trusted, self.config.grounded, known)
+        if not trusted:
+            log.info("%s: no trusted source, so the grounded variant extracts nothing", episodes[0].namespace)
+        versions = {ep.episode_id: ep.model_version for ep in episodes}
+        items = [
+            kb.ExperienceItem(
+                id=item_id(episodes[0].namespace, g.text), namespace=episodes[0].namespace, text=g.text,
+                source_episode_ids=sorted(g.episode_ids), extracted_by=versions[g.episode_ids[0]],
+                variant=PromptVariant.grounded.value, sources=list(g.fields),
+            )
+            for g in found
+        ]
+        # One record per episode, as for the model's variants: what extraction made of it (for audits, and for
+        # whoever waits on the processor: an empty KB publishes no update).
+        self._put_all([
+            (kb.extraction_key(ep.namespace, ep.episode_id),
+             {"episode_id": ep.episode_id, "model_version": ep.model_version, "variant": PromptVariant.grounded.value,
+              "include_previous": False, "output": "", "trusted": sorted(s.value for s in trusted),
+              "items": [g.text for g in found if ep.episode_id in g.episode_ids],
+              "batch": sorted(e.episode_id for e in episodes)})
+            for ep in episodes
+        ])
+        log.debug("grounded extraction of %d episodes: %d items in %.3f s", len(episodes), len(items), time.monotonic() - t0)
+        return items
+
+    def _from_model(self, episodes: list[CompletedEpisode], state: kb.KBState, seen_before: set[str],
+                    trusted) -> tuple[list[kb.ExperienceItem], int, int, float]:
+        """Items the model wrote about each episode, validated: (items, rejected, reused answers, model seconds)."""
+        answers, reused, seconds = self._extract(episodes, state.window_texts, seen_before)
+        items: list[kb.ExperienceItem] = []
+        rejected = 0
+        for ep in episodes:
+            answer = answers[ep.episode_id]
+            kept, bad = answer_items(answer["output"], PromptVariant(answer["variant"]), ep, trusted)
+            rejected += len(bad)
+            for reason in bad:
+                log.info("episode %s: item rejected (%s): %.80s", ep.episode_id, reason.reason, reason.text)
+            items.extend(
+                kb.ExperienceItem(
+                    id=item_id(ep.namespace, text), namespace=ep.namespace, text=text,
+                    source_episode_ids=[ep.episode_id], extracted_by=answer["model_version"],
+                    variant=answer["variant"], sources=["model:extraction"],
+                )
+                for text in kept
+            )
+        return items, rejected, reused, seconds
+
     def process_batch(self, state: kb.KBState, episodes: list[CompletedEpisode]) -> tuple[kb.KBState, BatchResult]:
         """Extract from a batch of one namespace's episodes and append the items; safe to call again on a replay."""
         assert all(ep.namespace == state.namespace for ep in episodes), "one namespace per batch"
@@ -166,27 +238,12 @@ class KnowledgeWriter:
         if not fresh:
             return state, BatchResult(None, [], 0, 0, skipped, 0.0, 0)
         new = self.save_episodes(fresh)
-        seen_before = {ep.episode_id for ep, was_new in zip(fresh, new, strict=True) if not was_new}
-        answers, reused, seconds = self._extract(fresh, state.window_texts, seen_before)
-        items: list[kb.ExperienceItem] = []
-        rejected = 0
-        for ep in fresh:
-            answer = answers[ep.episode_id]
-            kept, bad = answer_items(answer["output"], self.config.extraction.variant, ep)
-            rejected += len(bad)
-            for reason in bad:
-                log.info("episode %s: item rejected (%s): %.80s", ep.episode_id, reason.reason, reason.text)
-            items.extend(
-                kb.ExperienceItem(
-                    id=item_id(ep.namespace, text),
-                    namespace=ep.namespace,
-                    text=text,
-                    source_episode_ids=[ep.episode_id],
-                    extracted_by=answer["model_version"],
-                    variant=answer["variant"],
-                )
-                for text in kept
-            )
+        trusted = self.config.trusted(state.namespace)
+        if self.config.extraction.variant is PromptVariant.grounded:
+            items, rejected, reused, seconds = self._grounded(fresh, trusted, state.window_texts), 0, 0, 0.0
+        else:
+            seen_before = {ep.episode_id for ep, was_new in zip(fresh, new, strict=True) if not was_new}
+            items, rejected, reused, seconds = self._from_model(fresh, state, seen_before, trusted)
         new_state, snapshot, new_items, dedup = kb.append(
             state,
             items,

@@ -73,6 +73,8 @@ gc_collector.GCCollector(registry=REGISTRY)
 DLQ_REASONS = ("not_json", "schema", "too_large", "out_of_order", "other")
 #: Why the evaluation gate rejected a round (the ``reason`` label of ``oel_rounds_rejected_total``).
 REJECT_REASONS = ("pass_rate", "ood", "pass_rate_and_ood", "other")
+#: Why the knowledge gate skipped a round (the ``check`` label of ``oel_rounds_skipped_total``).
+SKIP_CHECKS = ("no_gain", "ood", "no_gain_and_ood", "other")
 #: How an adapter load ended (the ``outcome`` label of ``oel_adapter_loads_total``).
 LOAD_OUTCOMES = ("ok", "error")
 #: How many versions per namespace keep their per-version evaluation series.
@@ -201,6 +203,21 @@ ROUNDS_REJECTED = Counter(
     + ", ".join(REJECT_REASONS)
     + ".",
     ["namespace", "reason"],
+    registry=REGISTRY,
+)
+ROUNDS_SKIPPED = Counter(
+    "oel_rounds_skipped_total",
+    "Rounds the knowledge gate skipped before training: the KB did not help in context; check one of "
+    + ", ".join(SKIP_CHECKS)
+    + ".",
+    ["namespace", "check"],
+    registry=REGISTRY,
+)
+KNOWLEDGE_PASS_RATE = Gauge(
+    "oel_knowledge_pass_rate",
+    "Held-out pass rate (0..1) of the base model on the newest KB the knowledge gate checked: condition "
+    "none (no experience) or in_context (the KB in the prompt).",
+    ["namespace", "condition"],
     registry=REGISTRY,
 )
 ROUNDS_FAILED = Counter(
@@ -374,6 +391,18 @@ def count_rejected_round(namespace: str, reason: str) -> None:
     ROUNDS_REJECTED.labels(namespace=namespace, reason=_bounded(reason, REJECT_REASONS)).inc()
 
 
+def count_skipped_round(namespace: str, check: str) -> None:
+    """Count a round the knowledge gate skipped; a check outside :data:`SKIP_CHECKS` counts as ``other``."""
+    ROUNDS_SKIPPED.labels(namespace=namespace, check=_bounded(check, SKIP_CHECKS)).inc()
+
+
+def observe_knowledge(namespace: str, none: float | None, in_context: float | None) -> None:
+    """Set the knowledge gate's pass-rate gauges of a namespace (nothing when it had no held-out evaluation)."""
+    if none is not None and in_context is not None:
+        KNOWLEDGE_PASS_RATE.labels(namespace=namespace, condition="none").set(none)
+        KNOWLEDGE_PASS_RATE.labels(namespace=namespace, condition="in_context").set(in_context)
+
+
 def count_adapter_load(namespace: str, seconds: float | None, ok: bool = True) -> None:
     """Record one adapter load: its duration (if it succeeded) and its outcome."""
     if ok and seconds is not None:
@@ -440,7 +469,7 @@ def init_namespace(namespace: str) -> None:
     increment of a series that is born at 1, so an alert on e.g. the first rollback would miss it, and
     a latency quantile over a single observation (one round) would have no rate to work with.
     """
-    bounded = {"reason": REJECT_REASONS, "outcome": LOAD_OUTCOMES}
+    bounded = {"reason": REJECT_REASONS, "outcome": LOAD_OUTCOMES, "check": SKIP_CHECKS}
     for metric in all_metrics():
         names = metric._labelnames  # noqa: SLF001
         if metric._type not in ("counter", "histogram") or "namespace" not in names:  # noqa: SLF001

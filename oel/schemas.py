@@ -136,6 +136,8 @@ class VersionStatus(str, Enum):
     promoted = "promoted"
     rejected = "rejected"
     rolled_back = "rolled_back"
+    skipped = "skipped"
+    """The knowledge gate found the KB not worth consolidating: no adapter was trained (never published)."""
 
 
 class ModelVersion(Message):

@@ -166,7 +166,9 @@ class ModelSettings(Section):
     path: Path | None = Field(None, description="A local Hugging Face model folder; unset = the bundled SmolLM2-135M-Instruct.")
     backend: Literal["transformers", "vllm"] = Field("transformers", description="In-process transformers+peft, or a vLLM server.")
     vllm_url: str = Field("http://127.0.0.1:8000", description="Base URL of the vLLM OpenAI-compatible server.")
-    dtype: Literal["bfloat16", "float32", "float16"] = Field("bfloat16", description="Weights dtype of the in-process backend.")
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "auto", description="Weights dtype of the in-process backend and the learner's frozen base; auto = bfloat16 on a GPU or a CPU with native bf16, else float32."
+    )
 
     @field_validator("vllm_url")
     @classmethod
@@ -190,7 +192,16 @@ class ProcessorSettings(Section):
     abandon_after_s: float = Field(300.0, gt=0, description="An episode with no event for this long is closed as abandoned.")
     batch_size: int = Field(8, ge=1, le=1024, description="Episodes of one namespace extracted together.")
     batch_window_s: float = Field(30.0, gt=0, description="A partial batch is extracted after waiting this long.")
-    extraction_variant: Literal["structured", "unstructured"] = Field("structured", description="Extraction prompt variant.")
+    extraction_variant: Literal["auto", "grounded", "structured", "unstructured"] = Field(
+        "auto",
+        description="Extraction variant: grounded (rule statements from trusted feedback, no model call), structured or "
+        "unstructured (the paper's prompts); auto = grounded for the bundled default model, structured for OEL_MODEL__PATH.",
+    )
+    trusted_feedback: str = Field(
+        "house-rules*,frozenlake*,sokoban*",
+        description="Namespaces (comma-separated glob patterns) whose environment feedback is trusted; user and agent text never are. Empty = none.",
+    )
+    grounded_min_episodes: int = Field(2, ge=1, le=1024, description="Grounded variant: a statement must recur in this many episodes of a batch.")
     include_previous: bool = Field(True, description="Show the current KB in the extraction prompt.")
     max_new_tokens: int = Field(256, ge=8, le=8192, description="Longest extraction answer.")
     temperature: float = Field(0.7, ge=0, le=5, description="Extraction sampling temperature (seeded per batch).")
@@ -211,7 +222,7 @@ class LearnerSettings(Section):
     experience_token_budget: int = Field(2048, ge=16, description="Experience beyond this is cut, oldest items first.")
     lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank of the student adapter.")
     experience_sets: int = Field(
-        3, ge=1, le=100, description="Newest KB snapshots the teacher draws experience from, one per sample (the paper's K runs)."
+        1, ge=1, le=100, description="Newest KB snapshots the teacher draws experience from, one per sample (the paper's K runs); 1 = the whole current KB."
     )
     auto_promote: bool = Field(
         False, description="Promote a round's version at once if it passes the evaluation gate; false = a candidate for `oel models promote`."
@@ -223,6 +234,15 @@ class LearnerSettings(Section):
     gate_ood_tolerance: float = Field(
         0.15, ge=0, le=1,
         description="Gate: largest allowed drop of the OOD instruction-following score below the base model's (0..1; 0.15 = 3 of the 20 prompts).",
+    )
+    knowledge_gate_enabled: bool = Field(
+        True, description="Before a round, check the KB in context (held-out pass rate and OOD score on the base model) and skip the round if it does not help."
+    )
+    knowledge_gate_margin: float = Field(
+        0.1, ge=-1, le=1, description="Knowledge gate: smallest held-out pass-rate gain (0..1) the KB must bring in context to be consolidated."
+    )
+    anchor_fraction: float = Field(
+        0.25, ge=0, lt=1, description="Share of each OPCD batch drawn from general prompts whose teacher sees no experience (keeps the adapter close to the base model elsewhere)."
     )
     eval_env: str | None = Field(
         None, description="Reference environment for held-out evaluation (frozenlake, sokoban, house-rules, or none); unset = the namespace's own name if it names one."

@@ -41,7 +41,7 @@ def processor(ctx: click.Context, loglevel: str) -> None:
         store,
         backend,
         model_version="base",
-        config=WriterConfig.from_settings(p),
+        config=WriterConfig.from_settings(s),
         count_tokens=token_counter(backend),
     )
     start_metrics_server(s.metrics.for_service(METRICS_PORT), "processor")

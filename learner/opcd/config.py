@@ -6,8 +6,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from learner.opcd.data import EXPERIENCE_HEADER, SITUATION_HEADER
-
 
 @dataclass
 class OPCDConfig:
@@ -25,8 +23,9 @@ class OPCDConfig:
     """A local Hugging Face model folder. ``None``: the project's default model (SmolLM2-135M-Instruct),
     converted on first use (``oel.model.prepare.resolve_model_path``)."""
     dtype: Literal["bfloat16", "float32", "float16"] | None = None
-    """Weights dtype. ``None``: bfloat16 for LoRA (frozen base, float32 adapter), float32 for a full
-    fine-tune (AdamW updates of ~1e-6 vanish in bfloat16 weights)."""
+    """Weights dtype. ``None``: for LoRA, bfloat16 where the machine computes it natively
+    (:func:`oel.model.hf_backend.resolve_dtype`), else float32; float32 for a full fine-tune (AdamW updates
+    of ~1e-6 vanish in bfloat16 weights)."""
     finetune: Literal["lora", "full"] = "lora"
     """Train a LoRA adapter (default) or every weight."""
     init_adapter: str | Path | None = None
@@ -84,10 +83,13 @@ class OPCDConfig:
     # --- experience --------------------------------------------------------------------------
     experience_token_budget: int = 2048
     """Most tokens of experience in the teacher prompt; a larger set loses its oldest items (reported)."""
-    experience_header: str = EXPERIENCE_HEADER
-    situation_header: str = SITUATION_HEADER
     experience_position: Literal["first_user", "last_user"] = "first_user"
     """Which user message of a prefix gets the experience block."""
+
+    anchor_fraction: float = 0.0
+    """Share of each batch drawn from general prompts (:mod:`learner.opcd.anchors`) whose teacher sees no
+    experience, so the student keeps the round-start model's behaviour outside the namespace's tasks.
+    0 = task prefixes only (the paper's recipe)."""
 
     # --- run ---------------------------------------------------------------------------------
     seed: int = 0
@@ -107,6 +109,8 @@ class OPCDConfig:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
         if not 0 < self.temperature:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.anchor_fraction < 1.0:
+            raise ValueError(f"anchor_fraction must be in [0, 1), got {self.anchor_fraction}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError("min_new_tokens must be between 0 and max_new_tokens")
 
@@ -120,7 +124,11 @@ class OPCDConfig:
     def effective_dtype(self) -> str:
         if self.dtype is not None:
             return self.dtype
-        return "bfloat16" if self.finetune == "lora" else "float32"
+        if self.finetune == "full":
+            return "float32"
+        from oel.model.hf_backend import resolve_dtype
+
+        return resolve_dtype("auto")
 
     @property
     def effective_lora_alpha(self) -> float:
@@ -140,6 +148,7 @@ class OPCDConfig:
         learner = settings.learner
         values: dict[str, Any] = dict(
             model_path=settings.model.path,
+            dtype=None if settings.model.dtype == "auto" else settings.model.dtype,
             steps=learner.steps,
             batch_size=learner.batch_size,
             learning_rate=learner.learning_rate,
@@ -148,6 +157,7 @@ class OPCDConfig:
             max_new_tokens=learner.max_new_tokens,
             experience_token_budget=learner.experience_token_budget,
             lora_rank=learner.lora_rank,
+            anchor_fraction=learner.anchor_fraction,
         )
         names = {f.name for f in fields(cls)}
         unknown = set(overrides) - names

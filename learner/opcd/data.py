@@ -21,16 +21,11 @@ K independent extraction runs; a directory means every file in it): the items, *
 - anything else (``.txt``, ``.md``): one item per non-blank line; a leading ``- EXPERIENCE ITEM:``,
   ``- `` or ``* `` marker is stripped, lines starting with ``#`` are comments.
 
-The teacher's context: the conversation with an **experience block** put in front of one user message
-(the first by default: the task statement an agent sees at the start of its episode)::
-
-    <header: decisions are based on learned experience that may be incomplete or wrong>
-    <the experience, one "- item" per line>
-
-    <header of the current situation>
-    <the original message>
-
-Everything else, including the chat template, is identical to the student's context.
+The teacher's context: the conversation with the agents' **experience block**
+(:func:`oel.envs.prompts.experience_block`) put in front of one user message (the first by default: the
+task statement an agent sees at the start of its episode). Everything else, including the chat template,
+is identical to the student's context, and the teacher's first message is byte for byte what an agent
+with the same experience sees.
 """
 
 from __future__ import annotations
@@ -41,17 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
+from oel.envs.prompts import experience_block, format_experience
 from oel.schemas import ChatMessage
 
 log = logging.getLogger(__name__)
 
 Conversation = list[ChatMessage]
-
-EXPERIENCE_HEADER = (
-    "Your decisions are based on the following experience, learned from earlier interactions. "
-    "It may be incomplete or wrong: use it where it applies."
-)
-SITUATION_HEADER = "Current situation:"
 
 _ITEM_MARKERS = ("- EXPERIENCE ITEM:", "EXPERIENCE ITEM:", "- ", "* ")
 
@@ -160,8 +150,8 @@ def load_experience_sets(paths: Iterable[str | Path]) -> list[list[str]]:
 
 
 def render_experience(items: Sequence[str]) -> str:
-    """The experience as it appears in the block: one ``- item`` per line."""
-    return "\n".join(f"- {item}" for item in items)
+    """The experience as it appears in the block: one ``- item`` per line (:func:`oel.envs.prompts.format_experience`)."""
+    return format_experience(list(items))
 
 
 @dataclass
@@ -217,15 +207,15 @@ def fit_experience(
 
 @dataclass(frozen=True)
 class ExperienceTemplate:
-    """How the experience block is written into the teacher's context."""
+    """Where the experience block goes in the teacher's context. The block itself is
+    :func:`oel.envs.prompts.experience_block`, the one the agents and the evaluations use, so the teacher
+    sees the experience exactly as an agent does."""
 
-    header: str = EXPERIENCE_HEADER
-    situation_header: str = SITUATION_HEADER
     position: Literal["first_user", "last_user"] = "first_user"
     """Which user message gets the block: the first (task statement) or the last (latest turn)."""
 
     def block(self, items: Sequence[str]) -> str:
-        return f"{self.header}\n{render_experience(items)}\n\n{self.situation_header}\n"
+        return experience_block(list(items))
 
     def apply(self, conversation: Sequence[ChatMessage | dict[str, str]], items: Sequence[str] | None) -> Conversation:
         """The conversation with the experience block in front of the chosen user message.

@@ -199,13 +199,14 @@ class OPCDTrainer:
         *,
         model: Any = None,
         tokenizer: Any = None,
+        anchor_prompts: Sequence[Conversation | Sequence[dict[str, str]] | str] | None = None,
     ) -> None:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.rng = random.Random(config.seed)
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
-        self.template = ExperienceTemplate(config.experience_header, config.situation_header, config.experience_position)
+        self.template = ExperienceTemplate(config.experience_position)
         t0 = time.monotonic()
         if model is None or tokenizer is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -222,6 +223,7 @@ class OPCDTrainer:
 
         self._setup_models(model)
         self._setup_data(prefixes, experience_sets)
+        self._setup_anchors(anchor_prompts)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable_params = params
         # Mixed precision for LoRA on a bf16/fp16 base: the adapters compute in the base's dtype (no float32
@@ -335,6 +337,36 @@ class OPCDTrainer:
         self._teacher_cache: dict[tuple[int, int], list[int]] = {}
         self._shared_len: dict[tuple[int, int], int] = {}
         self._kv_cache: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+
+    def _setup_anchors(self, anchor_prompts: Sequence[Any] | None) -> None:
+        """General prompts (after the task prefixes in :attr:`prefixes`) with an empty experience set of their own."""
+        self.task_prefixes = len(self.prefixes)
+        self.anchor_indices: list[int] = []
+        self.no_experience_index: int | None = None
+        self._anchor_order: list[int] = []
+        if self.config.anchor_fraction <= 0:
+            return
+        if anchor_prompts is None:
+            from learner.opcd.anchors import GENERAL_PROMPTS
+
+            anchor_prompts = GENERAL_PROMPTS
+        for raw in anchor_prompts:
+            conv = parse_conversation(raw)
+            ids = _encode(self.tokenizer, conv)
+            if len(ids) <= self.config.max_prompt_tokens:
+                self.anchor_indices.append(len(self.prefixes))
+                self.prefixes.append(conv)
+                self.prompt_ids.append(ids)
+        if not self.anchor_indices:
+            raise DataError("anchor_fraction > 0 but no anchor prompt fits max_prompt_tokens")
+        self.no_experience_index = len(self.experience_sets)
+        self.experience_sets.append([])
+
+    def anchors_per_batch(self) -> int:
+        """How many samples of a batch are anchor prompts (at least one when anchors are on)."""
+        if not self.anchor_indices:
+            return 0
+        return min(self.config.batch_size - 1, max(1, round(self.config.batch_size * self.config.anchor_fraction)))
 
     def teacher_prompt_ids(self, prefix_index: int, experience_index: int) -> list[int]:
         """The teacher's prompt: the prefix with experience set ``experience_index`` in its block."""
@@ -468,24 +500,31 @@ class OPCDTrainer:
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
 
     def next_prefixes(self, n: int) -> list[int]:
-        """The next ``n`` prefix indices: epochs over the prefixes, each in a fresh random order."""
+        """The next ``n`` task prefix indices: epochs over the task prefixes, each in a fresh random order."""
+        return self._draw(self._order, range(self.task_prefixes), n)
+
+    def _draw(self, order: list[int], population: Sequence[int], n: int) -> list[int]:
         out: list[int] = []
         while len(out) < n:
-            if not self._order:
-                self._order = list(range(len(self.prefixes)))
-                self.rng.shuffle(self._order)
-            out.append(self._order.pop())
+            if not order:
+                order.extend(population)
+                self.rng.shuffle(order)
+            out.append(order.pop())
         return out
 
     def rollout(self, prefix_indices: Sequence[int] | None = None) -> list[Rollout]:
-        """Sample answers (student, no experience) and attach the teacher prompts (one experience set drawn per sample)."""
+        """Sample answers (student, no experience) and attach the teacher prompts: one experience set drawn
+        per task sample; an anchor prompt's teacher sees no experience."""
         if prefix_indices is None:
-            prefix_indices = self.next_prefixes(self.config.batch_size)
+            anchors = self.anchors_per_batch()
+            prefix_indices = self.next_prefixes(self.config.batch_size - anchors)
+            prefix_indices += self._draw(self._anchor_order, self.anchor_indices, anchors)
         prompts = [self.prompt_ids[i] for i in prefix_indices]
         answers = self.generate(prompts)
         out = []
+        task_sets = len(self.experience_sets) - (1 if self.no_experience_index is not None else 0)
         for i, (resp, reason) in zip(prefix_indices, answers):
-            e = self.rng.randrange(len(self.experience_sets))
+            e = self.no_experience_index if i >= self.task_prefixes else self.rng.randrange(task_sets)
             out.append(Rollout(i, e, self.prompt_ids[i], self.teacher_prompt_ids(i, e), resp, reason))
         return out
 
@@ -693,7 +732,8 @@ class OPCDTrainer:
             "finetune": self.config.finetune,
             "learning_rate": self.config.effective_learning_rate,
             "dtype": self.config.effective_dtype,
-            "prefixes": len(self.prefixes),
+            "prefixes": self.task_prefixes,
+            "anchor_prompts": len(self.anchor_indices),
             "experience_sets": [len(s) for s in self.experience_sets],
             "steps_done": self.step_count,
         }

@@ -1,6 +1,6 @@
 """The agent prompt, with or without experience in context.
 
-:func:`agent_prompt` is the one place where experience meets a situation, as in the OEL paper: a
+:func:`experience_block` is the one place where experience meets a situation, as in the OEL paper: a
 block saying that decisions are based on learned experience that may be incomplete or wrong, then
 the experience, then the current situation. Agents use it for their first user message; the learner
 builds its teacher prompts with :func:`with_experience`, which applies the same function to the
@@ -41,13 +41,20 @@ def format_experience(experience: Experience) -> str:
     return "\n".join(lines)
 
 
+def experience_block(experience: Experience) -> str:
+    """The text put in front of a situation: the intro line, the experience, then the situation heading
+    (ends with a newline; empty without experience). Every prompt with experience starts with it: the
+    agents', the evaluations' and the OPCD teacher's, so all of them see the same bytes."""
+    block = format_experience(experience)
+    if not block:
+        return ""
+    return f"{EXPERIENCE_INTRO}\n{block}\n\n{SITUATION_HEADING}\n"
+
+
 def agent_prompt(situation: str, experience: Experience = None) -> str:
     """The agent's prompt for ``situation`` (task, observation and answer format), with the experience
     block in front when there is any experience."""
-    block = format_experience(experience)
-    if not block:
-        return situation
-    return f"{EXPERIENCE_INTRO}\n{block}\n\n{SITUATION_HEADING}\n{situation}"
+    return experience_block(experience) + situation
 
 
 def with_experience(conversation: Conversation, experience: Experience) -> Conversation:

@@ -127,7 +127,7 @@ def model_bench(ctx: click.Context, batches: tuple[int, ...], max_new_tokens: in
     backend = HFBackend.from_settings(settings_of(ctx), max_batch_size=max(batches))
     backend.eos_ids = [-1]  # no end token: always decode max_new_tokens
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    click.echo(f"model {backend.base_model} ({settings_of(ctx).model.dtype}), torch threads {torch_threads()}")
+    click.echo(f"model {backend.base_model} ({backend.model.dtype}), torch threads {torch_threads()}")
     for b in batches:
         convs = [[ChatMessage(role="user", content=BENCH_PROMPTS[i % len(BENCH_PROMPTS)])] for i in range(b)]
         backend.generate(convs, SamplingParams(max_new_tokens=4, temperature=0.0))  # warm-up
