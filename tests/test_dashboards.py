@@ -213,6 +213,7 @@ def test_every_panel_returns_data_from_the_real_services_and_alerts_fire(kafka, 
         "OEL_LEARNER__GATE_ENABLED": "true", "OEL_LEARNER__EVAL_ENV": "house-rules", "OEL_LEARNER__EVAL_EPISODES": "2",
         "OEL_LEARNER__EVAL_MAX_NEW_TOKENS": "16", "OEL_LEARNER__OOD_MAX_NEW_TOKENS": "8",
         "OEL_LEARNER__GATE_PASS_RATE_TOLERANCE": "1", "OEL_LEARNER__GATE_OOD_TOLERANCE": "1",
+        "OEL_LEARNER__KNOWLEDGE_GATE_MARGIN": "-1",
     }
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump(prometheus_config(ports)))

@@ -166,7 +166,7 @@ def test_the_gate_rejects_a_damaged_round_and_accepts_a_sound_one(store, backend
     assert gate.env_for(ns) == "house-rules"
 
     def runner(adapter: Path) -> RoundRunner:
-        return RoundRunner(store, gate_settings, registry=registry, gate=gate, auto_promote=True,
+        return RoundRunner(store, gate_settings, registry=registry, gate=gate, knowledge_gate=None, auto_promote=True,
                            trainer_factory=PremadeAdapterTrainer(adapter))
 
     bad = runner(adapters["damaged"]).run(_trigger(ns, kb1))

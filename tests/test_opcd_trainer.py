@@ -77,6 +77,38 @@ def test_teacher_and_student_contexts_are_aligned() -> None:
     assert got == [4.0, 5.0, 6.0, 8.0, 9.0]
 
 
+def test_the_teacher_sees_the_experience_exactly_as_an_agent_does() -> None:
+    """One function builds the experience context for agents, evaluations and the OPCD teacher: the
+    teacher's conversation and its token ids are those of an agent prompted with the same experience."""
+    from oel.envs.prompts import agent_prompt, with_experience
+
+    t = _trainer()
+    for i in range(t.task_prefixes):
+        conv = t.prefixes[i]
+        for e, items in enumerate(t.experience_sets):
+            teacher = t.template.apply(conv, items)
+            assert teacher == with_experience(conv, items)
+            assert t.teacher_prompt_ids(i, e) == encode_chat(t.tokenizer, with_experience(conv, items))
+            first = next(m for m in conv if m.role == "user")
+            assert next(m for m in teacher if m.role == "user").content == agent_prompt(first.content, items)
+
+
+def test_anchor_prompts_are_taught_by_the_teacher_without_experience() -> None:
+    t = _trainer(anchor_fraction=0.34, batch_size=3)
+    assert t.anchors_per_batch() == 1 and len(t.anchor_indices) > 0
+    for _ in range(3):
+        batch = t.rollout()
+        anchors = [r for r in batch if r.prefix_index >= t.task_prefixes]
+        assert len(anchors) == 1 and len(batch) == 3
+        for r in anchors:
+            assert r.experience_index == t.no_experience_index and t.experience_sets[r.experience_index] == []
+            assert r.teacher_prompt_ids == r.student_prompt_ids, "no experience: the teacher is the round-start model as is"
+        for r in batch:
+            if r.prefix_index < t.task_prefixes:
+                assert r.experience_index != t.no_experience_index and r.teacher_prompt_ids != r.student_prompt_ids
+    t.train_step(batch)  # anchors and task samples train together
+
+
 def test_experience_over_budget_drops_oldest_items_and_reports(caplog) -> None:
     tok = tiny_tokenizer()
     items = [f"Old rule number {i}: always mention the number {i} in the answer." for i in range(30)]

@@ -75,8 +75,9 @@ class OPCDConfig:
     """Answer positions projected to the vocabulary at once (bounds the memory of the logits)."""
     teacher_cache_tokens: int = 32768
     """The teacher is frozen for the round, so the keys/values of the part of its prompt that every prefix
-    shares (chat-template opening + experience block) are computed once per experience set and reused;
-    this bounds the cached tokens (least recently used dropped first). 0 disables the cache."""
+    shares (chat-template opening + experience block) are computed once per experience set, and those of
+    each whole teacher prompt once per prefix, and reused; this bounds the cached tokens (least recently
+    used dropped first). 0 disables the cache."""
     teacher_cache_min_tokens: int = 32
     """Shared parts shorter than this are not worth caching and are recomputed with the rest."""
 

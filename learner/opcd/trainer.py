@@ -246,9 +246,9 @@ class OPCDTrainer:
         self.history: list[StepMetrics] = []
         self._order: list[int] = []
         log.info(
-            "OPCD trainer ready in %.1f s: %s, %d trainable parameters, %d prefixes (%d skipped), %d experience sets",
-            time.monotonic() - t0, config.finetune, sum(p.numel() for p in params), len(self.prefixes),
-            self.skipped_prefixes, len(self.experience_sets),
+            "OPCD trainer ready in %.1f s: %s, %d trainable parameters, %d prefixes (%d skipped), %d anchor prompts, %d experience sets",
+            time.monotonic() - t0, config.finetune, sum(p.numel() for p in params), self.task_prefixes,
+            self.skipped_prefixes, len(self.anchor_indices), len(self.experience_sets) - (self.no_experience_index is not None),
         )
 
     # --- set-up -------------------------------------------------------------------------------
@@ -588,16 +588,24 @@ class OPCDTrainer:
             self._shared_len[key] = n
         return n
 
-    def _prefix_kv(self, teacher: Any, ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _prefix_kv(self, teacher: Any, ids: tuple[int, ...], base_len: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The teacher's keys and values of ``ids`` (one row), from the round's cache or computed and cached
+        (least recently used dropped beyond ``teacher_cache_tokens``). With ``base_len``, the keys and values
+        of ``ids[:base_len]`` (a shared experience block) are taken from the cache first and extended."""
         from transformers import DynamicCache
 
         kv = self._kv_cache.get(ids)
         if kv is not None:
             self._kv_cache.move_to_end(ids)
             return kv
-        cache = DynamicCache()
         device = next(teacher.parameters()).device
-        teacher.get_decoder()(input_ids=torch.tensor([list(ids)], device=device), past_key_values=cache, use_cache=True)
+        if 0 < base_len < len(ids):
+            base = self._prefix_kv(teacher, ids[:base_len])
+            cache = DynamicCache(ddp_cache_data=list(base))
+            rest = ids[base_len:]
+        else:
+            cache, rest = DynamicCache(), ids
+        teacher.get_decoder()(input_ids=torch.tensor([list(rest)], device=device), past_key_values=cache, use_cache=True)
         kv = [(k, v) for k, v, *_ in cache]
         self._kv_cache[ids] = kv
         total = sum(len(key) for key in self._kv_cache)
@@ -608,25 +616,32 @@ class OPCDTrainer:
 
     def _teacher_hidden(self, teacher: Any, batch: Sequence[Rollout]) -> torch.Tensor:
         """The teacher's final hidden states at the answer positions, [answer tokens, hidden], in batch order.
-        Rows whose teacher prompt starts with a cached shared prefix run only their remainder."""
+
+        The teacher is frozen for the round, so the keys and values of each teacher prompt (all but its last
+        token, which predicts the first answer token) are computed once, on top of the cached experience block
+        it shares with other prefixes (:meth:`shared_teacher_prefix`), and reused whenever the prefix is drawn
+        again: a row then runs only its last prompt token and its answer."""
         use_cache = self.config.teacher_cache_tokens > 0 and self._prefix_cache_supported(teacher)
-        groups: dict[tuple[int, ...], list[int]] = {}
+        groups: dict[tuple[int, int], list[int]] = {}
         for i, r in enumerate(batch):
-            n = self.shared_teacher_prefix(r.prefix_index, r.experience_index) if use_cache else 0
-            if n and r.teacher_prompt_ids == self.teacher_prompt_ids(r.prefix_index, r.experience_index):
-                groups.setdefault(tuple(r.teacher_prompt_ids[:n]), []).append(i)
-            else:
-                groups.setdefault((), []).append(i)
+            # A row without experience (teacher prompt = student prompt) is computed as the student's is, so its
+            # loss is exactly 0 at the start of a round.
+            cacheable = (use_cache and len(r.teacher_prompt_ids) > self.config.teacher_cache_min_tokens
+                         and r.teacher_prompt_ids != r.student_prompt_ids
+                         and r.teacher_prompt_ids == self.teacher_prompt_ids(r.prefix_index, r.experience_index))
+            groups.setdefault((r.prefix_index, r.experience_index) if cacheable else (-1, -1), []).append(i)
         parts: list[torch.Tensor | None] = [None] * len(batch)
-        for shared, rows in groups.items():
-            p = len(shared)
+        for (prefix_index, experience_index), rows in groups.items():
             sub = [batch[i] for i in rows]
-            if p == 0:
+            if prefix_index < 0:
+                p = 0
                 hidden = self._hidden(teacher, [r.teacher_prompt_ids + r.response_ids for r in sub])
             else:
                 from transformers import DynamicCache
 
-                kv = self._prefix_kv(teacher, shared)
+                prompt = tuple(sub[0].teacher_prompt_ids)
+                p = len(prompt) - 1
+                kv = self._prefix_kv(teacher, prompt[:p], self.shared_teacher_prefix(prefix_index, experience_index))
                 b = len(sub)
                 cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
                 hidden = self._hidden(teacher, [r.teacher_prompt_ids[p:] + r.response_ids for r in sub], past=cache, past_len=p)
@@ -685,7 +700,8 @@ class OPCDTrainer:
             stopped_fraction=sum(r.finish_reason == "stop" for r in batch) / max(1, len(batch)),
         )
         self.history.append(m)
-        log.info("step %d: loss %.4f kl %.4f tokens %d (%.1f tok/s)", m.step, m.loss, m.kl, n_tok, m.tokens_per_s)
+        log.info("step %d: loss %.4f kl %.4f tokens %d (%.1f tok/s; sampling %.1f s, update %.1f s)", m.step, m.loss, m.kl,
+                 n_tok, m.tokens_per_s, m.sample_seconds, m.train_seconds)
         return m
 
     def train(self, steps: int | None = None, callback: Callable[[StepMetrics], None] | None = None) -> OPCDResult:
