@@ -319,7 +319,8 @@ class DemoLoop(LearningLoop):
 
         self.bus = InProcessBus()
         self.registry = ModelRegistry(self.store, publisher=self._publish_version)
-        runner_kwargs: dict[str, Any] = {"registry": self.registry, "auto_promote": True, "backend": self.backend}
+        runner_kwargs: dict[str, Any] = {"registry": self.registry, "auto_promote": True, "backend": self.backend,
+                                         "on_step": self._opcd_progress}
         if gate is not None:
             runner_kwargs["gate"] = gate
         self.runner = RoundRunner(self.store, self.settings, **runner_kwargs)
@@ -328,6 +329,7 @@ class DemoLoop(LearningLoop):
         self.writer = KnowledgeWriter(self.store, self.backend, BASE_VERSION, WriterConfig.from_settings(self.settings),
                                       count_tokens=token_counter(self.backend))
         self.kb_state = KBState(namespace=config.ns)
+        self._opcd_bar = None
         self.buffers: dict[str, EpisodeBuffer] = {}
         from producers.adapters import AdapterLoader
 
@@ -379,6 +381,20 @@ class DemoLoop(LearningLoop):
             if outcome is not None:
                 outcomes.append(outcome.record)
         return outcomes
+
+    def _opcd_progress(self, m) -> None:
+        """A progress bar over the round's OPCD steps, with the loss."""
+        if self._opcd_bar is None or m.step == 1:
+            if self._opcd_bar is not None:
+                self._opcd_bar.close()
+            from tqdm import tqdm
+
+            self._opcd_bar = tqdm(total=self.config.steps, desc="  OPCD", unit="step", leave=True)
+        self._opcd_bar.set_postfix(loss=f"{m.loss:.3f}")
+        self._opcd_bar.update(1)
+        if m.step >= self.config.steps:
+            self._opcd_bar.close()
+            self._opcd_bar = None
 
     def follow(self) -> None:
         for msg in self.bus.read(self.VERSIONS, "agents"):

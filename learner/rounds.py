@@ -155,7 +155,8 @@ class RoundRunner:
     :data:`GATE_FROM_SETTINGS`; None = no gate); ``knowledge_gate`` the check before training (default:
     from the settings, sharing the evaluation gate's evaluator; None = none); ``backend`` is the model
     backend the default gates evaluate with (default: one made from the settings when first needed);
-    ``auto_promote`` overrides ``settings.learner.auto_promote``; ``topic`` the model-versions topic.
+    ``auto_promote`` overrides ``settings.learner.auto_promote``; ``topic`` the model-versions topic;
+    ``on_step`` sees each OPCD step's metrics.
     """
 
     def __init__(
@@ -171,6 +172,7 @@ class RoundRunner:
         auto_promote: bool | None = None,
         topic: str | None = None,
         config_overrides: dict[str, Any] | None = None,
+        on_step: Callable[[Any], None] | None = None,
     ):
         self.store = store
         self.settings = settings
@@ -196,6 +198,8 @@ class RoundRunner:
         self.auto_promote = settings.learner.auto_promote if auto_promote is None else auto_promote
         self.topic = topic
         self.config_overrides = dict(config_overrides or {})
+        self.on_step = on_step
+        """Called with each OPCD step's metrics (``learner.opcd.StepMetrics``), e.g. to show progress."""
 
     def run(self, trigger: RoundTrigger) -> RoundOutcome:
         ns = trigger.namespace
@@ -278,6 +282,8 @@ class RoundRunner:
 
             def on_step(m) -> None:
                 metrics.observe_opcd_step(ns, m.loss, m.kl, m.response_tokens, m.seconds)
+                if self.on_step is not None:
+                    self.on_step(m)
 
             result = trainer.train(callback=on_step)
             adapter_dir = trainer.save(Path(tmp) / "adapter", result, extra={"round_id": trigger.round_id, "namespace": ns})

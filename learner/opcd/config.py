@@ -69,6 +69,11 @@ class OPCDConfig:
     """Suppress end-of-sequence before this many tokens (benchmarks use it to fix the answer length)."""
 
     # --- loss --------------------------------------------------------------------------------
+    prompt_gradient: bool = True
+    """Backpropagate through the whole prompt (exact). False: the prompt's keys and values (all but its last
+    token) are computed without gradient and only the last prompt token and the answer are in the graph, so
+    the adapter's effect on the prompt's keys and values gets no gradient. Several times cheaper per step
+    for short answers after long prompts; see bench/README.md for what it did to learning."""
     top_k: int | None = 256
     """Size of the student's top-k support of the KL; ``None`` = exact full-vocabulary reverse KL."""
     loss_chunk_tokens: int = 64

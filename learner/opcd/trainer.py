@@ -91,6 +91,17 @@ class Rollout:
 
 
 @dataclass
+class _PromptKV:
+    """The student's keys and values of a sampled batch's prompts (all but their last token), left-padded,
+    at the weights of optimizer step ``step``."""
+
+    prompts: list[list[int]]
+    step: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+
+
+@dataclass
 class StepMetrics:
     """What one optimizer step measured."""
 
@@ -243,6 +254,7 @@ class OPCDTrainer:
             weight_decay=config.weight_decay,
         )
         self.step_count = 0
+        self._sampled_prompts: _PromptKV | None = None
         self.history: list[StepMetrics] = []
         self._order: list[int] = []
         log.info(
@@ -438,9 +450,12 @@ class OPCDTrainer:
 
     # --- sampling -----------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the prompts' keys and values may be reused in the loss's graph
     def generate(self, prompts: list[list[int]]) -> list[tuple[list[int], str]]:
-        """Sample one answer per prompt from the student (current weights): (token ids, finish reason)."""
+        """Sample one answer per prompt from the student (current weights): (token ids, finish reason).
+
+        Without ``prompt_gradient`` the keys and values of the prompts but their last token are kept
+        (:attr:`_sampled_prompts`): the loss of the same batch at the same weights reuses them."""
         from transformers import DynamicCache
 
         cfg = self.config
@@ -457,6 +472,13 @@ class OPCDTrainer:
                 mask[i, width - len(p):] = 1
             cache = DynamicCache(config=self._causal_lm("student").config)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            self._sampled_prompts = None
+            if not cfg.prompt_gradient and width > 1 and all(len(p) > 1 for p in prompts):
+                lm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], past_key_values=cache,
+                   use_cache=True, logits_to_keep=1)
+                self._sampled_prompts = _PromptKV([list(p) for p in prompts], self.step_count,
+                                                  [(k, v) for k, v, *_ in cache], mask[:, :-1].clone())
+                ids, pos = ids[:, -1:], pos[:, -1:]
             logits = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                         use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
             eos = torch.tensor(self.eos_ids, dtype=torch.long)
@@ -537,11 +559,7 @@ class OPCDTrainer:
             t_hidden = self._teacher_hidden(teacher, batch)
             teacher_head = self._head(teacher, role="teacher")
         student = self._causal_lm("student")
-        with torch.set_grad_enabled(backward):
-            s_graph = self._gather(
-                self._hidden(student, [r.student_prompt_ids + r.response_ids for r in batch]),
-                [len(r.student_prompt_ids) for r in batch], [len(r.response_ids) for r in batch],
-            )
+        s_graph = self._student_answer_hidden(student, batch, backward)
         stats, grad = chunked_opcd_loss(
             s_graph, t_hidden, self._head(student), teacher_head,
             temperature=cfg.temperature, top_k=cfg.top_k, chunk_tokens=cfg.loss_chunk_tokens, backward=backward,
@@ -549,6 +567,52 @@ class OPCDTrainer:
         if backward and grad is not None and s_graph.requires_grad:
             s_graph.backward(grad.to(s_graph.dtype))
         return stats
+
+    def _student_answer_hidden(self, student: Any, batch: Sequence[Rollout], backward: bool) -> torch.Tensor:
+        """The student's final hidden states at the answer positions, [answer tokens, hidden], in batch order.
+
+        With ``prompt_gradient`` (the default) the whole of every prompt is in the graph. Without it, the keys and
+        values of each prompt but its last token are computed first without gradient (left-padded, as for
+        sampling), and only the last prompt token and the answer run with gradient on top of them: the update
+        then costs a forward pass over the prompts instead of a forward and backward pass."""
+        prompts = [r.student_prompt_ids[:-1] for r in batch]
+        if self.config.prompt_gradient or not all(prompts):
+            with torch.set_grad_enabled(backward):
+                return self._gather(self._hidden(student, [r.student_prompt_ids + r.response_ids for r in batch]),
+                                    [len(r.student_prompt_ids) for r in batch], [len(r.response_ids) for r in batch])
+        from transformers import DynamicCache
+
+        device = next(student.parameters()).device
+        n = len(batch)
+        kept = self._sampled_prompts
+        if kept is not None and kept.step == self.step_count and kept.prompts == [r.student_prompt_ids for r in batch]:
+            cache, mask = DynamicCache(ddp_cache_data=list(kept.kv)), kept.mask  # sampled at these very weights
+        else:
+            width = max(len(p) for p in prompts)
+            ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((n, width), dtype=torch.long)
+            for i, p in enumerate(prompts):
+                ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[i, width - len(p):] = 1
+            cache = DynamicCache(config=student.config)
+            with torch.no_grad():
+                student.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), past_key_values=cache, use_cache=True)
+        tails = [[r.student_prompt_ids[-1], *r.response_ids] for r in batch]
+        tail_width = max(len(t) for t in tails)
+        tail_ids = torch.full((n, tail_width), self.pad_id, dtype=torch.long)
+        tail_mask = torch.zeros((n, tail_width), dtype=torch.long)
+        for i, t in enumerate(tails):
+            tail_ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+            tail_mask[i, : len(t)] = 1
+        starts = torch.tensor([len(p) for p in prompts], dtype=torch.long)[:, None]
+        with torch.set_grad_enabled(backward):
+            hidden = student.get_decoder()(
+                input_ids=tail_ids.to(device), attention_mask=torch.cat([mask, tail_mask], dim=1).to(device),
+                position_ids=(starts + torch.arange(tail_width)[None]).to(device), past_key_values=cache, use_cache=True,
+            ).last_hidden_state
+        parts = [hidden[i, : len(r.response_ids)] for i, r in enumerate(batch) if r.response_ids]
+        return torch.cat(parts, dim=0) if parts else hidden.new_zeros((0, hidden.shape[-1]))
 
     # --- the teacher's shared-prefix cache ----------------------------------------------------
 
