@@ -214,11 +214,14 @@ class LearnerSettings(Section):
     min_new_items: int = Field(8, ge=1, description="New KB items since the last round that trigger a round.")
     cooldown_s: float = Field(600.0, ge=0, description="Minimum time between two rounds of one namespace.")
     steps: int = Field(40, ge=1, le=100_000, description="Optimizer steps per round (paper: 20-100).")
-    batch_size: int = Field(4, ge=1, le=4096, description="Prefixes per step.")
-    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Constant AdamW LR (LoRA; the paper's 1e-6 is for full fine-tuning).")
+    batch_size: int = Field(8, ge=1, le=4096, description="Samples per step (task prefixes plus anchor prompts).")
+    learning_rate: float = Field(2e-3, gt=0, lt=1, description="Constant AdamW LR of the LoRA adapter (measured on the default model; the paper's 1e-6 is for full fine-tuning).")
     temperature: float = Field(0.7, gt=0, le=5, description="Sampling temperature; logits are divided by it in the loss.")
     top_k: int = Field(256, ge=1, description="Reverse KL over the student's top-k tokens.")
-    max_new_tokens: int = Field(64, ge=1, le=32_768, description="Longest sampled response.")
+    max_new_tokens: int = Field(8, ge=1, le=32_768, description="Longest sampled response (short: the start of an answer carries what house rules teach; raise it for reasoning tasks).")
+    prompt_gradient: bool = Field(
+        True, description="Backpropagate through the whole prompt; false = the prompt's keys and values are taken from sampling, without gradient (faster, approximate)."
+    )
     experience_token_budget: int = Field(2048, ge=16, description="Experience beyond this is cut, oldest items first.")
     lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank of the student adapter.")
     experience_sets: int = Field(

@@ -164,6 +164,7 @@ class OPCDConfig:
             experience_token_budget=learner.experience_token_budget,
             lora_rank=learner.lora_rank,
             anchor_fraction=learner.anchor_fraction,
+            prompt_gradient=learner.prompt_gradient,
         )
         names = {f.name for f in fields(cls)}
         unknown = set(overrides) - names
