@@ -211,7 +211,7 @@ class ProcessorSettings(Section):
 class LearnerSettings(Section):
     """When a consolidation round starts and how it trains (OPCD)."""
 
-    min_new_items: int = Field(8, ge=1, description="New KB items since the last round that trigger a round.")
+    min_new_items: int = Field(1, ge=1, description="New KB items since the last round that trigger a round (the grounded variant adds few, exact items; raise it for the paper's variants).")
     cooldown_s: float = Field(600.0, ge=0, description="Minimum time between two rounds of one namespace.")
     steps: int = Field(40, ge=1, le=100_000, description="Optimizer steps per round (paper: 20-100).")
     batch_size: int = Field(8, ge=1, le=4096, description="Samples per step (task prefixes plus anchor prompts).")

@@ -1,0 +1,95 @@
+"""One OPCD recipe on the default model, measured the way the learner's gates measure it.
+
+Plays ``--episodes`` training episodes of one house rule with the base model (cached as prefixes under
+``--work``), lifts the rule from the trusted feedback with the grounded variant, checks it in context,
+trains a fresh LoRA adapter with the given recipe (the trainer the learner runs), and prints one JSON line:
+held-out pass rate without experience (none, with the item in context, consolidated), the OOD score of the
+base model and of the adapter, and the training time. Figures and the recipes tried: bench/README.md.
+
+    .venv/bin/python bench/bench_opcd_recipe.py --rule greeting --steps 40 --batch 8 --lr 2e-3 --tokens 8 --anchors 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rule", default="greeting")
+    ap.add_argument("--episodes", type=int, default=16, help="training episodes (their turn-prefixes are the OPCD prompts)")
+    ap.add_argument("--eval-episodes", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--tokens", type=int, default=8, help="longest sampled answer")
+    ap.add_argument("--anchors", type=float, default=0.25, help="anchor_fraction")
+    ap.add_argument("--no-prompt-gradient", action="store_true")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=Path("bench-out/opcd-recipe"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from learner.evaluation import EvalSpec, evaluate_policy
+    from learner.ood import ood_score
+    from learner.opcd import OPCDConfig, OPCDTrainer
+    from learner.demo import episode_events
+    from oel.envs import make_env, train_seeds
+    from oel.episodes import add_event, close
+    from oel.grounded import grounded_items, trusted_sources
+    from oel.model.hf_backend import HFBackend
+    from oel.model.prepare import resolve_model_path
+    from oel.settings import load_settings
+    from producers.agents import AgentConfig, run_episodes
+
+    settings = load_settings()
+    backend = HFBackend.from_settings(settings, max_batch_size=16)
+    args.work.mkdir(parents=True, exist_ok=True)
+    played = args.work / f"episodes-{args.rule}-{args.episodes}.json"
+    if not played.exists():
+        eps = run_episodes(backend, lambda: make_env("house-rules", rules=(args.rule,)), train_seeds(args.episodes),
+                           AgentConfig(mode="free", batch_size=16, seed=args.seed))
+        completed = []
+        for ep in eps:
+            buffer = None
+            for event in episode_events(ep, "house-rules", f"e{ep.seed}", "agent", "base"):
+                buffer, _ = add_event(buffer, event, 0.0)
+            completed.append(close(buffer, abandoned=False).model_dump(mode="json"))
+        played.write_text(json.dumps(completed))
+    from oel.episodes import CompletedEpisode
+
+    episodes = [CompletedEpisode.model_validate(e) for e in json.loads(played.read_text())]
+    items = [g.text for g in grounded_items(episodes, trusted_sources("house-rules", "house-rules*"))]
+    prefixes = [[m.model_dump() for m in p] for ep in episodes for p in ep.training_prefixes]
+
+    spec = EvalSpec(env="house-rules", episodes=args.eval_episodes, env_options={"rules": (args.rule,)})
+    none = evaluate_policy(backend, spec)
+    in_context = evaluate_policy(backend, spec, experience=items)
+    t0 = time.monotonic()
+    config = OPCDConfig(model_path=resolve_model_path(settings), steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
+                        max_new_tokens=args.tokens, anchor_fraction=args.anchors, seed=args.seed,
+                        prompt_gradient=not args.no_prompt_gradient)
+    trainer = OPCDTrainer(config, prefixes, [items])
+    result = trainer.train()
+    out = args.work / f"adapter-{args.rule}-{args.steps}x{args.batch}-{args.lr}-{args.tokens}-{args.anchors}"
+    trainer.save(out, result)
+    train_s = time.monotonic() - t0
+    del trainer
+    backend.load_adapter("candidate", out)
+    consolidated = evaluate_policy(backend, spec, adapter="candidate")
+    print(json.dumps({
+        "rule": args.rule, "items": items, "steps": args.steps, "batch": args.batch, "lr": args.lr, "tokens": args.tokens,
+        "anchors": args.anchors, "prompt_gradient": not args.no_prompt_gradient, "seed": args.seed,
+        "pass_none": f"{none.passed}/{none.n_episodes}", "pass_in_context": f"{in_context.passed}/{in_context.n_episodes}",
+        "pass_consolidated": f"{consolidated.passed}/{consolidated.n_episodes}",
+        "ood_base": ood_score(backend).score, "ood_consolidated": ood_score(backend, "candidate").score,
+        "train_s": round(train_s), "first_loss": result.steps[0].loss, "last_loss": result.steps[-1].loss,
+    }))
+
+
+if __name__ == "__main__":
+    main()
