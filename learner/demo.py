@@ -390,7 +390,7 @@ class DemoLoop(LearningLoop):
             from tqdm import tqdm
 
             self._opcd_bar = tqdm(total=self.config.steps, desc="  OPCD", unit="step", leave=True)
-        self._opcd_bar.set_postfix(loss=f"{m.loss:.3f}")
+        self._opcd_bar.set_postfix(loss=f"{m.loss:.3f}", refresh=False)
         self._opcd_bar.update(1)
         if m.step >= self.config.steps:
             self._opcd_bar.close()

@@ -180,16 +180,19 @@ def test_without_prompt_gradient_the_loss_is_the_same_and_only_its_gradient_is_c
     loss) is the one of the full graph; the gradient differs, and is the full one without the prompt's paths."""
     trainer.config.prompt_gradient = False
     try:
-        batch = trainer.rollout([0, 3, 5])  # sampling keeps the prompts' keys and values ...
+        batch = trainer.rollout([3, 3])  # one micro-batch: sampling keeps the prompts' keys and values ...
         assert trainer._sampled_prompts is not None
         trainer.model.zero_grad(set_to_none=True)
         cut = trainer.loss(batch, backward=True)  # ... and the loss reuses them
         grads = [p.grad for p in trainer.model.parameters() if p.requires_grad]
         trainer._sampled_prompts = None
         fresh = trainer.loss(batch).loss  # computed again, without gradient
+        mixed = trainer.rollout([0, 3, 5])
+        mixed_cut = trainer.loss(mixed).loss
     finally:
         trainer.config.prompt_gradient = True
     full = trainer.loss(batch).loss
     assert cut.loss == pytest.approx(full, rel=1e-5) and fresh == pytest.approx(full, rel=1e-5)
+    assert mixed_cut == pytest.approx(trainer.loss(mixed).loss, rel=1e-5)
     assert all(g is not None for g in grads) and any(float(g.abs().max()) > 0 for g in grads)
     trainer.model.zero_grad(set_to_none=True)

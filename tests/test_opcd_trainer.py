@@ -278,3 +278,11 @@ def test_mixed_precision_lora_on_a_bf16_base(tmp_path: Path) -> None:
     base = tiny_model(tok, dtype=torch.bfloat16)
     reloaded = PeftModel.from_pretrained(base, str(out))
     assert all(p.dtype == torch.float32 for n, p in reloaded.named_parameters() if "lora_" in n)
+
+
+def test_length_groups_split_where_padding_costs_more_than_a_call() -> None:
+    from learner.opcd.trainer import length_groups
+
+    assert length_groups([140, 40, 150, 35, 145, 138], overhead=32) == [[3, 1], [5, 0, 4, 2]]
+    assert length_groups([100, 101, 99], overhead=32) == [[2, 0, 1]]
+    assert length_groups([]) == [] and length_groups([7]) == [[0]]
