@@ -9,11 +9,14 @@ round trains a fresh adapter from it), without training:
 1. **held-out pass rate** (when the namespace has a reference environment,
    :func:`learner.evaluation.env_for_namespace`): with the KB in context against without it, on the same
    held-out seeds as the evaluation gate; the KB must add at least ``learner.knowledge_gate_margin``;
-2. **out-of-distribution instruction following** (always): the OOD prompts (:mod:`learner.ood`) with the
-   KB in context must not score more than ``learner.gate_ood_tolerance`` below the base model without it.
-   For a namespace with no reference environment this is the only check: it catches a KB that derails
-   the model in general (an instruction to answer in another language, to refuse, to add a link), not
-   one that is merely useless for the namespace's tasks.
+2. **out-of-distribution instruction following** (only for a namespace with no reference environment,
+   where it is all that can be checked): the OOD prompts (:mod:`learner.ood`) with the KB in context must
+   not score more than ``learner.gate_ood_tolerance`` below the base model without it. It catches a KB that
+   derails the model in general (an instruction to answer in another language, to refuse, to add a link),
+   not one that is merely useless for the namespace's tasks. Where the held-out check runs, this one does
+   not: a namespace's rules legitimately change general answers when put in front of them (measured: the
+   hand-written greeting item took a 4-prompt OOD subset from 50% to 0% while raising the held-out pass rate
+   from 0% to 92%), and drift of the consolidated model is the evaluation gate's OOD check.
 
 A KB that fails is not consolidated: the round is recorded as ``skipped`` with the numbers and the
 reason (no adapter), and the learner waits for new knowledge. It is also the last line of defence
@@ -57,7 +60,7 @@ def _pct(x: float) -> str:
 
 def decide(ev: Mapping[str, float]) -> KnowledgeDecision:
     """The decision from the measured numbers (keys ``knowledge_none_pass_rate``,
-    ``knowledge_in_context_pass_rate``, ``knowledge_margin`` when there was a held-out evaluation;
+    ``knowledge_in_context_pass_rate``, ``knowledge_margin`` when there was a held-out evaluation, else
     ``knowledge_ood_score``, ``knowledge_base_ood_score``, ``knowledge_ood_tolerance``)."""
     failed: list[str] = []
     notes: list[str] = []
@@ -73,13 +76,14 @@ def decide(ev: Mapping[str, float]) -> KnowledgeDecision:
             notes.append(line)
     else:
         notes.append("no reference environment for this namespace: only the OOD check ran")
-    line = (f"OOD instruction-following with the KB in context {_pct(ev['knowledge_ood_score'])} vs "
-            f"{_pct(ev['knowledge_base_ood_score'])} without (tolerance {_pct(ev['knowledge_ood_tolerance'])})")
-    if ev["knowledge_ood_score"] < ev["knowledge_base_ood_score"] - ev["knowledge_ood_tolerance"] - _EPS:
-        failed.append("ood")
-        notes.append("FAILED " + line)
-    else:
-        notes.append(line)
+    if "knowledge_ood_score" in ev:
+        line = (f"OOD instruction-following with the KB in context {_pct(ev['knowledge_ood_score'])} vs "
+                f"{_pct(ev['knowledge_base_ood_score'])} without (tolerance {_pct(ev['knowledge_ood_tolerance'])})")
+        if ev["knowledge_ood_score"] < ev["knowledge_base_ood_score"] - ev["knowledge_ood_tolerance"] - _EPS:
+            failed.append("ood")
+            notes.append("FAILED " + line)
+        else:
+            notes.append(line)
     head = "knowledge gate: the KB is not worth consolidating: " if failed else "knowledge gate: the KB helps in context: "
     return KnowledgeDecision(accepted=not failed, reason=head + "; ".join(notes),
                              eval={**ev, ACCEPTED: 0.0 if failed else 1.0}, kind="_and_".join(failed) or None)
@@ -107,15 +111,17 @@ class KnowledgeGate:
         """Measure ``items`` (a KB snapshot's, oldest first) in context on the base model and decide."""
         ev_ = self.evaluator
         env = self.env_for(namespace)
-        ev: dict[str, float] = {"knowledge_ood_tolerance": self.ood_tolerance, "knowledge_items": float(len(items))}
+        ev: dict[str, float] = {"knowledge_items": float(len(items))}
         if env is not None:
             spec = EvalSpec.from_settings(self.settings, env, **self.spec_overrides)
             none = ev_.policy_of(spec, namespace, None, base_model_hash)
             with_kb = ev_.policy_of(spec, namespace, None, base_model_hash, list(items))
             ev.update(knowledge_none_pass_rate=none["pass_rate"], knowledge_in_context_pass_rate=with_kb["pass_rate"],
                       knowledge_margin=self.margin, knowledge_eval_episodes=float(with_kb["n_episodes"]))
-        ev.update(knowledge_base_ood_score=ev_.ood_of(namespace, None, base_model_hash)["score"],
-                  knowledge_ood_score=ev_.ood_of(namespace, None, base_model_hash, list(items))["score"])
+        else:
+            ev.update(knowledge_ood_tolerance=self.ood_tolerance,
+                      knowledge_base_ood_score=ev_.ood_of(namespace, None, base_model_hash)["score"],
+                      knowledge_ood_score=ev_.ood_of(namespace, None, base_model_hash, list(items))["score"])
         decision = decide(ev)
         log.info("%s (%s, %d items): %s", namespace, env or "no environment", len(items), decision.reason)
         return decision

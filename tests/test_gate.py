@@ -172,14 +172,15 @@ def test_the_gate_rejects_a_damaged_round_and_accepts_a_sound_one(store, backend
     bad = runner(adapters["damaged"]).run(_trigger(ns, kb1))
     assert bad.created and bad.status is VersionStatus.rejected and bad.published is None
     rec = registry.get(ns, bad.record.manifest.version)
-    assert rec.status is VersionStatus.rejected and "FAILED OOD instruction-following 0.0%" in rec.reason
+    assert rec.status is VersionStatus.rejected and "FAILED OOD instruction-following" in rec.reason
     ev = rec.manifest.eval
-    assert ev[ACCEPTED] == 0.0 and ev["ood_score"] == 0.0 and ev["base_ood_score"] >= 0.25
+    # silenced answers fail nearly every check (an empty answer still "avoids" a forbidden word)
+    assert ev[ACCEPTED] == 0.0 and ev["ood_score"] <= 0.15 and ev["base_ood_score"] >= ev["ood_score"] + 0.25
     assert ev["pass_rate"] == 0.0 and ev["reference_is_base"] == 1.0 and ev["eval_episodes"] == 4.0
     assert published == []  # a rejected version is never rolled out
     kind = "pass_rate_and_ood" if ev["reference_pass_rate"] > 0.1 else "ood"
     assert metrics.sample_value("oel_rounds_rejected_total", {"namespace": ns, "reason": kind}) == 1.0
-    assert metrics.sample_value("oel_evaluation_ood_score", {"namespace": ns, "model_version": rec.manifest.version}) == 0.0
+    assert metrics.sample_value("oel_evaluation_ood_score", {"namespace": ns, "model_version": rec.manifest.version}) == ev["ood_score"]
     # A crash right after the manifest is replayed from the decision recorded in it: rejecting again is a no-op.
     assert runner(adapters["damaged"]).run(_trigger(ns, kb1)).created is False
     assert len(registry.history(ns, rec.manifest.version)) == 1

@@ -1,10 +1,12 @@
 """The knowledge gate on the real default model: a harmful KB is never consolidated, a good one goes on.
 
-The noise KB is what the paper's extraction prompts made of real house-rules episodes with the default
-model (quoted in the learning-shows issue): platitudes, an echo of the extraction instruction, a
-hallucination. The reference KB is the hand-written correct item of the greeting rule. The round runner,
-the registry (a LocalStore), the evaluator and the model are real; no trainer is needed, because a
-skipped round trains nothing (the trainer factory here fails the test if it is ever called).
+The harmful KB states a wrong rule (a poisoned or mistaken item: a greeting the grader rejects); in
+context it keeps the held-out pass rate at the base model's, so the round is skipped. The good KB is the
+hand-written correct item of the greeting rule. (Model-written noise is not a reliable "harmful" case at
+135M: three platitude items measured 9/12 in context against 0/12 without, because any experience block
+makes this model copy the greeting from the feedback more often; see bench/README.md.) The round runner,
+the registry (a LocalStore), the evaluator and the model are real; no trainer is needed, because a skipped
+round trains nothing (the trainer factory here fails the test if it is ever called).
 """
 
 from __future__ import annotations
@@ -24,36 +26,37 @@ from oel.schemas import ModelVersion, VersionStatus
 from oel.settings import load_settings
 from oel.store import LocalStore
 
-NOISE_KB = [
-    "This is a great example of how a customer can often encounter a page full of confusing information, so be kind.",
-    "In one or two sentences, state the most useful general lesson for next time.",
-    "The customer was happy because the order number was 12345 and the lamp arrived on a Sunday in Paris.",
-]
+HARMFUL_KB = ['Every reply must start with "Hi there!" and never with any other greeting.']
 REFERENCE_KB = [REFERENCE_EXPERIENCE["greeting"]]
 OOD_SUBSET = tuple(p for p in OOD_PROMPTS if p.id in {"keyword-bees", "constrained-sun", "lowercase-beach", "title-robot"})
 SETTINGS = {"eval_rules": "greeting", "eval_episodes": 12, "ood_max_new_tokens": 32, "knowledge_gate_margin": 0.1,
-            "gate_ood_tolerance": 0.25}
+            "gate_ood_tolerance": 0.15}
 
 
 def _ev(**kw) -> dict[str, float]:
-    ev = {"knowledge_none_pass_rate": 0.25, "knowledge_in_context_pass_rate": 0.5, "knowledge_margin": 0.1,
-          "knowledge_ood_score": 0.4, "knowledge_base_ood_score": 0.45, "knowledge_ood_tolerance": 0.15}
+    ev = {"knowledge_none_pass_rate": 0.25, "knowledge_in_context_pass_rate": 0.5, "knowledge_margin": 0.1}
     ev.update(kw)
     return ev
 
 
-def test_decide_needs_a_gain_and_no_ood_drop():
+def _ood(**kw) -> dict[str, float]:
+    ev = {"knowledge_ood_score": 0.4, "knowledge_base_ood_score": 0.45, "knowledge_ood_tolerance": 0.15}
+    ev.update(kw)
+    return ev
+
+
+def test_decide_needs_a_gain_or_without_an_environment_no_ood_drop():
     assert decide(_ev()).accepted and decide(_ev()).eval[ACCEPTED] == 1.0
     hurt = decide(_ev(knowledge_in_context_pass_rate=0.0))
     assert not hurt.accepted and hurt.kind == "no_gain" and "FAILED held-out pass rate with the KB" in hurt.reason
     flat = decide(_ev(knowledge_in_context_pass_rate=0.3))  # +5 points: under the margin
     assert not flat.accepted and flat.kind == "no_gain"
-    assert decide(_ev(knowledge_ood_score=0.2)).kind == "ood"
-    assert decide(_ev(knowledge_in_context_pass_rate=0.0, knowledge_ood_score=0.0)).kind == "no_gain_and_ood"
-    only = decide({k: v for k, v in _ev().items() if "ood" in k})
+    only = decide(_ood())
     assert only.accepted and "only the OOD check ran" in only.reason
+    derails = decide(_ood(knowledge_ood_score=0.2))
+    assert not derails.accepted and derails.kind == "ood" and "FAILED OOD" in derails.reason
     assert KnowledgeGate.decision_from_eval(hurt.eval) == hurt and KnowledgeGate.decision_from_eval({}) is None
-    assert {hurt.kind, "ood", "no_gain_and_ood"} <= set(metrics.SKIP_CHECKS)
+    assert {hurt.kind, derails.kind} <= set(metrics.SKIP_CHECKS)
 
 
 @pytest.fixture(scope="module")
@@ -103,28 +106,44 @@ def test_a_harmful_kb_is_skipped_and_the_reference_goes_through(gate, settings, 
     assert good.accepted, good.reason
     ev = good.eval
     assert ev["knowledge_in_context_pass_rate"] >= ev["knowledge_none_pass_rate"] + 0.1 and ev["knowledge_eval_episodes"] == 12
+    assert "knowledge_ood_score" not in ev, "with a reference environment the held-out check decides"
 
     published: list[ModelVersion] = []
     registry = ModelRegistry(store, publisher=published.append)
     runner = RoundRunner(store, settings, registry=registry, gate=None, knowledge_gate=gate, auto_promote=True,
                          trainer_factory=_never_train)
-    kb = _seed(store, ns, NOISE_KB)
-    outcome = runner.run(RoundTrigger(ns, round_id(ns, None, kb), None, kb, (kb,), len(NOISE_KB)))
+    kb = _seed(store, ns, HARMFUL_KB)
+    outcome = runner.run(RoundTrigger(ns, round_id(ns, None, kb), None, kb, (kb,), len(HARMFUL_KB)))
     assert outcome.status is VersionStatus.skipped and outcome.published is None and published == []
     record = registry.get(ns, outcome.record.manifest.version)
     m = record.manifest
     assert m.adapter_uri is None and m.eval[ACCEPTED] == 0.0
     assert m.eval["knowledge_in_context_pass_rate"] < m.eval["knowledge_none_pass_rate"] + 0.1
     assert record.status is VersionStatus.skipped and "not worth consolidating" in record.reason
-    assert m.knowledge["variants"] == {"unstructured": 3} and m.knowledge["items"][0]["sources"] == ["model:extraction"]
+    assert m.knowledge["variants"] == {"unstructured": 1} and m.knowledge["items"][0]["sources"] == ["model:extraction"]
     assert metrics.sample_value("oel_rounds_skipped_total", {"namespace": ns, "check": outcome_kind(m.eval)}) == 1.0
     assert metrics.sample_value("oel_knowledge_pass_rate", {"namespace": ns, "condition": "in_context"}) == \
         m.eval["knowledge_in_context_pass_rate"]
     # A replay of the same round (a restart) trains nothing and records nothing more.
-    again = runner.run(RoundTrigger(ns, round_id(ns, None, kb), None, kb, (kb,), len(NOISE_KB)))
+    again = runner.run(RoundTrigger(ns, round_id(ns, None, kb), None, kb, (kb,), len(HARMFUL_KB)))
     assert again.created is False and len(registry.history(ns, m.version)) == 1
     # Nothing is the namespace's current version: the agents stay on the base model.
     assert registry.current(ns) is None
+
+
+def test_without_an_environment_a_derailing_kb_is_caught_by_the_ood_check(gate, settings, unique):
+    """A namespace with no reference environment has only the OOD check. The greeting item, put in front of
+    unrelated requests, makes the model greet instead of following their instructions (measured: 50% -> 0% on
+    this subset), so such a namespace would not consolidate it."""
+    from oel.model.prepare import model_hash, resolve_model_path
+
+    ns = f"support-{unique}"
+    assert gate.env_for(ns) is None
+    base_hash = model_hash(resolve_model_path(settings))
+    derail = gate(ns, REFERENCE_KB, base_hash)
+    assert not derail.accepted and derail.kind == "ood", derail.reason
+    assert derail.eval["knowledge_ood_score"] < derail.eval["knowledge_base_ood_score"]
+    assert "knowledge_in_context_pass_rate" not in derail.eval
 
 
 def outcome_kind(ev: dict[str, float]) -> str:
