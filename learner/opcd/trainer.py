@@ -68,6 +68,7 @@ from learner.opcd.data import (
     parse_conversation,
 )
 from learner.opcd.loss import LossStats, chunked_opcd_loss
+from oel.model.hf_backend import pad_left
 
 log = logging.getLogger(__name__)
 
@@ -486,12 +487,8 @@ class OPCDTrainer:
         lm.eval()
         try:
             n = len(prompts)
-            width = max(len(p) for p in prompts)
-            ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((n, width), dtype=torch.long)
-            for i, p in enumerate(prompts):
-                ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[i, width - len(p):] = 1
+            ids, mask = pad_left(prompts, self.pad_id)
+            width = ids.shape[1]
             cache = DynamicCache(config=self._causal_lm("student").config)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             self._sampled_prompts = None
@@ -623,12 +620,7 @@ class OPCDTrainer:
         if kept is not None and kept.step == self.step_count and kept.prompts == [r.student_prompt_ids for r in batch]:
             cache, mask = DynamicCache(ddp_cache_data=list(kept.kv)), kept.mask  # sampled at these very weights
         else:
-            width = max(len(p) for p in prompts)
-            ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((n, width), dtype=torch.long)
-            for i, p in enumerate(prompts):
-                ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[i, width - len(p):] = 1
+            ids, mask = pad_left(prompts, self.pad_id)
             cache = DynamicCache(config=student.config)
             with torch.no_grad():
                 student.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),

@@ -100,7 +100,7 @@ def resolve_dtype(name: str) -> str:
     return "bfloat16" if native_bf16() else "float32"
 
 
-def _pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token id rows into (ids, attention_mask), both (batch, max_len) int64."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -139,7 +139,7 @@ def score_tokens(
         prompts = prompt_token_ids[start : start + batch_size]
         responses = response_token_ids[start : start + batch_size]
         rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
-        ids, mask = _pad_left(rows, pad_id)
+        ids, mask = pad_left(rows, pad_id)
         keep = max(len(r) for r in responses) + 1
         logits = model(
             input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False, logits_to_keep=keep
@@ -422,7 +422,7 @@ class HFBackend(Backend):
 
         n = len(prompts)
         gens = self._generators(params, rows)
-        ids, mask = _pad_left(prompts, self.pad_id)
+        ids, mask = pad_left(prompts, self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache(config=self.model.config)
         logits = runner(
