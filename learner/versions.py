@@ -321,6 +321,8 @@ class ModelRegistry:
         record = self.get(namespace, version)
         if record.status is VersionStatus.rejected:
             raise RegistryError(f"{namespace}/{version} was rejected ({record.reason}); it cannot be promoted")
+        if record.status is VersionStatus.skipped:
+            raise RegistryError(f"{namespace}/{version} trained no adapter (skipped: {record.reason}); there is nothing to promote")
         # Publish first, record second: if recording fails, running the command again publishes the
         # same thing again (harmless) and records it, so the topic and the registry converge.
         event = record.to_event(VersionStatus.promoted, reason)

@@ -127,8 +127,13 @@ def test_a_harmful_kb_is_skipped_and_the_reference_goes_through(gate, settings, 
     # A replay of the same round (a restart) trains nothing and records nothing more.
     again = runner.run(RoundTrigger(ns, round_id(ns, None, kb), None, kb, (kb,), len(HARMFUL_KB)))
     assert again.created is False and len(registry.history(ns, m.version)) == 1
-    # Nothing is the namespace's current version: the agents stay on the base model.
+    # Nothing is the namespace's current version: the agents stay on the base model, and a skipped round
+    # has nothing to promote.
     assert registry.current(ns) is None
+    from learner.versions import RegistryError
+
+    with pytest.raises(RegistryError, match="trained no adapter"):
+        registry.promote(ns, m.version)
 
 
 def test_without_an_environment_a_derailing_kb_is_caught_by_the_ood_check(gate, settings, unique):
