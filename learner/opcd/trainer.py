@@ -283,7 +283,7 @@ class OPCDTrainer:
         log.info(
             "OPCD trainer ready in %.1f s: %s, %d trainable parameters, %d prefixes (%d skipped), %d anchor prompts, %d experience sets",
             time.monotonic() - t0, config.finetune, sum(p.numel() for p in params), self.task_prefixes,
-            self.skipped_prefixes, len(self.anchor_indices), len(self.experience_sets) - (self.no_experience_index is not None),
+            self.skipped_prefixes, len(self.anchor_indices), self.task_experience_sets,
         )
 
     # --- set-up -------------------------------------------------------------------------------
@@ -397,6 +397,11 @@ class OPCDTrainer:
         self.no_experience_index = len(self.experience_sets)
         self.experience_sets.append([])
 
+    @property
+    def task_experience_sets(self) -> int:
+        """The experience sets task samples draw from (the anchors' empty set, when there is one, is last)."""
+        return len(self.experience_sets) - (self.no_experience_index is not None)
+
     def anchors_per_batch(self) -> int:
         """How many samples of a batch are anchor prompts (at least one when anchors are on)."""
         if not self.anchor_indices:
@@ -448,6 +453,19 @@ class OPCDTrainer:
             kwargs["position_ids"] = torch.arange(past_len, past_len + width, device=device)[None].expand(len(rows), -1)
         out = causal_lm.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         return out.last_hidden_state
+
+    def _answer_hidden(self, causal_lm: Any, prompts: list[list[int]], responses: list[list[int]]) -> list[torch.Tensor]:
+        """Per row, the final hidden states that predict its answer tokens ([len(answer), hidden]), the rows run in
+        micro-batches of similar length (:func:`length_groups`): the student's rows and the teacher's rows without
+        a cached prompt are computed alike, so equal contexts give equal numbers."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+        for group in length_groups([len(p) + len(r) for p, r in zip(prompts, responses)]):
+            hidden = self._hidden(causal_lm, [prompts[i] + responses[i] for i in group])
+            sizes = [len(responses[i]) for i in group]
+            flat = self._gather(hidden, [len(prompts[i]) for i in group], sizes)
+            for i, h in zip(group, torch.split(flat, sizes)):
+                out[i] = h
+        return out
 
     @staticmethod
     def _gather(hidden: torch.Tensor, prompt_lens: list[int], response_lens: list[int]) -> torch.Tensor:
@@ -569,9 +587,8 @@ class OPCDTrainer:
         if len(groups) > 1:
             self._sampled_prompts = None  # kept per micro-batch only: the loss computes the prompts' keys and values again
         out = []
-        task_sets = len(self.experience_sets) - (1 if self.no_experience_index is not None else 0)
         for i, (resp, reason) in zip(prefix_indices, answers):
-            e = self.no_experience_index if i >= self.task_prefixes else self.rng.randrange(task_sets)
+            e = self.no_experience_index if i >= self.task_prefixes else self.rng.randrange(self.task_experience_sets)
             out.append(Rollout(i, e, self.prompt_ids[i], self.teacher_prompt_ids(i, e), resp, reason))
         return out
 
@@ -602,16 +619,9 @@ class OPCDTrainer:
         then costs a forward pass over the prompts instead of a forward and backward pass."""
         prompts = [r.student_prompt_ids[:-1] for r in batch]
         if self.config.prompt_gradient or not all(prompts):
-            parts: list[torch.Tensor] = [torch.empty(0)] * len(batch)
             with torch.set_grad_enabled(backward):
-                for group in length_groups([len(r.student_prompt_ids) + len(r.response_ids) for r in batch]):
-                    sub = [batch[i] for i in group]
-                    hidden = self._hidden(student, [r.student_prompt_ids + r.response_ids for r in sub])
-                    for j, (i, r) in enumerate(zip(group, sub)):
-                        p = len(r.student_prompt_ids)
-                        parts[i] = hidden[j, p - 1 : p - 1 + len(r.response_ids)]
-            kept = [x for x, r in zip(parts, batch) if r.response_ids]
-            return torch.cat(kept, dim=0) if kept else torch.zeros((0, student.config.hidden_size))
+                return torch.cat(self._answer_hidden(student, [r.student_prompt_ids for r in batch],
+                                                     [r.response_ids for r in batch]), dim=0)
         from transformers import DynamicCache
 
         device = next(student.parameters()).device
@@ -725,13 +735,9 @@ class OPCDTrainer:
         for (prefix_index, experience_index), rows in groups.items():
             sub = [batch[i] for i in rows]
             if prefix_index < 0:  # micro-batched by length as the student's rows are (same padding, same numbers)
-                for group in length_groups([len(r.teacher_prompt_ids) + len(r.response_ids) for r in sub]):
-                    part = [sub[g] for g in group]
-                    hidden = self._hidden(teacher, [r.teacher_prompt_ids + r.response_ids for r in part])
-                    for j, g in enumerate(group):
-                        r = part[j]
-                        start = len(r.teacher_prompt_ids) - 1
-                        parts[rows[g]] = hidden[j, start : start + len(r.response_ids)]
+                answers = self._answer_hidden(teacher, [r.teacher_prompt_ids for r in sub], [r.response_ids for r in sub])
+                for i, h in zip(rows, answers):
+                    parts[i] = h
                 continue
             else:
                 from transformers import DynamicCache
