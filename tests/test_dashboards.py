@@ -197,13 +197,18 @@ def prometheus_config(ports: dict[str, int]) -> dict:
 def test_every_panel_returns_data_from_the_real_services_and_alerts_fire(kafka, s3_store, unique, tmp_path):
     t0 = time.monotonic()
     namespace = f"dash-{unique}"
-    env = Env(f"d-{unique}", BATCH_SIZE="2", BATCH_WINDOW_S="5", ABANDON_AFTER_S="5", MAX_NEW_TOKENS="24")
+    # The grounded variant reads the rules that the (trusted) reviewer states: the knowledge does not depend
+    # on what the 135M model happens to write (the unstructured variant's items may all be rejected).
+    env = Env(
+        f"d-{unique}", BATCH_SIZE="2", BATCH_WINDOW_S="5", ABANDON_AFTER_S="5", MAX_NEW_TOKENS="24",
+        EXTRACTION_VARIANT="grounded", TRUSTED_FEEDBACK="dash-*", GROUNDED_MIN_EPISODES="1",
+    )
     ports = {job: _free_port() for job in SERVICES}
     prom_port = _free_port()
     prom = f"http://127.0.0.1:{prom_port}"
-    # A round needs 3 new items (the unstructured extraction gives at most one per episode), so the learner
-    # meets the namespace (and zeroes its series) an update before the round starts: a counter born at 1
-    # is invisible to increase().
+    # A round needs 3 new items (the grounded extraction gives at most 2 per batch), so the learner meets
+    # the namespace (and zeroes its series) an update before the round starts: a counter born at 1 is
+    # invisible to increase(). The agent's 8 episodes (loadgen seed 8) state 5 different rules.
     learner_env = {
         "OEL_LEARNER__GROUP_ID": f"d-{unique}-learner", "OEL_LEARNER__MIN_NEW_ITEMS": "3", "OEL_LEARNER__COOLDOWN_S": "3600",
         "OEL_LEARNER__STEPS": "2", "OEL_LEARNER__BATCH_SIZE": "2", "OEL_LEARNER__MAX_NEW_TOKENS": "8",
@@ -246,7 +251,7 @@ def test_every_panel_returns_data_from_the_real_services_and_alerts_fire(kafka, 
         start = time.time() - 5
 
         # Real traffic: episodes through the recorder, one episode whose agent died (no end event: abandoned).
-        agent.stdin.write("episodes 5\n")
+        agent.stdin.write("episodes 8\n")
         agent.stdin.flush()
         env.produce(as_records(episode_events(f"{namespace}-dead-agent", namespace)[:-1]))
         print(agent.stdout.readline().strip())

@@ -125,6 +125,24 @@ class Env:
         consumer.close()
         return out
 
+    def diagnosis(self) -> str:
+        """What a stuck run leaves to read: the ``oel.episodes`` records (offset, key, episode or flush) and
+        the processor group's committed offsets per topic."""
+        t = self.settings.topics
+        lines = [f"{t.episodes}: " + ", ".join(
+            f"{m.offset()}:{m.key().decode()}:{json.loads(m.value()).get('episode_id') or json.loads(m.value())}"
+            for m in self.read(t.episodes, 10_000, timeout=3)
+        )]
+        group = Consumer({**self.settings.kafka.client_config(), "group.id": self.settings.processor.app_id})
+        try:
+            for topic in (t.trajectories, t.episodes):
+                parts = group.list_topics(topic, timeout=10).topics[topic].partitions
+                committed = group.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+                lines.append(f"committed {topic}: " + ", ".join(f"{c.partition}@{c.offset}" for c in committed))
+        finally:
+            group.close()
+        return "\n".join(lines)
+
     def updates(self) -> list[ExperienceUpdate]:
         msgs = self.read(self.settings.topics.experience, 10_000, timeout=3)
         return [ExperienceUpdate.model_validate_json(m.value()) for m in msgs]
@@ -253,7 +271,10 @@ def test_kill_9_mid_stream_loses_nothing_and_matches_an_uninterrupted_run(env_fa
         first.wait(30)
     assert applied(crashed) != episodes, "the worker finished before it could be killed mid-stream"
     with crashed.worker(tmp_path / "crashed-2.log"):
-        wait_for(lambda: applied(crashed) == episodes, 400, "the restarted worker to finish")
+        try:
+            wait_for(lambda: applied(crashed) == episodes, 400, "the restarted worker to finish")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; applied {sorted(applied(crashed))}\n{crashed.diagnosis()}") from None
 
     ref_objects, crash_objects = all_objects(reference.store), all_objects(crashed.store)
     assert set(crash_objects) == set(ref_objects)
