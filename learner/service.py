@@ -38,6 +38,7 @@ from oel import metrics
 from oel.schemas import ExperienceUpdate, InvalidMessage, decode
 from oel.settings import Settings
 from oel.store import ObjectStore
+from oel.topics import producer_max_bytes
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,10 @@ class LearnerService:
 
     def _dead_letter(self, msg, reason: str) -> None:
         if self._dlq is None:
-            self._dlq = Producer({**self.settings.kafka.client_config(), "enable.idempotence": True, "acks": "all"})
+            self._dlq = Producer({
+                **self.settings.kafka.client_config(), "enable.idempotence": True, "acks": "all",
+                "message.max.bytes": producer_max_bytes(self.settings.topics),
+            })
         headers = [(ERROR_HEADER, reason.encode()), (SOURCE_HEADER, f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode())]
         self._dlq.produce(f"{self.topic}.dlq", msg.value(), msg.key(), headers=headers)
         self._dlq.flush(15)

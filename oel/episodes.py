@@ -38,6 +38,7 @@ class EpisodeBuffer(BaseModel):
     event_ids: list[str] = Field(default_factory=list)
     last_event_ts: datetime
     received_at: float = Field(description="Wall-clock time (s) the last event arrived, for abandonment.")
+    size_bytes: int = Field(0, ge=0, description="The serialised size of its events together.")
 
     @property
     def end_seq(self) -> int | None:
@@ -87,10 +88,14 @@ class AddResult(str, Enum):
     accepted = "accepted"
     complete = "complete"
     conflict = "conflict"
+    too_large = "too_large"
 
 
-def add_event(buffer: EpisodeBuffer | None, event: TrajectoryEvent, now: float) -> tuple[EpisodeBuffer, AddResult]:
-    """Add one event to its episode's buffer (a new buffer if ``None``)."""
+def add_event(
+    buffer: EpisodeBuffer | None, event: TrajectoryEvent, now: float, *, size: int = 0, max_bytes: int | None = None
+) -> tuple[EpisodeBuffer, AddResult]:
+    """Add one event (``size`` bytes serialised) to its episode's buffer (a new buffer if ``None``);
+    ``too_large`` (nothing added) when it would take the episode past ``max_bytes``."""
     if buffer is None:
         buffer = EpisodeBuffer(
             namespace=event.namespace,
@@ -104,6 +109,9 @@ def add_event(buffer: EpisodeBuffer | None, event: TrajectoryEvent, now: float) 
         return buffer, AddResult.conflict
     if event.event_id in buffer.event_ids or event.seq in buffer.events:
         return buffer, AddResult.duplicate
+    if max_bytes is not None and buffer.size_bytes + size > max_bytes:
+        return buffer, AddResult.too_large
+    buffer.size_bytes += size
     buffer.events[event.seq] = event
     buffer.event_ids.append(event.event_id)
     buffer.last_event_ts = max(buffer.last_event_ts, event.ts)
@@ -111,8 +119,9 @@ def add_event(buffer: EpisodeBuffer | None, event: TrajectoryEvent, now: float) 
     return buffer, AddResult.complete if buffer.is_complete() else AddResult.accepted
 
 
-def close(buffer: EpisodeBuffer, *, abandoned: bool, idle_s: float | None = None) -> CompletedEpisode:
-    """Turn a buffer into a :class:`CompletedEpisode` (complete, or abandoned with what arrived)."""
+def close(buffer: EpisodeBuffer, *, abandoned: bool, idle_s: float | None = None, reason: str | None = None) -> CompletedEpisode:
+    """Turn a buffer into a :class:`CompletedEpisode` (complete, or abandoned with what arrived: after
+    ``idle_s`` without events, or for ``reason``)."""
     end_seq = buffer.end_seq
     ordered = [buffer.events[s] for s in sorted(buffer.events) if end_seq is None or s <= end_seq]
     last = max(buffer.events) if end_seq is None else end_seq
@@ -124,7 +133,7 @@ def close(buffer: EpisodeBuffer, *, abandoned: bool, idle_s: float | None = None
         end = end_event.end
         status = EpisodeStatus.completed
     else:
-        why = f"no event for {idle_s:.0f}s" if idle_s is not None else "closed before its end"
+        why = reason or (f"no event for {idle_s:.0f}s" if idle_s is not None else "closed before its end")
         base = end_event.end.outcome + " " if end_event is not None and end_event.end else ""
         end = EndPayload(outcome=f"{base}(episode abandoned: {why}; {len(steps)} steps received)".strip(), success=None)
         status = EpisodeStatus.abandoned

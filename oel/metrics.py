@@ -70,7 +70,7 @@ gc_collector.GCCollector(registry=REGISTRY)
 # --- bounded label values -------------------------------------------------------------------
 
 #: Why an event went to a dead-letter topic (the ``reason`` label of ``oel_events_dead_lettered_total``).
-DLQ_REASONS = ("not_json", "schema", "too_large", "out_of_order", "other")
+DLQ_REASONS = ("not_json", "schema", "too_large", "out_of_order", "extraction", "other")
 #: Why the evaluation gate rejected a round (the ``reason`` label of ``oel_rounds_rejected_total``).
 REJECT_REASONS = ("pass_rate", "ood", "pass_rate_and_ood", "other")
 #: Why the knowledge gate skipped a round (the ``check`` label of ``oel_rounds_skipped_total``).

@@ -20,6 +20,16 @@ NAMESPACE_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 """A namespace is one unit of learning (an app, task or environment): lowercase, <= 63 characters."""
 
 
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]*$"
+"""Episode, agent and event ids: ASCII letters and digits, then also ``. _ : @ + = -``; no ``/``, no spaces.
+They become parts of object keys and metric labels, so a client cannot reach outside its own key."""
+ID_MAX_CHARS = 128
+
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=/-]*$"
+"""A model version's name (an adapter name, or an upstream model name such as ``org/model``): the id
+characters and ``/``."""
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -88,11 +98,11 @@ class EndPayload(BaseModel):
 class TrajectoryEvent(Message):
     """One event of an agent's episode, keyed by ``episode_id`` on ``oel.trajectories``."""
 
-    event_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
+    event_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=ID_MAX_CHARS, pattern=ID_PATTERN)
     namespace: str = Field(pattern=NAMESPACE_PATTERN)
-    episode_id: str = Field(min_length=1, max_length=128)
-    agent_id: str = Field(min_length=1, max_length=128)
-    model_version: str = Field(min_length=1, max_length=200, description="The model version that acted.")
+    episode_id: str = Field(min_length=1, max_length=ID_MAX_CHARS, pattern=ID_PATTERN)
+    agent_id: str = Field(min_length=1, max_length=ID_MAX_CHARS, pattern=ID_PATTERN)
+    model_version: str = Field(min_length=1, max_length=200, pattern=VERSION_PATTERN, description="The model version that acted.")
     seq: int = Field(ge=0, description="0 for start, then 1, 2, ... in the order the agent produced them.")
     ts: datetime = Field(default_factory=_now)
     kind: EventKind

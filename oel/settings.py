@@ -123,6 +123,19 @@ class TopicSettings(Section):
     experience_retention_ms: int = Field(30 * 24 * 3600 * 1000, ge=-1, description="Retention of KB updates.")
     dlq_retention_ms: int = Field(14 * 24 * 3600 * 1000, ge=-1, description="Retention of dead-letter topics.")
     max_event_bytes: int = Field(1_048_576, ge=1024, description="Larger events are dead-lettered.")
+    max_episode_bytes: int = Field(
+        8_388_608, ge=1024,
+        description="An episode's events together; the event that would take an episode past it is dead-lettered "
+        "and the episode is closed (abandoned) with the events before it.",
+    )
+
+    @model_validator(mode="after")
+    def _episode_holds_an_event(self) -> TopicSettings:
+        if self.max_episode_bytes < self.max_event_bytes:
+            raise ValueError(
+                f"max_episode_bytes ({self.max_episode_bytes}) must be at least max_event_bytes ({self.max_event_bytes})"
+            )
+        return self
 
     @field_validator("trajectories", "experience", "model_versions", "episodes")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from oel.settings import Settings
+from oel.settings import Settings, TopicSettings
 
 DLQ_SUFFIX = ".dlq"
 
@@ -25,11 +25,34 @@ def dlq_name(topic: str) -> str:
     return topic + DLQ_SUFFIX
 
 
+HEADROOM_BYTES = 64 * 1024
+"""Room over a record's value for its key, headers (a DLQ reason) and the batch framing."""
+
+
+def event_record_bytes(t: TopicSettings) -> int:
+    """What an event topic accepts: more than ``max_event_bytes``, so that an event over the limit reaches
+    the processor and is dead-lettered with its reason instead of being refused at the producer."""
+    return t.max_event_bytes + HEADROOM_BYTES
+
+
+def episode_record_bytes(t: TopicSettings) -> int:
+    """What the episodes topic, its DLQ and the processor's episode table accept (a whole episode)."""
+    return t.max_episode_bytes + 2 * HEADROOM_BYTES
+
+
+def producer_max_bytes(t: TopicSettings) -> int:
+    """The request-size limit of every OEL producer: the largest record any topic accepts, plus framing.
+    One number for the recorder, the processor (forwarding, tables, DLQ writes) and the learner."""
+    return episode_record_bytes(t) + HEADROOM_BYTES
+
+
 def topic_specs(settings: Settings) -> list[TopicSpec]:
     """Every topic, in a stable order: each input topic followed by its dead-letter topic."""
     t = settings.topics
     rf = t.replication_factor
-    max_bytes = str(t.max_event_bytes + 64 * 1024)  # the broker must accept what the DLQ will reject
+    max_bytes = str(event_record_bytes(t))
+    # a DLQ takes the largest record its input accepts, plus the reason header
+    dlq_bytes = str(event_record_bytes(t) + HEADROOM_BYTES)
     delete = {"cleanup.policy": "delete", "max.message.bytes": max_bytes}
     inputs = [
         TopicSpec(
@@ -62,7 +85,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                 dlq_name(spec.name),
                 1,
                 rf,
-                {**delete, "retention.ms": str(t.dlq_retention_ms)},
+                {**delete, "retention.ms": str(t.dlq_retention_ms), "max.message.bytes": dlq_bytes},
                 f"events of {spec.name} that failed validation, reason in the 'oel.error' header",
             )
         )
@@ -71,8 +94,17 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             t.episodes,
             t.episodes_partitions,
             rf,
-            {**delete, "retention.ms": str(t.experience_retention_ms)},
+            {**delete, "retention.ms": str(t.experience_retention_ms), "max.message.bytes": str(episode_record_bytes(t))},
             "completed episodes and batch flushes, key = namespace (processor-internal)",
+        )
+    )
+    specs.append(
+        TopicSpec(
+            dlq_name(t.episodes),
+            1,
+            rf,
+            {**delete, "retention.ms": str(t.dlq_retention_ms), "max.message.bytes": str(episode_record_bytes(t) + HEADROOM_BYTES)},
+            f"episodes of {t.episodes} whose extraction failed for a reason retrying cannot fix, reason in the 'oel.error' header",
         )
     )
     return specs

@@ -44,11 +44,16 @@ from oel import metrics
 from oel.episodes import AddResult, CompletedEpisode, EpisodeBuffer, EpisodeStatus, add_event, close
 from oel.kb import KBState
 from oel.knowledge import KnowledgeWriter
+from oel.model.backend import BackendError
 from oel.schemas import InvalidMessage, TrajectoryEvent, decode
 from oel.settings import KafkaSettings, Settings
-from oel.topics import TopicSpec, dlq_name
+from oel.store import StoreUnavailable
+from oel.topics import TopicSpec, dlq_name, episode_record_bytes, producer_max_bytes
 
 log = logging.getLogger(__name__)
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StoreUnavailable, BackendError, OSError)
+"""Failures that retrying can fix (a service down or unreachable); any other failure of a batch is not."""
 
 ERROR_HEADER = "oel.error"
 SOURCE_HEADER = "oel.source"
@@ -58,7 +63,7 @@ def dlq_reason_label(reason: str) -> str:
     """The bounded metric label of a DLQ reason."""
     if reason.startswith("not valid JSON") or reason.startswith("empty"):
         return "not_json"
-    if "over the limit" in reason:
+    if "limit" in reason:
         return "too_large"
     return "schema"
 
@@ -150,10 +155,13 @@ class Processor:
             producer_acks=-1,
             producer_linger=0.01,
             producer_max_batch_size=1_048_576,
+            # one size policy (oel.topics): anything the processor forwards, tables or dead-letters fits
+            producer_max_request_size=producer_max_bytes(t),
         )
         self.app = app
         self.trajectories = app.topic(t.trajectories, key_serializer="raw", value_serializer="raw")
         self.dlq = app.topic(dlq_name(t.trajectories), key_serializer="raw", value_serializer="raw")
+        self.episodes_dlq = app.topic(dlq_name(t.episodes), key_serializer="raw", value_serializer="raw")
         self.control = app.topic(
             control_topic(p.app_id), key_serializer="raw", value_serializer="json", partitions=t.trajectories_partitions, internal=True
         )
@@ -201,6 +209,7 @@ class Processor:
         self._consumed.inc(len(events))
         self._last_event.set(time.time())
         max_bytes = self.settings.topics.max_event_bytes
+        max_episode_bytes = self.settings.topics.max_episode_bytes
         touched: dict[str, tuple[faust.EventT, EpisodeBuffer]] = {}  # open episode -> its last event here, its buffer
         now = time.time()
         for event in events:
@@ -218,11 +227,21 @@ class Processor:
             if buffer is None:
                 entry = self.episodes.get(ev.episode_id)
                 if entry is not None and "closed_at" in entry:
-                    log.debug("event %s for closed episode %s ignored", ev.event_id, ev.episode_id)
+                    if entry.get("truncated"):  # not a late duplicate: an event the closed episode never had
+                        await self._dead_letter(event, f"episode {ev.episode_id!r} was closed at its size limit")
+                    else:
+                        log.debug("event %s for closed episode %s ignored", ev.event_id, ev.episode_id)
                     continue
                 buffer = EpisodeBuffer.model_validate(entry["buffer"]) if entry else None
-            buffer, result = add_event(buffer, ev, now)
-            if result is AddResult.conflict:
+            buffer, result = add_event(buffer, ev, now, size=len(msg.value), max_bytes=max_episode_bytes)
+            if result is AddResult.too_large:
+                limit = f"over the episode limit of {max_episode_bytes} bytes (OEL_TOPICS__MAX_EPISODE_BYTES)"
+                await self._dead_letter(event, f"episode {ev.episode_id!r} would be {buffer.size_bytes + len(msg.value)} bytes, {limit}")
+                self.open.pop(ev.episode_id, None)
+                touched.pop(ev.episode_id, None)
+                as_current(event)
+                await self._finish(buffer, abandoned=True, reason=f"closed at event {ev.seq}: {limit}")
+            elif result is AddResult.conflict:
                 await self._dead_letter(event, f"namespace {ev.namespace!r} differs from the episode's {buffer.namespace!r}")
             elif result is AddResult.complete:
                 self.open.pop(ev.episode_id, None)
@@ -236,14 +255,19 @@ class Processor:
             as_current(event)
             self.episodes[episode_id] = {"partition": event.message.partition, "buffer": buffer.model_dump(mode="json")}
 
-    async def _finish(self, buffer: EpisodeBuffer, *, abandoned: bool) -> None:
-        """Close an episode: hand it to extraction (which stores it), leave a tombstone (inside a stream)."""
+    async def _finish(self, buffer: EpisodeBuffer, *, abandoned: bool, reason: str | None = None) -> None:
+        """Close an episode: hand it to extraction (which stores it), leave a tombstone (inside a stream).
+        ``reason``: why an episode is closed before its end other than idleness (its size)."""
         p = self.settings.processor
-        episode = close(buffer, abandoned=abandoned, idle_s=p.abandon_after_s if abandoned else None)
+        idle_s = p.abandon_after_s if abandoned and reason is None else None
+        episode = close(buffer, abandoned=abandoned, idle_s=idle_s, reason=reason)
         self._meet(episode.namespace)
         await self.episodes_topic.send(key=episode.namespace.encode(), value=episode.model_dump_json().encode())
         partition = event_partition()
-        self.episodes[buffer.episode_id] = {"partition": partition, "closed_at": time.time()}
+        tombstone: dict[str, Any] = {"partition": partition, "closed_at": time.time()}
+        if reason is not None:
+            tombstone["truncated"] = True
+        self.episodes[buffer.episode_id] = tombstone
         counter = metrics.EPISODES_ABANDONED if episode.status is EpisodeStatus.abandoned else metrics.EPISODES_COMPLETED
         counter.labels(namespace=episode.namespace).inc()
         log.debug("episode %s/%s %s with %d steps", episode.namespace, episode.episode_id, episode.status.value, len(episode.steps))
@@ -312,23 +336,49 @@ class Processor:
         return []
 
     async def _run_batch(self, namespace: str) -> list[faust.EventT]:
-        """Extract from the pending episodes, retried until it succeeds (a batch is never dropped);
-        writes the new KB state to the table and returns the batch's records to ack."""
+        """Extract from the pending episodes and append to the KB; writes the new KB state to the table and
+        returns the batch's records to ack.
+
+        A transient fault (store, model server or network down) is retried with back-off until it clears:
+        a batch is never dropped for one. Any other failure is one that retrying cannot fix: the episodes
+        are then extracted one at a time, and an episode that still fails goes to ``oel.episodes.dlq``
+        with the reason, so one bad episode never stops the others, nor other namespaces.
+        """
         batch = self.pending[namespace]
         state = self._kb_state(namespace)
+        t0 = time.monotonic()
+        try:
+            state = await self._apply(namespace, state, batch.episodes)
+        except Exception as exc:  # not transient (_apply retries those)
+            log.warning("extraction of %d episodes of %s failed (%s); extracting them one at a time", len(batch.episodes), namespace, exc)
+            for episode, event in zip(batch.episodes, batch.events, strict=True):
+                try:
+                    state = await self._apply(namespace, state, [episode])
+                except Exception as one:
+                    await self._dead_letter_episode(event, f"extraction failed: {type(one).__name__}: {one}")
+        metrics.EXTRACTION_DURATION.labels(namespace=namespace).observe(time.monotonic() - t0)
+        self.kb[namespace] = {"state": state.model_dump(mode="json")}
+        self.kb_states[namespace] = state
+        self.pending.pop(namespace, None)  # (already gone if partitions were revoked meanwhile)
+        return batch.events
+
+    async def _apply(self, namespace: str, state: KBState, episodes: list[CompletedEpisode]) -> KBState:
+        """One :meth:`KnowledgeWriter.process_batch`, retried while it fails transiently; publishes the
+        update and returns the new state. A non-transient failure is raised."""
         loop = asyncio.get_running_loop()
         delay = 1.0
-        t0 = time.monotonic()
         while True:
             try:
-                new_state, result = await loop.run_in_executor(self.executor, self.writer.process_batch, state, batch.episodes)
+                new_state, result = await loop.run_in_executor(self.executor, self.writer.process_batch, state, episodes)
                 break
-            except Exception:
+            except TRANSIENT_ERRORS:
                 metrics.EXTRACTION_FAILURES.labels(namespace=namespace).inc()
-                log.exception("extraction of %d episodes of %s failed; retrying in %.0fs", len(batch.episodes), namespace, delay)
+                log.exception("extraction of %d episodes of %s failed; retrying in %.0fs", len(episodes), namespace, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60)
-        metrics.EXTRACTION_DURATION.labels(namespace=namespace).observe(time.monotonic() - t0)
+            except Exception:
+                metrics.EXTRACTION_FAILURES.labels(namespace=namespace).inc()
+                raise
         metrics.KB_ITEMS_APPENDED.labels(namespace=namespace).inc(len(result.new_items))
         metrics.KB_ITEMS_DEDUPLICATED.labels(namespace=namespace).inc(result.deduplicated)
         metrics.KB_ITEMS.labels(namespace=namespace).set(len(new_state.all_ids))
@@ -339,12 +389,16 @@ class Processor:
             await self.experience.send(key=namespace.encode(), value=result.update.to_bytes())
             log.info(
                 "%s: KB %s, %d new items (%d deduplicated, %d rejected) from %d episodes",
-                namespace, result.update.kb_version, len(result.new_items), result.deduplicated, result.rejected, len(batch.episodes),
+                namespace, result.update.kb_version, len(result.new_items), result.deduplicated, result.rejected, len(episodes),
             )
-        self.kb[namespace] = {"state": new_state.model_dump(mode="json")}
-        self.kb_states[namespace] = new_state
-        self.pending.pop(namespace, None)  # (already gone if partitions were revoked meanwhile)
-        return batch.events
+        return new_state
+
+    async def _dead_letter_episode(self, event: faust.EventT, reason: str) -> None:
+        msg = event.message
+        headers = [(ERROR_HEADER, reason[:2000].encode()), (SOURCE_HEADER, f"{msg.topic}/{msg.partition}/{msg.offset}".encode())]
+        await self.episodes_dlq.send(key=msg.key, value=msg.value, headers=headers)
+        metrics.count_dead_letter(self.settings.topics.episodes, "extraction")
+        log.error("dead-lettered episode %s/%d@%d: %s", msg.topic, msg.partition, msg.offset, reason)
 
     # --- timers --------------------------------------------------------------------------------
 
@@ -439,7 +493,10 @@ def internal_topic_specs(settings: Settings) -> list[TopicSpec]:
     rf = t.replication_factor
     parts = {"episodes": t.trajectories_partitions, "kb": t.episodes_partitions}
     specs = [
-        TopicSpec(f"{p.app_id}-{name}-changelog", parts[name], rf, {"cleanup.policy": "compact"}, f"changelog of the {name} table")
+        TopicSpec(
+            f"{p.app_id}-{name}-changelog", parts[name], rf,
+            {"cleanup.policy": "compact", "max.message.bytes": str(episode_record_bytes(t))}, f"changelog of the {name} table",
+        )
         for name in TABLES
     ]
     specs.append(

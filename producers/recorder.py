@@ -61,6 +61,7 @@ import atexit
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -78,6 +79,8 @@ from pydantic_core import to_json as _to_json
 
 from oel import metrics
 from oel.schemas import (
+    ID_MAX_CHARS,
+    ID_PATTERN,
     ChatMessage,
     EndPayload,
     ModelVersion,
@@ -87,6 +90,7 @@ from oel.schemas import (
     describe_validation_error,
 )
 from oel.settings import Settings, load_settings
+from oel.topics import producer_max_bytes
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +246,7 @@ def _pin(model_version: str | ModelVersion | VersionSource) -> PinnedVersion:
 _ROLES = frozenset(("system", "user", "assistant"))
 _ROLE_CONTENT = ("role", "content")
 _JSON = TypeAdapter(str).dump_json
+_ID = re.compile(ID_PATTERN)
 
 
 def _fast_step(prompt: Any, response: Any, action: Any, feedback: Any, _dump: Callable = _to_json) -> bytes | None:
@@ -377,6 +382,7 @@ class Recorder:
         self.when_full = when_full or rs.when_full
         self.block_timeout_s = rs.block_timeout_s if block_timeout_s is None else block_timeout_s
         self.max_event_bytes = self.settings.topics.max_event_bytes
+        self.max_episode_bytes = self.settings.topics.max_episode_bytes
         self.tap = tap
         self.config: dict[str, Any] = {
             **self.settings.kafka.client_config(),
@@ -730,6 +736,7 @@ def producer_config_for(settings: Settings) -> dict[str, Any]:
         "queue.buffering.max.messages": rs.buffer_max_events,
         "queue.buffering.max.kbytes": rs.buffer_max_kbytes,
         "message.timeout.ms": int(rs.delivery_timeout_s * 1000),
+        "message.max.bytes": producer_max_bytes(settings.topics),  # one size policy (oel.topics)
     }
 
 
@@ -795,9 +802,11 @@ class _EpisodeBase:
         if episode_id is None:
             episode_id = recorder._new_episode_id()
             j = b'"' + episode_id.encode() + b'"'  # hex digits: nothing to escape
-        elif type(episode_id) is not str or not 1 <= len(episode_id) <= 128:
+        elif type(episode_id) is not str or not 1 <= len(episode_id) <= ID_MAX_CHARS or not _ID.match(episode_id):
             recorder._count_invalid()
-            raise InvalidEvent(f"invalid episode id {episode_id!r}: expected a string of 1 to 128 characters")
+            raise InvalidEvent(
+                f"invalid episode id {episode_id!r}: expected 1 to {ID_MAX_CHARS} characters, letters and digits, then also . _ : @ + = -"
+            )
         else:
             j = _JSON(episode_id)
         self.episode_id = episode_id
@@ -876,6 +885,12 @@ class _EpisodeBase:
             value = b'{"schema_version":1,"event_id":"' + eid + value[len(self._head) + len(seq) :]
         if recorder._closed or recorder._fatal is not None or len(value) > recorder.max_event_bytes:
             recorder._check(value, self.episode_id)
+        if self.bytes_sent + len(value) > recorder.max_episode_bytes:
+            recorder._count_invalid()
+            raise InvalidEvent(
+                f"episode {self.episode_id} would be {self.bytes_sent + len(value)} bytes, over the episode limit of "
+                f"{recorder.max_episode_bytes} (OEL_TOPICS__MAX_EPISODE_BYTES): end it and record the rest as another episode"
+            )
         return value
 
     def _sent(self, kind: bytes, value: bytes) -> int:
