@@ -148,8 +148,15 @@ EXTRACTION_DURATION = Histogram(
 )
 EXTRACTION_FAILURES = Counter(
     "oel_extraction_failures_total",
-    "Extraction attempts that failed (model or store error) and will be retried; no episode is dropped.",
+    "Extraction attempts that failed: a transient fault (store, model server) is retried; any other failure "
+    "dead-letters the episode on oel.episodes.dlq. No episode is dropped.",
     ["namespace"],
+    registry=REGISTRY,
+)
+REDELIVERIES = Counter(
+    "oel_processor_redeliveries_total",
+    "Partitions sought back because Faust read records from them that never reached the agent (after a rebalance).",
+    ["topic"],
     registry=REGISTRY,
 )
 KB_ITEMS_APPENDED = Counter(

@@ -205,6 +205,16 @@ class ProcessorSettings(Section):
     abandon_after_s: float = Field(300.0, gt=0, description="An episode with no event for this long is closed as abandoned.")
     batch_size: int = Field(8, ge=1, le=1024, description="Episodes of one namespace extracted together.")
     batch_window_s: float = Field(30.0, gt=0, description="A partial batch is extracted after waiting this long.")
+    session_timeout_s: float = Field(
+        10.0, ge=6, le=300,
+        description="A worker that sends no heartbeat for this long is out of the group and its partitions move "
+        "(Kafka's group.min.session.timeout.ms is 6 s by default).",
+    )
+    instance_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]{1,200}$",
+        description="Static group membership: a restarted worker with the same id takes its partitions back at once, "
+        "without a rebalance. Give each worker its own stable id (a StatefulSet pod name); unset = dynamic membership.",
+    )
     extraction_variant: Literal["auto", "grounded", "structured", "unstructured"] = Field(
         "auto",
         description="Extraction variant: grounded (rule statements from trusted feedback, no model call), structured or "

@@ -49,11 +49,15 @@ from oel.schemas import InvalidMessage, TrajectoryEvent, decode
 from oel.settings import KafkaSettings, Settings
 from oel.store import StoreUnavailable
 from oel.topics import TopicSpec, dlq_name, episode_record_bytes, producer_max_bytes
+from processors.redelivery import DeliveryGuard
 
 log = logging.getLogger(__name__)
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StoreUnavailable, BackendError, OSError)
 """Failures that retrying can fix (a service down or unreachable); any other failure of a batch is not."""
+
+REDELIVERY_CHECK_S = 2.0
+"""Period of the check for records read but never delivered (two checks in a row confirm one)."""
 
 ERROR_HEADER = "oel.error"
 SOURCE_HEADER = "oel.source"
@@ -145,6 +149,11 @@ class Processor:
             # connection): every topic the app uses is created beforehand by internal_topic_specs().
             topic_allow_declare=False,
             broker_max_poll_interval=3600.0,
+            # failover: a dead worker's partitions move after session_timeout_s (Faust's default is 60 s);
+            # with an instance id, a restarted worker takes its own back without waiting at all
+            broker_session_timeout=p.session_timeout_s,
+            broker_heartbeat_interval=min(3.0, p.session_timeout_s / 3),
+            consumer_group_instance_id=p.instance_id,
             broker_commit_interval=1.0,
             # Episodes waiting for extraction stay un-acked until their batch is in the KB, so a
             # rebalance must not wait for every record to be acked (it would wait for the batch window,
@@ -174,6 +183,8 @@ class Processor:
         self.extract = app.agent(self.episodes_topic, name="extract")(self._extract)
         app.timer(self.tick_s)(self._tick)
         app.timer(self.flush_tick_s)(self._flush_tick)
+        self.guards = (DeliveryGuard(t.trajectories), DeliveryGuard(t.episodes))
+        app.timer(REDELIVERY_CHECK_S)(self._redeliver)
         app.on_partitions_revoked.connect(self._on_revoked)
         topic = t.trajectories
         self._consumed = metrics.EVENTS_CONSUMED.labels(topic=topic)
@@ -186,6 +197,8 @@ class Processor:
         self.open.clear()
         self.kb_states.clear()
         self.pending.clear()
+        for guard in self.guards:
+            guard.reset()
 
     # --- stage 1: assembly -------------------------------------------------------------------
 
@@ -197,10 +210,19 @@ class Processor:
         log.warning("dead-lettered %s/%d@%d: %s", msg.topic, msg.partition, msg.offset, reason)
 
     async def _assemble(self, stream: faust.StreamT) -> None:
-        async for events in stream.take_events(self.take_max, within=self.take_within_s):
-            async with self.episodes_lock:
-                await self._assemble_batch(events)
-            # Faust acks the batch's records when the loop asks for the next batch: after the table writes.
+        guard = self.guards[0]
+        manual = stream.noack()
+        async for events in manual.take_events(self.take_max, within=self.take_within_s):
+            guard.busy += 1
+            try:
+                admitted = self._admitted(guard, events)
+                async with self.episodes_lock:
+                    await self._assemble_batch(admitted)
+                for event in admitted:  # after the table writes
+                    await manual.ack(event)
+                await self._seek(guard.take_seeks())
+            finally:
+                guard.busy -= 1
 
     async def _assemble_batch(self, events: list[faust.EventT]) -> None:
         """Add a batch of events to their episodes; an open episode's table entry is written once per
@@ -292,10 +314,28 @@ class Processor:
 
     async def _extract(self, stream: faust.StreamT) -> None:
         """Collect each namespace's episodes into a batch; its records are acked once it is in the KB."""
+        guard = self.guards[1]
         manual = stream.noack()
         async for event in manual.events():
-            for done in await self._extract_one(event):
-                await manual.ack(done)
+            guard.busy += 1
+            try:
+                for ready in self._admitted(guard, [event]):
+                    for done in await self._extract_one(ready):
+                        await manual.ack(done)
+                await self._seek(guard.take_seeks())
+            finally:
+                guard.busy -= 1
+
+    def _admitted(self, guard: DeliveryGuard, events: list[faust.EventT]) -> list[faust.EventT]:
+        """The records the agent may handle, in log order; those after a hole wait, un-acked, for the seek."""
+        committed = self.app.consumer._committed_offset  # faust keeps no public accessor for this
+        return [e for e in events if guard.admit(e.message.tp, e.message.offset, committed.get(e.message.tp))]
+
+    async def _seek(self, seeks: dict[Any, int]) -> None:
+        for tp, offset in seeks.items():
+            log.warning("%s/%d: records from offset %d were read but never delivered; reading them again", tp.topic, tp.partition, offset)
+            metrics.REDELIVERIES.labels(topic=tp.topic).inc()
+            await self.app.consumer.seek(tp, offset)
 
     def _kb_state(self, namespace: str) -> KBState:
         state = self.kb_states.get(namespace)
@@ -326,8 +366,11 @@ class Processor:
             return [event]
         episode = CompletedEpisode.model_validate_json(value)
         state = self._kb_state(namespace)
-        if episode.episode_id in state.applied_episodes or (batch is not None and episode.episode_id in batch.ids):
+        if episode.episode_id in state.applied_episodes:
             return [event]  # a replayed or duplicated episode
+        if batch is not None and episode.episode_id in batch.ids:
+            batch.events.append(event)  # delivered twice: acked with its batch, never before it is in the KB
+            return []
         if batch is None:
             batch = self.pending[namespace] = PendingBatch(since=time.time())
         batch.add(episode, event)
@@ -430,6 +473,20 @@ class Processor:
         if now - self._lag_observed_at >= 1.0:
             self._lag_observed_at = now
             self._observe_lag()
+
+    async def _redeliver(self) -> None:
+        """Seek partitions whose records Faust read but never delivered (:mod:`processors.redelivery`)."""
+        consumer = getattr(self.app, "consumer", None)
+        if consumer is None or self.app.rebalancing or not self.app.flow_control.is_active():
+            for guard in self.guards:
+                guard.reset()
+            return
+        assignment = list(consumer.assignment())
+        for guard in self.guards:
+            tps = [tp for tp in assignment if tp.topic == guard.topic]
+            await self._seek(guard.stalled(
+                {tp: consumer.highwater(tp) for tp in tps}, {tp: consumer._committed_offset.get(tp) for tp in tps}
+            ))
 
     def _observe_lag(self) -> None:
         consumer = getattr(self.app, "consumer", None)
