@@ -108,6 +108,7 @@ class Processor:
         tick_s: float | None = None,
         take_max: int = 1000,
         take_within_s: float = 0.05,
+        guard_offsets: bool = True,
     ):
         self.settings = settings
         self.writer = writer
@@ -120,6 +121,9 @@ class Processor:
         consumer lag is observed with it, at most once a second."""
         self.take_max = take_max
         self.take_within_s = take_within_s
+        self.guard_offsets = guard_offsets
+        """Watch the offsets of the records the agents receive (:mod:`processors.redelivery`); off only where
+        records do not come from a Kafka consumer (Faust's agent test context numbers them across partitions)."""
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oel-extract")
         # In-memory working state; the tables (and un-acked input) are the truth, so all of it is
         # dropped when partitions are revoked and rebuilt from them.
@@ -328,6 +332,8 @@ class Processor:
 
     def _admitted(self, guard: DeliveryGuard, events: list[faust.EventT]) -> list[faust.EventT]:
         """The records the agent may handle, in log order; those after a hole wait, un-acked, for the seek."""
+        if not self.guard_offsets:
+            return events
         committed = self.app.consumer._committed_offset  # faust keeps no public accessor for this
         return [e for e in events if guard.admit(e.message.tp, e.message.offset, committed.get(e.message.tp))]
 
@@ -477,7 +483,7 @@ class Processor:
     async def _redeliver(self) -> None:
         """Seek partitions whose records Faust read but never delivered (:mod:`processors.redelivery`)."""
         consumer = getattr(self.app, "consumer", None)
-        if consumer is None or self.app.rebalancing or not self.app.flow_control.is_active():
+        if not self.guard_offsets or consumer is None or self.app.rebalancing or not self.app.flow_control.is_active():
             for guard in self.guards:
                 guard.reset()
             return
