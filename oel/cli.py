@@ -215,6 +215,15 @@ def smoke(ctx: click.Context) -> None:
     click.echo(f"smoke test passed in {time.monotonic() - t0:.1f}s")
 
 
+@cli.command("schema")
+@click.argument("name", type=click.Choice(["trajectory-event"]), default="trajectory-event")
+def schema_command(name: str) -> None:
+    """Print the JSON Schema of a message outside clients write (docs/events.md describes the wire format)."""
+    from oel.schemas import json_schema
+
+    click.echo(json_schema(name), nl=False)
+
+
 cli.add_command(__import__("oel.model.cli", fromlist=["model"]).model)
 cli.add_command(__import__("producers.agents_cli", fromlist=["agents"]).agents)
 cli.add_command(__import__("processors.cli", fromlist=["processor"]).processor)
