@@ -240,6 +240,16 @@ def main() -> None:
     except SettingsError as exc:  # raised while building sources, before a command runs
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
+    except Exception as exc:
+        # a service that is down or unreachable: one line naming it and its endpoint, not a traceback
+        from oel.model.backend import BackendError
+        from oel.ops.topics import KafkaUnavailable
+        from oel.store import StoreUnavailable
+
+        if isinstance(exc, (StoreUnavailable, KafkaUnavailable, BackendError)):
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        raise
 
 
 if __name__ == "__main__":
