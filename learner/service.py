@@ -220,6 +220,10 @@ def serve(settings: Settings) -> None:
 
     store = S3Store(settings.s3)
     store.ensure_bucket()
+    from oel.ops.topics import kafka_readiness
+
+    metrics.add_readiness_check("kafka", kafka_readiness(settings.kafka))
+    metrics.add_readiness_check("object store", store.unreachable)
     metrics.start_metrics_server(settings.metrics, "learner", default_port=9102)
     service = LearnerService(settings, store)
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
