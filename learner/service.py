@@ -38,6 +38,7 @@ from oel import metrics
 from oel.schemas import ExperienceUpdate, InvalidMessage, decode
 from oel.settings import Settings
 from oel.store import ObjectStore
+from oel.logs import client_logger
 from oel.topics import producer_max_bytes
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class LearnerService:
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "max.poll.interval.ms": 3_600_000,
-            "logger": logging.getLogger("learner.service.librdkafka"),
+            "logger": client_logger("learner.service.librdkafka"),
             **(consumer_config or {}),
         }
         self._pending: dict[tuple[int, str], int] = {}  # (partition, namespace) -> first pending offset
@@ -220,6 +221,10 @@ def serve(settings: Settings) -> None:
 
     store = S3Store(settings.s3)
     store.ensure_bucket()
+    from oel.ops.topics import kafka_readiness
+
+    metrics.add_readiness_check("kafka", kafka_readiness(settings.kafka))
+    metrics.add_readiness_check("object store", store.unreachable)
     metrics.start_metrics_server(settings.metrics, "learner", default_port=9102)
     service = LearnerService(settings, store)
     signal.signal(signal.SIGTERM, lambda *_: service.stop())

@@ -215,6 +215,15 @@ def smoke(ctx: click.Context) -> None:
     click.echo(f"smoke test passed in {time.monotonic() - t0:.1f}s")
 
 
+@cli.command("schema")
+@click.argument("name", type=click.Choice(["trajectory-event"]), default="trajectory-event")
+def schema_command(name: str) -> None:
+    """Print the JSON Schema of a message outside clients write (docs/events.md describes the wire format)."""
+    from oel.schemas import json_schema
+
+    click.echo(json_schema(name), nl=False)
+
+
 cli.add_command(__import__("oel.model.cli", fromlist=["model"]).model)
 cli.add_command(__import__("producers.agents_cli", fromlist=["agents"]).agents)
 cli.add_command(__import__("processors.cli", fromlist=["processor"]).processor)
@@ -231,6 +240,16 @@ def main() -> None:
     except SettingsError as exc:  # raised while building sources, before a command runs
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
+    except Exception as exc:
+        # a service that is down or unreachable: one line naming it and its endpoint, not a traceback
+        from oel.model.backend import BackendError
+        from oel.ops.topics import KafkaUnavailable
+        from oel.store import StoreUnavailable
+
+        if isinstance(exc, (StoreUnavailable, KafkaUnavailable, BackendError)):
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        raise
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from oel.episodes import CompletedEpisode
+from oel.forgery import FORGED_MARKER, forged_reason, shingles, visible
 from oel.schemas import ChatMessage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,8 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MARKER = "- EXPERIENCE ITEM:"
 _MARKER_RE = re.compile(r"-?\s*\**\s*experience\s*item\s*\**\s*:\s*", re.IGNORECASE)
-# Marker look-alikes in untrusted text: any spacing, case, dashes or markup between the two words.
-_FORGED_RE = re.compile(r"e\W*x\W*p\W*e\W*r\W*i\W*e\W*n\W*c\W*e[\W_]*i\W*t\W*e\W*m", re.IGNORECASE)
 
 MIN_ITEM_CHARS = 12
 MAX_ITEM_CHARS = 400
@@ -63,8 +62,7 @@ class ExtractionConfig:
 
 def sanitise(text: str) -> str:
     """Untrusted text with every item-marker look-alike neutralised (NFKC-normalised first)."""
-    text = unicodedata.normalize("NFKC", text)
-    return _FORGED_RE.sub("[experience-note]", text)
+    return FORGED_MARKER.sub("[experience-note]", visible(text))
 
 
 def _clip(text: str, limit: int) -> str:
@@ -156,16 +154,6 @@ def _first_sentences(text: str, limit: int) -> str:
     return text[: cut + 1] if cut > 0 else text[:limit].rstrip()
 
 
-COPY_WORDS = 8
-"""An item sharing this many consecutive words with the trajectory is treated as copied from it."""
-
-
-def shingles(text: str, n: int = COPY_WORDS) -> set[tuple[str, ...]]:
-    """Every run of ``n`` consecutive words of ``text`` (case-folded): two texts sharing one share a passage."""
-    words = re.findall(r"\w+", text.casefold())
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-
 @dataclass(frozen=True)
 class Rejected:
     text: str
@@ -177,10 +165,9 @@ _PROMPT_SHINGLES = shingles(PROMPT_TEXT, 6)
 
 
 def validate_items(candidates: list[str], untrusted_text: str) -> tuple[list[str], list[Rejected]]:
-    """Keep items of sane length that copy neither the episode's untrusted text (user and agent text,
-    and feedback the namespace does not trust) nor the extraction prompt's own instructions."""
-    haystack = normalise_item(untrusted_text).casefold()
-    copied = shingles(untrusted_text)
+    """Keep items of sane length that carry nothing of the episode's untrusted text (user and agent
+    text, and feedback the namespace does not trust: copied, restated, or a link, credential or marker;
+    :func:`oel.forgery.forged_reason`) and do not repeat the extraction prompt's own instructions."""
     kept: list[str] = []
     rejected: list[Rejected] = []
     for text in candidates:
@@ -188,8 +175,8 @@ def validate_items(candidates: list[str], untrusted_text: str) -> tuple[list[str
             rejected.append(Rejected(text, f"shorter than {MIN_ITEM_CHARS} characters"))
         elif len(text) > MAX_ITEM_CHARS:
             rejected.append(Rejected(text, f"longer than {MAX_ITEM_CHARS} characters"))
-        elif text.casefold() in haystack or shingles(text) & copied:
-            rejected.append(Rejected(text, "copies untrusted trajectory text (possible injection)"))
+        elif (forged := forged_reason(text, untrusted_text)) is not None:
+            rejected.append(Rejected(text, forged))
         elif text.casefold() in _PROMPT_FOLDED or shingles(text, 6) & _PROMPT_SHINGLES:
             rejected.append(Rejected(text, "repeats the extraction prompt's instruction"))
         elif text.casefold() in (k.casefold() for k in kept):

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from oel.episodes import CompletedEpisode
-from oel.extraction import COPY_WORDS, MAX_ITEM_CHARS, MIN_ITEM_CHARS, normalise_item, sanitise, shingles
+from oel.extraction import MAX_ITEM_CHARS, MIN_ITEM_CHARS, normalise_item, sanitise
+from oel.forgery import COPY_WORDS, forged_reason
 
 
 class Source(str, Enum):
@@ -185,11 +186,6 @@ class GroundedConfig:
     """Most items per batch (the paper's extraction asks for 1-2 per episode), the most frequent first."""
 
 
-def _copies(statement: str, untrusted: str) -> bool:
-    folded = statement.casefold()
-    return folded in untrusted.casefold() or bool(shingles(statement) & shingles(untrusted))
-
-
 def grounded_items(
     episodes: Sequence[CompletedEpisode], trusted: Iterable[Source], config: GroundedConfig = GroundedConfig(),
     known: Iterable[str] = (),
@@ -213,7 +209,7 @@ def grounded_items(
                 statement = rule_statement(sentence)
                 if statement is None or not MIN_ITEM_CHARS <= len(statement) <= MAX_ITEM_CHARS:
                     continue
-                if _copies(statement, before):
+                if forged_reason(statement, before) is not None:  # laundered untrusted text, or a payload
                     continue
                 key = _key(statement)
                 item = found.get(key)

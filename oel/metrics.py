@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -52,6 +52,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    make_wsgi_app,
 )
 from prometheus_client import gc_collector, platform_collector, process_collector
 from prometheus_client.metrics import MetricWrapperBase
@@ -530,6 +531,40 @@ def render() -> tuple[bytes, str]:
 
 _servers: dict[tuple[str, int], object] = {}
 
+READINESS_CHECKS: dict[str, Callable[[], str | None]] = {}
+"""What ``/readyz`` asks, by dependency: each returns None when it is reachable, else why not."""
+
+
+def add_readiness_check(name: str, check: Callable[[], str | None]) -> None:
+    """Make ``/readyz`` (next to ``/metrics``) answer 503 while ``check`` reports a problem, so that a pod
+    whose broker or store is unreachable is not ready."""
+    READINESS_CHECKS[name] = check
+
+
+def readiness() -> tuple[bool, str]:
+    """(ready, one line per dependency) from every registered check."""
+    lines, ready = [], True
+    for name, check in sorted(READINESS_CHECKS.items()):
+        try:
+            problem = check()
+        except Exception as exc:  # a check that fails is a dependency that is not ready
+            problem = f"{type(exc).__name__}: {exc}"
+        ready = ready and problem is None
+        lines.append(f"{name}: {'ok' if problem is None else problem}")
+    return ready, "\n".join(lines or ["no dependencies"]) + "\n"
+
+
+_metrics_app = make_wsgi_app(REGISTRY)
+
+
+def _app(environ: dict, start_response: Callable) -> list[bytes]:
+    """``/readyz``: readiness; any other path: the metrics (as prometheus_client serves them)."""
+    if environ.get("PATH_INFO") == "/readyz":
+        ready, text = readiness()
+        start_response("200 OK" if ready else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+        return [text.encode()]
+    return _metrics_app(environ, start_response)
+
 
 def start_metrics_server(settings: MetricsSettings, service: str, default_port: int | None = None) -> int | None:
     """Serve :data:`REGISTRY` on ``http://<host>:<port>/metrics`` in a daemon thread.
@@ -552,14 +587,17 @@ def start_metrics_server(settings: MetricsSettings, service: str, default_port: 
     if port == 0:
         log.info("metrics endpoint off (OEL_METRICS__PORT=0)")
         return None
-    from prometheus_client import start_http_server
-
     key = (settings.host, port)
     with _lock:
         if key not in _servers:
-            server, _thread = start_http_server(port, addr=settings.host, registry=REGISTRY)
+            from wsgiref.simple_server import make_server
+
+            from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+            server = make_server(settings.host, port, _app, ThreadingWSGIServer, handler_class=_SilentHandler)
+            threading.Thread(target=server.serve_forever, name=f"oel-metrics-{port}", daemon=True).start()
             _servers[key] = server
-            log.info("metrics on http://%s:%d/metrics (%s)", settings.host, port, service)
+            log.info("metrics on http://%s:%d/metrics, readiness on /readyz (%s)", settings.host, port, service)
     return port
 
 

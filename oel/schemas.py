@@ -200,3 +200,16 @@ def decode(raw: bytes | str | None, model: type[M], *, max_bytes: int | None = N
         if any(err["type"] == "json_invalid" for err in exc.errors()):
             raise InvalidMessage(f"not valid JSON: {exc.errors()[0]['msg']}") from None
         raise InvalidMessage(describe_validation_error(exc)) from None
+
+
+PUBLISHED_SCHEMAS: dict[str, type[Message]] = {"trajectory-event": TrajectoryEvent}
+"""The messages outside clients write, by the name of their JSON Schema under ``docs/schemas/``."""
+
+
+def json_schema(name: str) -> str:
+    """The published JSON Schema of a message (``oel schema``; ``docs/schemas/<name>.json`` holds it)."""
+    import json
+
+    schema = PUBLISHED_SCHEMAS[name].model_json_schema()
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": f"oel:{name}:v{SCHEMA_VERSION}", **schema}
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"

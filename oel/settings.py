@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+from oel.logs import client_logger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -89,12 +90,13 @@ class KafkaSettings(Section):
                 )
         return self
 
-    def client_config(self) -> dict[str, str]:
+    def client_config(self) -> dict[str, Any]:
         """The librdkafka-style configuration shared by every producer, consumer and admin client."""
         conf = {
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
             "client.id": self.client_id,
+            "logger": client_logger("oel.kafka"),  # a broker that is down: one line per 30 s, not several a second
         }
         if self.sasl_mechanism:
             conf["sasl.mechanism"] = self.sasl_mechanism

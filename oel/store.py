@@ -137,6 +137,14 @@ class S3Store(ObjectStore):
                 f"object store at {self.endpoint} unavailable: {what} failed {self.settings.attempts} times, last error: {cause}"
             ) from cause
 
+    def unreachable(self) -> str | None:
+        """One quick request, no retries: None if the bucket answers, else why not (``/readyz``)."""
+        try:
+            self.client.bucket_exists(self.bucket)
+        except Exception as exc:
+            return f"object store at {self.endpoint}: {type(exc).__name__}: {exc}"[:300]
+        return None
+
     def ensure_bucket(self) -> bool:
         """Create the bucket if it does not exist; True if it was created."""
         if self._call("bucket_exists", self.client.bucket_exists, self.bucket):

@@ -24,9 +24,9 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     """
     from oel.cli_context import settings_of
     from oel.knowledge import KnowledgeWriter, WriterConfig
-    from oel.metrics import start_metrics_server
+    from oel.metrics import add_readiness_check, start_metrics_server
     from oel.model.factory import make_backend, token_counter
-    from oel.ops.topics import admin_client, ensure_topics
+    from oel.ops.topics import admin_client, ensure_topics, kafka_readiness
     from oel.store import S3Store
     from oel.topics import topic_specs
     from processors.app import Processor, internal_topic_specs, make_worker
@@ -44,6 +44,8 @@ def processor(ctx: click.Context, loglevel: str) -> None:
         config=WriterConfig.from_settings(s),
         count_tokens=token_counter(backend),
     )
+    add_readiness_check("kafka", kafka_readiness(s.kafka))
+    add_readiness_check("object store", store.unreachable)
     start_metrics_server(s.metrics.for_service(METRICS_PORT), "processor")
     proc = Processor(s, writer)
     log.info("processor %s starting on %s", p.app_id, s.kafka.bootstrap_servers)

@@ -14,11 +14,21 @@ record un-acked and unprocessed and seeks the partition back, so records are han
 in a run without the drop. Records at the end of a partition cannot show a hole; a partition whose high
 watermark stays past the expected offset while the agent waits for records, over two checks, is sought
 back too. A seek that was not needed only delivers records again, which both stages ignore.
+
+A hole that stays after :data:`REAL_HOLE_AFTER_S` of seeking is taken as one the log really has (a
+transaction marker of an outside producer that used transactions, or compaction) and passed over.
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+REAL_HOLE_AFTER_S = 30.0
+"""Seconds of seeking after which a hole in a partition's offsets is taken as real (no record there)."""
 
 
 @dataclass
@@ -33,6 +43,7 @@ class DeliveryGuard:
     seeks: dict[Any, int] = field(default_factory=dict)
     """Per partition, where the agent must seek before records of it are admitted again."""
     _suspects: dict[Any, int] = field(default_factory=dict)
+    _hole_since: dict[tuple[Any, int], float] = field(default_factory=dict)
 
     def admit(self, tp: Any, offset: int, committed: int | None) -> bool:
         """Whether the agent may handle this record now; if not, a seek for its partition is due.
@@ -43,8 +54,12 @@ class DeliveryGuard:
             return False
         expected = self.expected.get(tp, committed)
         if expected is not None and offset > expected:
-            self.seeks[tp] = expected
-            return False
+            since = self._hole_since.setdefault((tp, expected), time.monotonic())
+            if time.monotonic() - since < REAL_HOLE_AFTER_S:
+                self.seeks[tp] = expected
+                return False
+            log.warning("%s: no record at offsets %d-%d after %.0fs of reading again; going on", tp, expected, offset - 1, REAL_HOLE_AFTER_S)
+        self._hole_since.pop((tp, expected), None)
         if expected is None or offset + 1 > expected:
             self.expected[tp] = offset + 1
         return True
@@ -59,6 +74,7 @@ class DeliveryGuard:
         self.expected.clear()
         self.seeks.clear()
         self._suspects.clear()
+        self._hole_since.clear()
 
     def stalled(self, highwaters: dict[Any, int | None], committed: dict[Any, int | None]) -> dict[Any, int]:
         """Partitions whose records the agent has not received although the log has them, unchanged

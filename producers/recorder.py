@@ -89,6 +89,7 @@ from oel.schemas import (
     TrajectoryEvent,
     describe_validation_error,
 )
+from oel.logs import client_logger
 from oel.settings import Settings, load_settings
 from oel.topics import producer_max_bytes
 
@@ -710,7 +711,7 @@ class _ClientLog:
     by the recorder itself). The last connection failure is kept as the "why" of undelivered events,
     since the error callback often says only "1/1 brokers are down"."""
 
-    _log = logging.getLogger("producers.recorder.librdkafka")
+    _log = client_logger("producers.recorder.librdkafka")
 
     def __init__(self, recorder: Recorder):
         self._recorder = weakref.ref(recorder)

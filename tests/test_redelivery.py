@@ -1,5 +1,5 @@
 """The processor's guard against records Faust read but never delivered (processors.redelivery)."""
-from processors.redelivery import DeliveryGuard
+from processors.redelivery import REAL_HOLE_AFTER_S, DeliveryGuard
 
 TP = ("oel.episodes", 0)
 
@@ -46,3 +46,18 @@ def test_reset_forgets_everything():
     guard.admit(TP, 5, committed=2)
     guard.reset()
     assert guard.take_seeks() == {} and guard.admit(TP, 7, committed=7)
+
+
+def test_a_hole_the_log_really_has_is_passed_over_after_a_while(monkeypatch):
+    """A transaction marker of an outside producer occupies an offset no record has: seeking cannot fill it."""
+    now = [0.0]
+    monkeypatch.setattr("processors.redelivery.time.monotonic", lambda: now[0])
+    guard = DeliveryGuard("oel.trajectories")
+    assert guard.admit(TP, 10, committed=10)
+    for _ in range(5):  # the record after the marker, delivered again after every seek
+        assert not guard.admit(TP, 12, committed=10)
+        assert guard.take_seeks() == {TP: 11}
+        now[0] += 5
+    now[0] += REAL_HOLE_AFTER_S
+    assert guard.admit(TP, 12, committed=10) and guard.take_seeks() == {}
+    assert guard.admit(TP, 13, committed=10)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oel.schemas import (
+    ID_MAX_CHARS,
+    ID_PATTERN,
     EventKind,
     ExperienceUpdate,
     InvalidMessage,
@@ -90,3 +95,36 @@ def test_not_json_empty_and_oversized():
 def test_timestamps_are_utc_aware():
     ev = step_event()
     assert isinstance(ev.ts, datetime) and ev.ts.utcoffset().total_seconds() == 0
+
+
+# --- properties (hypothesis) -------------------------------------------------------------------------
+
+GOOD_IDS = st.from_regex(ID_PATTERN, fullmatch=True).filter(lambda s: len(s) <= ID_MAX_CHARS)
+
+
+def _start(episode_id: str) -> dict:
+    return {"schema_version": 1, "event_id": "e-1", "namespace": "ns", "episode_id": episode_id, "agent_id": "a",
+            "model_version": "base", "seq": 0, "ts": "2026-12-06T10:00:00Z", "kind": "start", "start": {"task": None}}
+
+
+@settings(max_examples=300, deadline=None)
+@given(GOOD_IDS)
+def test_every_id_of_the_documented_set_is_accepted_and_round_trips(episode_id):
+    event = decode(json.dumps(_start(episode_id)).encode(), TrajectoryEvent)
+    assert decode(event.to_bytes(), TrajectoryEvent) == event
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=40).filter(lambda s: not re.fullmatch(ID_PATTERN, s)))
+def test_every_other_id_is_refused_naming_the_field(episode_id):
+    with pytest.raises(InvalidMessage, match="episode_id"):
+        decode(json.dumps(_start(episode_id)).encode(), TrajectoryEvent)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_decoding_arbitrary_bytes_either_succeeds_or_says_why(raw):
+    try:
+        decode(raw, TrajectoryEvent, max_bytes=1000)
+    except InvalidMessage as exc:
+        assert exc.reason

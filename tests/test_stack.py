@@ -110,7 +110,26 @@ def test_up_refuses_a_port_taken_by_another_process_and_down_cleans_up(private_s
     assert f"prometheus: port 127.0.0.1:{env['OEL_STACK_PROMETHEUS_PORT']} is already in use" in proc.stderr
     started = _pids(state)
     assert set(started) == {"kafka", "minio"}
+    # It started what it could and wrote their settings (reliability-hardening, defect 6).
+    assert "prometheus failed" in proc.stderr
+    stack_env = (state / "stack.env").read_text()
+    assert f"OEL_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:{env['OEL_STACK_KAFKA_PORT']}" in stack_env
+    assert f"OEL_S3__ENDPOINT=127.0.0.1:{env['OEL_STACK_MINIO_PORT']}" in stack_env
     # `down` finds what `up` started even when the port variables are no longer set.
     plain = {k: v for k, v in env.items() if k not in PORT_VARS}
     assert oel(plain, "stack", "down").returncode == 0
     assert not any(_alive(p) for p in started.values())
+
+
+def test_a_service_that_cannot_start_does_not_stop_the_others(private_stack):
+    env, state = private_stack
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", int(env["OEL_STACK_KAFKA_PORT"])))
+        sock.listen()
+        proc = oel(env, "stack", "up")
+    assert proc.returncode == 1
+    assert "kafka failed" in proc.stderr and "minio prometheus running" in proc.stderr, proc.stderr[-2000:]
+    assert set(_pids(state)) == {"minio", "prometheus"}
+    stack_env = (state / "stack.env").read_text()
+    assert "OEL_KAFKA__BOOTSTRAP_SERVERS" not in stack_env
+    assert f"OEL_S3__ENDPOINT=127.0.0.1:{env['OEL_STACK_MINIO_PORT']}" in stack_env and "OEL_S3__ACCESS_KEY=" in stack_env

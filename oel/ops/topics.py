@@ -51,6 +51,20 @@ def admin_client(kafka: KafkaSettings, timeout_s: float = 10.0) -> AdminClient:
     return client
 
 
+def kafka_readiness(kafka: KafkaSettings, timeout_s: float = 3.0):
+    """A ``/readyz`` check: None while the brokers answer a metadata request, else why not."""
+    client = AdminClient(kafka.client_config())
+
+    def check() -> str | None:
+        try:
+            client.list_topics(timeout=timeout_s)
+        except KafkaException as exc:
+            return f"Kafka at {kafka.bootstrap_servers} did not answer within {timeout_s}s: {exc}"
+        return None
+
+    return check
+
+
 def describe_topics(admin: AdminClient, names: list[str], timeout_s: float = 10.0) -> dict[str, TopicState]:
     """The state of each named topic that exists; missing ones are left out."""
     metadata = admin.list_topics(timeout=timeout_s)
