@@ -35,10 +35,10 @@ from learner.policy import RoundTrigger, TriggerPolicy
 from learner.rounds import RoundOutcome, RoundRunner
 from learner.versions import ModelRegistry
 from oel import metrics
+from oel.logs import client_logger
 from oel.schemas import ExperienceUpdate, InvalidMessage, decode
 from oel.settings import Settings
 from oel.store import ObjectStore
-from oel.logs import client_logger
 from oel.topics import producer_max_bytes
 
 log = logging.getLogger(__name__)

@@ -61,7 +61,8 @@ class ExtractionConfig:
 
 
 def sanitise(text: str) -> str:
-    """Untrusted text with every item-marker look-alike neutralised (NFKC-normalised first)."""
+    """Untrusted text with every item-marker look-alike neutralised (NFKC-normalised and invisible characters
+    removed first)."""
     return FORGED_MARKER.sub("[experience-note]", visible(text))
 
 

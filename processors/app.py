@@ -206,11 +206,14 @@ class Processor:
 
     # --- stage 1: assembly -------------------------------------------------------------------
 
-    async def _dead_letter(self, event: faust.EventT, reason: str) -> None:
+    async def _dead_letter(self, event: faust.EventT, reason: str, label: str | None = None) -> None:
+        """Send a record unchanged to its topic's DLQ (``oel.trajectories.dlq`` or ``oel.episodes.dlq``) with
+        the reason; ``label``: the metric's reason label (by default derived from ``reason``)."""
         msg = event.message
+        dlq = self.episodes_dlq if msg.topic == self.settings.topics.episodes else self.dlq
         headers = [(ERROR_HEADER, reason.encode()), (SOURCE_HEADER, f"{msg.topic}/{msg.partition}/{msg.offset}".encode())]
-        await self.dlq.send(key=msg.key, value=msg.value, headers=headers)
-        metrics.count_dead_letter(self.settings.topics.trajectories, dlq_reason_label(reason))
+        await dlq.send(key=msg.key, value=msg.value, headers=headers)
+        metrics.count_dead_letter(msg.topic, label or dlq_reason_label(reason))
         log.warning("dead-lettered %s/%d@%d: %s", msg.topic, msg.partition, msg.offset, reason)
 
     async def _assemble(self, stream: faust.StreamT) -> None:
@@ -404,7 +407,7 @@ class Processor:
                 try:
                     state = await self._apply(namespace, state, [episode])
                 except Exception as one:
-                    await self._dead_letter_episode(event, f"extraction failed: {type(one).__name__}: {one}")
+                    await self._dead_letter(event, f"extraction failed: {type(one).__name__}: {one}"[:2000], label="extraction")
         metrics.EXTRACTION_DURATION.labels(namespace=namespace).observe(time.monotonic() - t0)
         self.kb[namespace] = {"state": state.model_dump(mode="json")}
         self.kb_states[namespace] = state
@@ -441,13 +444,6 @@ class Processor:
                 namespace, result.update.kb_version, len(result.new_items), result.deduplicated, result.rejected, len(episodes),
             )
         return new_state
-
-    async def _dead_letter_episode(self, event: faust.EventT, reason: str) -> None:
-        msg = event.message
-        headers = [(ERROR_HEADER, reason[:2000].encode()), (SOURCE_HEADER, f"{msg.topic}/{msg.partition}/{msg.offset}".encode())]
-        await self.episodes_dlq.send(key=msg.key, value=msg.value, headers=headers)
-        metrics.count_dead_letter(self.settings.topics.episodes, "extraction")
-        log.error("dead-lettered episode %s/%d@%d: %s", msg.topic, msg.partition, msg.offset, reason)
 
     # --- timers --------------------------------------------------------------------------------
 

@@ -49,19 +49,13 @@ def test_core_imports_no_kafka_or_faust():
     assert proc.returncode == 0, proc.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_service_that_is_down_is_one_line_naming_it_not_a_traceback(tmp_path):
     """reliability-hardening, defect 6: ports where nothing listens stand for a store and a broker that are down."""
     import os
 
-    store, broker = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+    from test_processor import free_port
+
+    store, broker = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = {**os.environ, "HOME": str(tmp_path), "OEL_S3__ENDPOINT": store, "OEL_KAFKA__BOOTSTRAP_SERVERS": broker,
            "OEL_S3__ACCESS_KEY": "nobody", "OEL_S3__SECRET_KEY": "nothing-here"}
     for args, endpoint in ((["models", "list"], store), (["smoke"], broker)):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,12 +13,7 @@ import pytest
 
 from oel import metrics
 from oel.settings import MetricsSettings
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from test_processor import free_port
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -33,7 +27,7 @@ def _get(url: str) -> tuple[int, str]:
 def test_readyz_follows_the_registered_checks():
     problem: list[str] = ["broker down"]
     metrics.add_readiness_check("test-dependency", lambda: problem[0] if problem else None)
-    port = metrics.start_metrics_server(MetricsSettings(port=_free_port()), "test")
+    port = metrics.start_metrics_server(MetricsSettings(port=free_port()), "test")
     try:
         status, text = _get(f"http://127.0.0.1:{port}/readyz")
         assert status == 503 and "test-dependency: broker down" in text
@@ -48,7 +42,7 @@ def test_readyz_follows_the_registered_checks():
 @pytest.mark.stack
 def test_a_learner_whose_broker_is_down_is_not_ready(s3_store, tmp_path):
     """A port where nothing listens stands for the broker that is down; the store is the real MinIO."""
-    broker, port = f"127.0.0.1:{_free_port()}", _free_port()
+    broker, port = f"127.0.0.1:{free_port()}", free_port()
     env = {**os.environ, "OEL_KAFKA__BOOTSTRAP_SERVERS": broker, "OEL_METRICS__PORT": str(port)}
     with open(tmp_path / "learner.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "learner.service"], env=env, stdout=log, stderr=subprocess.STDOUT)

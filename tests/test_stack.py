@@ -68,6 +68,14 @@ def oel(env, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "oel.cli", *args], env=env, capture_output=True, text=True, timeout=600)
 
 
+def up_with_port_taken(env, port_var: str) -> subprocess.CompletedProcess:
+    """`oel stack up` while another process listens on the port named by ``port_var``."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", int(env[port_var])))
+        sock.listen()
+        return oel(env, "stack", "up")
+
+
 def test_up_twice_then_down(private_stack):
     env, state = private_stack
     first = oel(env, "stack", "up")
@@ -102,10 +110,7 @@ def test_up_twice_then_down(private_stack):
 
 def test_up_refuses_a_port_taken_by_another_process_and_down_cleans_up(private_stack):
     env, state = private_stack
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", int(env["OEL_STACK_PROMETHEUS_PORT"])))
-        sock.listen()
-        proc = oel(env, "stack", "up")
+    proc = up_with_port_taken(env, "OEL_STACK_PROMETHEUS_PORT")
     assert proc.returncode != 0
     assert f"prometheus: port 127.0.0.1:{env['OEL_STACK_PROMETHEUS_PORT']} is already in use" in proc.stderr
     started = _pids(state)
@@ -123,10 +128,7 @@ def test_up_refuses_a_port_taken_by_another_process_and_down_cleans_up(private_s
 
 def test_a_service_that_cannot_start_does_not_stop_the_others(private_stack):
     env, state = private_stack
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", int(env["OEL_STACK_KAFKA_PORT"])))
-        sock.listen()
-        proc = oel(env, "stack", "up")
+    proc = up_with_port_taken(env, "OEL_STACK_KAFKA_PORT")
     assert proc.returncode == 1
     assert "kafka failed" in proc.stderr and "minio prometheus running" in proc.stderr, proc.stderr[-2000:]
     assert set(_pids(state)) == {"minio", "prometheus"}
