@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from learner.checks import EPS, Checks, pct
 from learner.evaluation import EvalSpec, Evaluator, adapter_files_of, env_for_namespace, version_subject
 from learner.ood import OOD_PROMPTS, OODPrompt
 from learner.rounds import GateDecision
@@ -41,11 +42,6 @@ log = logging.getLogger(__name__)
 
 ACCEPTED = "gate_accepted"
 """Key of the decision (1.0 accepted, 0.0 rejected) in a manifest's ``eval``."""
-_EPS = 1e-9
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
 
 
 def decide(ev: Mapping[str, float]) -> GateDecision:
@@ -54,29 +50,25 @@ def decide(ev: Mapping[str, float]) -> GateDecision:
     Keys: ``pass_rate``, ``reference_pass_rate``, ``reference_is_base``, ``pass_rate_tolerance``
     (absent when there was no held-out evaluation), ``ood_score``, ``base_ood_score``,
     ``ood_tolerance``."""
-    failed: list[str] = []
-    notes: list[str] = []
+    checks = Checks()
     if "pass_rate" in ev:
         ref = "base model" if ev.get("reference_is_base", 0.0) else "parent version"
-        line = (f"held-out pass rate {_pct(ev['pass_rate'])} vs {_pct(ev['reference_pass_rate'])} for the {ref} "
-                f"(tolerance {_pct(ev['pass_rate_tolerance'])})")
-        if ev["pass_rate"] < ev["reference_pass_rate"] - ev["pass_rate_tolerance"] - _EPS:
-            failed.append("pass_rate")
-            notes.append("FAILED " + line)
-        else:
-            notes.append(line)
+        checks.check(
+            "pass_rate",
+            f"held-out pass rate {pct(ev['pass_rate'])} vs {pct(ev['reference_pass_rate'])} for the {ref} "
+            f"(tolerance {pct(ev['pass_rate_tolerance'])})",
+            not ev["pass_rate"] < ev["reference_pass_rate"] - ev["pass_rate_tolerance"] - EPS,
+        )
     else:
-        notes.append("no reference environment for this namespace: only the OOD check ran")
-    line = (f"OOD instruction-following {_pct(ev['ood_score'])} vs {_pct(ev['base_ood_score'])} for the base model "
-            f"(tolerance {_pct(ev['ood_tolerance'])})")
-    if ev["ood_score"] < ev["base_ood_score"] - ev["ood_tolerance"] - _EPS:
-        failed.append("ood")
-        notes.append("FAILED " + line)
-    else:
-        notes.append(line)
-    kind = "_and_".join(failed) if failed else None
-    reason = ("rejected by the evaluation gate: " if failed else "passed the evaluation gate: ") + "; ".join(notes)
-    return GateDecision(accepted=not failed, reason=reason, eval={**ev, ACCEPTED: 0.0 if failed else 1.0}, kind=kind)
+        checks.note("no reference environment for this namespace: only the OOD check ran")
+    checks.check(
+        "ood",
+        f"OOD instruction-following {pct(ev['ood_score'])} vs {pct(ev['base_ood_score'])} for the base model "
+        f"(tolerance {pct(ev['ood_tolerance'])})",
+        not ev["ood_score"] < ev["base_ood_score"] - ev["ood_tolerance"] - EPS,
+    )
+    reason = checks.reason("passed the evaluation gate: ", "rejected by the evaluation gate: ")
+    return GateDecision(accepted=checks.kind is None, reason=reason, eval={**ev, ACCEPTED: 0.0 if checks.kind else 1.0}, kind=checks.kind)
 
 
 class HeldOutGate:

@@ -33,6 +33,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from learner.checks import EPS, Checks, pct
 from learner.evaluation import EvalSpec, Evaluator, env_for_namespace
 from oel.settings import Settings
 
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 ACCEPTED = "knowledge_accepted"
 """Key of the decision (1.0 consolidate, 0.0 skip) in a manifest's ``eval``."""
-_EPS = 1e-9
 
 
 @dataclass(frozen=True)
@@ -54,39 +54,32 @@ class KnowledgeDecision:
     kind: str | None = None
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
 def decide(ev: Mapping[str, float]) -> KnowledgeDecision:
     """The decision from the measured numbers (keys ``knowledge_none_pass_rate``,
     ``knowledge_in_context_pass_rate``, ``knowledge_margin`` when there was a held-out evaluation, else
     ``knowledge_ood_score``, ``knowledge_base_ood_score``, ``knowledge_ood_tolerance``)."""
-    failed: list[str] = []
-    notes: list[str] = []
+    checks = Checks()
     if "knowledge_in_context_pass_rate" in ev:
         gain = ev["knowledge_in_context_pass_rate"] - ev["knowledge_none_pass_rate"]
-        line = (f"held-out pass rate with the KB in context {_pct(ev['knowledge_in_context_pass_rate'])} vs "
-                f"{_pct(ev['knowledge_none_pass_rate'])} without (gain {100 * gain:+.1f} points, needed "
-                f"{100 * ev['knowledge_margin']:+.1f})")
-        if gain < ev["knowledge_margin"] - _EPS:
-            failed.append("no_gain")
-            notes.append("FAILED " + line)
-        else:
-            notes.append(line)
+        checks.check(
+            "no_gain",
+            f"held-out pass rate with the KB in context {pct(ev['knowledge_in_context_pass_rate'])} vs "
+            f"{pct(ev['knowledge_none_pass_rate'])} without (gain {100 * gain:+.1f} points, needed "
+            f"{100 * ev['knowledge_margin']:+.1f})",
+            not gain < ev["knowledge_margin"] - EPS,
+        )
     else:
-        notes.append("no reference environment for this namespace: only the OOD check ran")
+        checks.note("no reference environment for this namespace: only the OOD check ran")
     if "knowledge_ood_score" in ev:
-        line = (f"OOD instruction-following with the KB in context {_pct(ev['knowledge_ood_score'])} vs "
-                f"{_pct(ev['knowledge_base_ood_score'])} without (tolerance {_pct(ev['knowledge_ood_tolerance'])})")
-        if ev["knowledge_ood_score"] < ev["knowledge_base_ood_score"] - ev["knowledge_ood_tolerance"] - _EPS:
-            failed.append("ood")
-            notes.append("FAILED " + line)
-        else:
-            notes.append(line)
-    head = "knowledge gate: the KB is not worth consolidating: " if failed else "knowledge gate: the KB helps in context: "
-    return KnowledgeDecision(accepted=not failed, reason=head + "; ".join(notes),
-                             eval={**ev, ACCEPTED: 0.0 if failed else 1.0}, kind="_and_".join(failed) or None)
+        checks.check(
+            "ood",
+            f"OOD instruction-following with the KB in context {pct(ev['knowledge_ood_score'])} vs "
+            f"{pct(ev['knowledge_base_ood_score'])} without (tolerance {pct(ev['knowledge_ood_tolerance'])})",
+            not ev["knowledge_ood_score"] < ev["knowledge_base_ood_score"] - ev["knowledge_ood_tolerance"] - EPS,
+        )
+    reason = checks.reason("knowledge gate: the KB helps in context: ", "knowledge gate: the KB is not worth consolidating: ")
+    return KnowledgeDecision(accepted=checks.kind is None, reason=reason,
+                             eval={**ev, ACCEPTED: 0.0 if checks.kind else 1.0}, kind=checks.kind)
 
 
 class KnowledgeGate:
