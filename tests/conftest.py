@@ -11,6 +11,26 @@ import pytest
 from oel.settings import Settings, load_settings
 
 
+# What a test needs, read from the fixtures it uses (a module or test may also carry the mark itself):
+# `stack` = the running local stack; `tools` = a program the installer fetches (kustomize, promtool, Kafka's
+# and MinIO's binaries, the vLLM server). `model` and `slow` are set by the modules that load the real model
+# or run for minutes. `pytest -m "not stack and not model and not tools and not slow"` is the quick run.
+FIXTURE_MARKS = {
+    "kafka": "stack",
+    "s3_store": "stack",
+    "prometheus_url": "stack",
+    "kustomize": "tools",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            mark = FIXTURE_MARKS.get(fixture)
+            if mark and not item.get_closest_marker(mark):
+                item.add_marker(mark)
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return load_settings()

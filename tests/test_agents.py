@@ -185,6 +185,7 @@ def _strip(episodes):
     return [[(t.response, t.action, t.valid, t.feedback, t.done, t.passed) for t in e.turns] for e in episodes]
 
 
+@pytest.mark.model
 def test_batched_equals_one_at_a_time_on_the_default_model_greedy(hf_backend):
     """Greedy decoding: running 4 FrozenLake episodes and 2 house-rules episodes batched gives exactly
     the responses and outcomes of running them one at a time (short outputs keep this ~1 minute)."""
@@ -213,6 +214,7 @@ def _oel(*args: str):
     return json.loads(result.stdout)
 
 
+@pytest.mark.model
 def test_oel_agents_run_and_compare_on_the_default_model():
     """The commands end to end on the real default model (settings from the stack, backend from the
     factory), with tiny budgets: the summary and the side-by-side table add up."""

@@ -24,6 +24,8 @@ import torch
 
 from learner.opcd import OPCDConfig, OPCDTrainer
 
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
 EXPERIENCE = ["Always reply in French, never in English."]
 
 TRAIN = [

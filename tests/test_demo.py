@@ -21,6 +21,8 @@ from learner.versions import ModelRegistry
 from oel.kb import latest_snapshot
 from oel.schemas import ModelVersion, VersionStatus, decode
 
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):

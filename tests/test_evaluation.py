@@ -100,6 +100,7 @@ def backend():
     return HFBackend.from_settings(load_settings(), max_batch_size=8)
 
 
+@pytest.mark.model
 def test_evaluate_policy_plays_the_held_out_seeds_and_the_cache_keeps_the_result(backend, tmp_path):
     spec = EvalSpec("house-rules", episodes=2, max_new_tokens=16)
     store = LocalStore(tmp_path)
@@ -131,6 +132,7 @@ def _kb_snapshot(store, ns: str, items: list[str], state=None):
     return state, snap.version
 
 
+@pytest.mark.model
 def test_oel_eval_writes_the_table_as_markdown_and_png(tmp_path, monkeypatch):
     from learner.gate_testing import fresh_adapter
     from learner.policy import round_id

@@ -157,6 +157,8 @@ def _trigger(ns: str, kb_version: str) -> RoundTrigger:
     return RoundTrigger(ns, round_id(ns, None, kb_version), None, kb_version, (kb_version,), 2)
 
 
+@pytest.mark.model
+@pytest.mark.slow
 def test_the_gate_rejects_a_damaged_round_and_accepts_a_sound_one(store, backend, adapters, gate_settings, unique):
     ns = f"house-rules-{unique}"  # names a reference environment: held-out pass rate and OOD are both checked
     kb1, kb2 = _seed_namespace(store, ns)
@@ -198,6 +200,8 @@ def test_the_gate_rejects_a_damaged_round_and_accepts_a_sound_one(store, backend
     assert len([k for k in store.list("evals/policy/") if "/base-" in k]) == 1
 
 
+@pytest.mark.model
+@pytest.mark.slow
 def test_without_a_reference_environment_only_the_ood_check_runs(store, backend, adapters, gate_settings, unique):
     from oel.model.prepare import model_hash, resolve_model_path
 

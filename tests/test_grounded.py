@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from oel.episodes import CompletedEpisode, EpisodeStatus
 from oel.extraction import PromptVariant, answer_items, validate_items
 from oel.grounded import (
@@ -103,6 +105,7 @@ def test_model_items_may_quote_trusted_feedback_but_not_untrusted_text_or_the_pr
     assert kept == [] and "extraction prompt" in rejected[0].reason
 
 
+@pytest.mark.model
 def test_grounded_extraction_of_real_episodes_states_the_rule():
     """The default model plays real house-rules episodes; the environment's feedback is trusted, and the
     grounded variant turns it into the rule (for two different rules), with no model call."""

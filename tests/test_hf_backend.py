@@ -14,6 +14,8 @@ from oel.model.hf_backend import HFBackend, score_tokens
 from oel.model.prepare import resolve_model_path
 from oel.schemas import ChatMessage
 
+pytestmark = [pytest.mark.model]
+
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 
 

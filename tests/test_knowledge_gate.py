@@ -26,6 +26,8 @@ from oel.schemas import ModelVersion, VersionStatus
 from oel.settings import load_settings
 from oel.store import LocalStore
 
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
 HARMFUL_KB = ['Every reply must start with "Hi there!" and never with any other greeting.']
 REFERENCE_KB = [REFERENCE_EXPERIENCE["greeting"]]
 OOD_SUBSET = tuple(p for p in OOD_PROMPTS if p.id in {"keyword-bees", "constrained-sun", "lowercase-beach", "title-robot"})

@@ -21,7 +21,7 @@ from learner.versions import ModelRegistry
 from oel.schemas import VersionStatus
 from oel.settings import load_settings
 
-pytestmark = pytest.mark.stack
+pytestmark = [pytest.mark.stack, pytest.mark.model, pytest.mark.slow]
 
 
 def test_loop_on_the_real_stack_makes_a_version_the_agent_then_uses(kafka, s3_store, unique, tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ def model_dir(settings) -> Path:
     return path
 
 
+@pytest.mark.model
 def test_prepare_is_idempotent(settings, model_dir: Path) -> None:
     weights = model_dir / "model.safetensors"
     before = weights.stat().st_mtime_ns
@@ -40,6 +41,7 @@ def test_prepare_is_idempotent(settings, model_dir: Path) -> None:
     assert not leftovers, f"temporary folders left behind: {leftovers}"
 
 
+@pytest.mark.model
 def test_prepared_folder_is_a_plain_bf16_hf_model(model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,6 +63,7 @@ def test_prepared_folder_is_a_plain_bf16_hf_model(model_dir: Path) -> None:
     assert 200e6 < size < 320e6, f"expected ~270 MB of bf16 weights, got {size / 1e6:.0f} MB"
 
 
+@pytest.mark.model
 def test_crash_during_conversion_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(paths={"cache_dir": tmp_path, "state_dir": tmp_path / "state"})
 
@@ -84,6 +87,7 @@ def test_missing_package_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
         resolve_model_path(settings)
 
 
+@pytest.mark.model
 def test_configured_path_wins(model_dir: Path, tmp_path: Path) -> None:
     settings = load_settings(model={"path": model_dir}, paths={"cache_dir": tmp_path, "state_dir": tmp_path / "s"})
     assert resolve_model_path(settings) == model_dir
@@ -120,6 +124,7 @@ def test_model_hash_is_stable_cached_and_content_sensitive(tmp_path: Path) -> No
         model_hash(empty)
 
 
+@pytest.mark.model
 def test_real_model_hash_matches_a_fresh_computation(model_dir: Path, tmp_path: Path) -> None:
     fresh = tmp_path / "copy"
     fresh.mkdir()
@@ -128,6 +133,7 @@ def test_real_model_hash_matches_a_fresh_computation(model_dir: Path, tmp_path: 
     assert model_hash(model_dir) == model_hash(fresh)
 
 
+@pytest.mark.model
 def test_cli_model_info(model_dir: Path) -> None:
     from oel.cli import cli
 

@@ -16,6 +16,8 @@ import yaml
 
 from oel import metrics
 
+pytestmark = [pytest.mark.tools]
+
 REPO = Path(__file__).resolve().parent.parent
 PROM_DIR = REPO / "infra" / "prometheus"
 RULE_FILES = sorted((PROM_DIR / "rules").glob("*.yml"))

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+
+pytestmark = [pytest.mark.tools, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = ("kafka", "minio", "prometheus")
 

@@ -20,6 +20,8 @@ from oel.model.vllm_backend import AdapterLoadError, VLLMBackend, adapter_mismat
 from oel.schemas import ChatMessage
 from oel.settings import Settings
 
+pytestmark = [pytest.mark.model, pytest.mark.tools]
+
 # bf16 weights on both sides, different kernels (vLLM's CPU attention and LoRA ops vs. eager
 # transformers + peft). Measured here over ~90 sampled tokens: |vLLM - in-process bf16| mean 0.04
 # max 0.2 nats, the same size as the in-process backend's own bf16 error (|bf16 - fp32| mean 0.03,
