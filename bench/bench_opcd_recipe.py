@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--anchors", type=float, default=0.25, help="anchor_fraction")
     ap.add_argument("--no-prompt-gradient", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--check-every", type=int, default=0, help="log the student-teacher agreement every N steps")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="also save the adapter every N steps and evaluate each checkpoint (held-out pass, no experience)")
     ap.add_argument("--work", type=Path, default=Path("bench-out/opcd-recipe"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -74,20 +77,38 @@ def main() -> None:
                         max_new_tokens=args.tokens, anchor_fraction=args.anchors, seed=args.seed,
                         prompt_gradient=not args.no_prompt_gradient)
     trainer = OPCDTrainer(config, prefixes, [items])
-    result = trainer.train()
-    out = args.work / f"adapter-{args.rule}-{args.steps}x{args.batch}-{args.lr}-{args.tokens}-{args.anchors}"
+    out = args.work / f"adapter-{args.rule}-{args.steps}x{args.batch}-{args.lr}-{args.tokens}-{args.anchors}-s{args.seed}"
+    agreements: dict[int, float] = {}
+    checkpoints: dict[int, Path] = {}
+
+    def at_step(m) -> None:
+        if args.check_every and m.step % args.check_every == 0:
+            agreements[m.step] = trainer.agreement()
+            logging.info("step %d: agreement %.3f", m.step, agreements[m.step])
+        if args.save_every and m.step % args.save_every == 0 and m.step < args.steps:
+            checkpoints[m.step] = trainer.save(out.with_name(f"{out.name}-step{m.step}"))
+
+    if args.check_every:
+        agreements[0] = trainer.agreement()
+    result = trainer.train(callback=at_step)
     trainer.save(out, result)
+    checkpoints[args.steps] = out
     train_s = time.monotonic() - t0
     del trainer
-    backend.load_adapter("candidate", out)
-    consolidated = evaluate_policy(backend, spec, adapter="candidate")
+    passes: dict[int, str] = {}
+    for step, folder in sorted(checkpoints.items()):
+        backend.load_adapter(f"candidate-{step}", folder)
+        consolidated = evaluate_policy(backend, spec, adapter=f"candidate-{step}")
+        passes[step] = f"{consolidated.passed}/{consolidated.n_episodes}"
+        logging.info("checkpoint %d: agreement %s, held-out pass %s", step, agreements.get(step), passes[step])
     print(json.dumps({
         "rule": args.rule, "items": items, "steps": args.steps, "batch": args.batch, "lr": args.lr, "tokens": args.tokens,
         "anchors": args.anchors, "prompt_gradient": not args.no_prompt_gradient, "seed": args.seed,
         "pass_none": f"{none.passed}/{none.n_episodes}", "pass_in_context": f"{in_context.passed}/{in_context.n_episodes}",
         "pass_consolidated": f"{consolidated.passed}/{consolidated.n_episodes}",
-        "ood_base": ood_score(backend).score, "ood_consolidated": ood_score(backend, "candidate").score,
+        "ood_base": ood_score(backend).score, "ood_consolidated": ood_score(backend, f"candidate-{args.steps}").score,
         "train_s": round(train_s), "first_loss": result.steps[0].loss, "last_loss": result.steps[-1].loss,
+        "agreement_by_step": agreements, "pass_by_checkpoint": passes,
     }))
 
 

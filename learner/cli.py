@@ -180,5 +180,7 @@ def _distill(config, prefixes, experience, out_dir: Path, quiet: bool) -> None:
         "tokens_per_s": round(summary["tokens_per_s"], 2),
         "experience_items_dropped": sum(c.items_dropped for c in result.experience_cuts),
         "skipped_prefixes": result.skipped_prefixes,
+        "checks": [(c.step, round(c.agreement, 3)) for c in result.checks],
+        "kept_step": result.kept_step,
         "seconds": round(result.seconds, 1),
     }))

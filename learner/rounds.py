@@ -290,7 +290,8 @@ class RoundRunner:
             del trainer  # free the training models before the gate loads its own
             summary = result.to_dict()
             training = {k: summary[k] for k in ("first_loss", "last_loss", "response_tokens", "tokens_per_s", "seconds", "skipped_prefixes")}
-            training.update(steps=len(result.steps), prefixes=len(prefixes), new_items=trigger.new_items)
+            training.update(steps=len(result.steps), prefixes=len(prefixes), new_items=trigger.new_items,
+                            checks=summary["checks"], kept_step=summary["kept_step"])
             round_config = config.to_dict()
             manifest = VersionManifest(
                 namespace=ns, version=name, generation=generation, round_id=trigger.round_id,

@@ -247,6 +247,13 @@ class LearnerSettings(Section):
     prompt_gradient: bool = Field(
         True, description="Backpropagate through the whole prompt; false = the prompt's keys and values are taken from sampling, without gradient (faster, approximate)."
     )
+    check_every: int = Field(
+        5, ge=0, le=100_000,
+        description="Every this many OPCD steps, compare the student's greedy answers (no KB) with the teacher's (KB in context) and keep the best weights; 0 = no checks, keep the last step's.",
+    )
+    stop_agreement: float | None = Field(
+        0.9, gt=0, le=1, description="Stop a round early once a check's agreement reaches this (0..1); unset = run every step."
+    )
     experience_token_budget: int = Field(2048, ge=16, description="Experience beyond this is cut, oldest items first.")
     lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank of the student adapter.")
     experience_sets: int = Field(

@@ -56,6 +56,34 @@ def test_loss_decreases_on_a_fixed_batch() -> None:
     assert sum(b < a for a, b in zip(losses, losses[1:])) >= 8
 
 
+def test_agreement_compares_greedy_answers_with_the_teachers() -> None:
+    t = _trainer()
+    indices = t.check_prefixes()
+    assert indices and len(set(indices)) == len(indices) and max(indices) < t.task_prefixes
+    with t._teacher() as teacher:
+        teacher_answers = t.generate([t.teacher_prompt_ids(i, 0) for i in indices], greedy=True, lm=teacher)
+    student_answers = t.generate([t.prompt_ids[i] for i in indices], greedy=True)
+    expected = []
+    for (a, _), (b, _) in zip(teacher_answers, student_answers):
+        same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        expected.append(same / len(a))
+    assert t.agreement() == pytest.approx(sum(expected) / len(expected))
+    # with no experience the teacher's context is the student's: they answer alike
+    assert _trainer(experience=[[]]).agreement() == 1.0
+
+
+def test_checks_keep_the_best_weights_and_stop_at_the_target() -> None:
+    t = _trainer(check_every=2, steps=6)
+    result = t.train()
+    assert [c.step for c in result.checks] == [0, 2, 4, 6] and len(result.steps) == 6
+    best = max(result.checks, key=lambda c: c.agreement)
+    assert result.kept_step == min(c.step for c in result.checks if c.agreement == best.agreement)
+    assert t.agreement() == pytest.approx(best.agreement)  # the weights in place are the kept check's
+    # a target already met (no experience: the student already answers as the teacher) stops before any step
+    r = _trainer(experience=[[]], check_every=2, steps=6, stop_agreement=1.0).train()
+    assert r.steps == [] and r.kept_step == 0 and [c.agreement for c in r.checks] == [1.0]
+
+
 def test_teacher_and_student_contexts_are_aligned() -> None:
     t = _trainer()
     tok = t.tokenizer

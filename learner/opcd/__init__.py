@@ -29,12 +29,13 @@ from learner.opcd.data import (
     render_experience,
 )
 from learner.opcd.loss import LossStats, chunked_opcd_loss, opcd_token_loss
-from learner.opcd.trainer import SUMMARY_FILE, OPCDResult, OPCDTrainer, Rollout, StepMetrics
+from learner.opcd.trainer import SUMMARY_FILE, Check, OPCDResult, OPCDTrainer, Rollout, StepMetrics
 
 __all__ = [
     "OPCDConfig",
     "OPCDTrainer",
     "OPCDResult",
+    "Check",
     "Rollout",
     "StepMetrics",
     "LossStats",

@@ -97,6 +97,17 @@ class OPCDConfig:
     experience, so the student keeps the round-start model's behaviour outside the namespace's tasks.
     0 = task prefixes only (the paper's recipe)."""
 
+    # --- checks ------------------------------------------------------------------------------
+    check_every: int = 0
+    """Every this many steps (and before the first), measure how closely the student without experience
+    answers as the teacher with it does (:meth:`OPCDTrainer.agreement`), and keep the weights of the best
+    check (the earliest of equals) as the run's result. 0: no checks; the last step's weights are the result."""
+    stop_agreement: float | None = None
+    """With checks: stop as soon as a check reaches this agreement (``steps`` is then the most). None: run
+    every step."""
+    check_prefixes: int = 16
+    """Task prefixes on which the checks compare the student's greedy answers with the teacher's."""
+
     # --- run ---------------------------------------------------------------------------------
     seed: int = 0
     """Seeds prefix order, experience draws, sampling and a fresh adapter's initialisation."""
@@ -117,6 +128,10 @@ class OPCDConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.anchor_fraction < 1.0:
             raise ValueError(f"anchor_fraction must be in [0, 1), got {self.anchor_fraction}")
+        if self.check_every < 0 or self.check_prefixes < 1:
+            raise ValueError("check_every must be >= 0 and check_prefixes >= 1")
+        if self.stop_agreement is not None and not 0.0 < self.stop_agreement <= 1.0:
+            raise ValueError(f"stop_agreement must be in (0, 1], got {self.stop_agreement}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError("min_new_tokens must be between 0 and max_new_tokens")
 
@@ -165,6 +180,8 @@ class OPCDConfig:
             lora_rank=learner.lora_rank,
             anchor_fraction=learner.anchor_fraction,
             prompt_gradient=learner.prompt_gradient,
+            check_every=learner.check_every,
+            stop_agreement=learner.stop_agreement,
         )
         names = {f.name for f in fields(cls)}
         unknown = set(overrides) - names

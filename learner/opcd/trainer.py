@@ -52,7 +52,7 @@ import logging
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -148,6 +148,15 @@ class StepMetrics:
 
 
 @dataclass
+class Check:
+    """One agreement check (:meth:`OPCDTrainer.agreement`) after ``step`` optimizer steps."""
+
+    step: int
+    agreement: float
+    seconds: float
+
+
+@dataclass
 class OPCDResult:
     """A finished run."""
 
@@ -155,6 +164,9 @@ class OPCDResult:
     experience_cuts: list[ExperienceCut]
     skipped_prefixes: int
     seconds: float
+    checks: list[Check] = field(default_factory=list)
+    kept_step: int | None = None
+    """With checks: the step whose weights the run kept (the best check); None: the last step's."""
 
     @property
     def response_tokens(self) -> int:
@@ -175,6 +187,8 @@ class OPCDResult:
             "tokens_per_s": self.tokens_per_s,
             "first_loss": self.steps[0].loss if self.steps else None,
             "last_loss": self.steps[-1].loss if self.steps else None,
+            "checks": [asdict(c) for c in self.checks],
+            "kept_step": self.kept_step,
         }
 
 
@@ -372,6 +386,7 @@ class OPCDTrainer:
         self._teacher_cache: dict[tuple[int, int], list[int]] = {}
         self._shared_len: dict[tuple[int, int], int] = {}
         self._kv_cache: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._teacher_answers: dict[int, list[int]] = {}
 
     def _setup_anchors(self, anchor_prompts: Sequence[Any] | None) -> None:
         """General prompts (after the task prefixes in :attr:`prefixes`) with an empty experience set of their own."""
@@ -492,15 +507,19 @@ class OPCDTrainer:
     # --- sampling -----------------------------------------------------------------------------
 
     @torch.no_grad()  # not inference_mode: the prompts' keys and values may be reused in the loss's graph
-    def generate(self, prompts: list[list[int]]) -> list[tuple[list[int], str]]:
-        """Sample one answer per prompt from the student (current weights): (token ids, finish reason).
+    def generate(self, prompts: list[list[int]], *, greedy: bool = False, lm: Any = None) -> list[tuple[list[int], str]]:
+        """One answer per prompt: (token ids, finish reason). By default sampled from the student (current
+        weights) at ``temperature``; ``greedy`` takes the most likely token; ``lm`` decodes with another model
+        (the teacher inside :meth:`_teacher`).
 
-        Without ``prompt_gradient`` the keys and values of the prompts but their last token are kept
-        (:attr:`_sampled_prompts`): the loss of the same batch at the same weights reuses them."""
+        When sampling from the student without ``prompt_gradient``, the keys and values of the prompts but
+        their last token are kept (:attr:`_sampled_prompts`): the loss of the same batch at the same weights
+        reuses them."""
         from transformers import DynamicCache
 
         cfg = self.config
-        lm = self.model
+        keep_prompts = lm is None and not greedy
+        lm = self.model if lm is None else lm
         was_training = lm.training
         lm.eval()
         try:
@@ -509,8 +528,9 @@ class OPCDTrainer:
             width = ids.shape[1]
             cache = DynamicCache(config=self._causal_lm("student").config)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            self._sampled_prompts = None
-            if not cfg.prompt_gradient and width > 1 and all(len(p) > 1 for p in prompts):
+            if keep_prompts:
+                self._sampled_prompts = None
+            if keep_prompts and not cfg.prompt_gradient and width > 1 and all(len(p) > 1 for p in prompts):
                 lm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], past_key_values=cache,
                    use_cache=True, logits_to_keep=1)
                 self._sampled_prompts = _PromptKV([list(p) for p in prompts], self.step_count,
@@ -525,7 +545,7 @@ class OPCDTrainer:
             for step in range(cfg.max_new_tokens):
                 if step < cfg.min_new_tokens and len(eos):
                     logits[:, eos] = float("-inf")
-                nxt = self._sample(logits)
+                nxt = logits.argmax(-1) if greedy else self._sample(logits)
                 keep: list[int] = []
                 for pos_in_batch, (row, tok) in enumerate(zip(active, nxt.tolist())):
                     responses[row].append(tok)
@@ -591,6 +611,37 @@ class OPCDTrainer:
             e = self.no_experience_index if i >= self.task_prefixes else self.rng.randrange(self.task_experience_sets)
             out.append(Rollout(i, e, self.prompt_ids[i], self.teacher_prompt_ids(i, e), resp, reason))
         return out
+
+    # --- how far the student is from the teacher ------------------------------------------------
+
+    def check_prefixes(self) -> list[int]:
+        """The task prefixes :meth:`agreement` compares on: up to ``check_prefixes`` of them, evenly spread."""
+        n = min(self.config.check_prefixes, self.task_prefixes)
+        return sorted({round(i * self.task_prefixes / n) for i in range(n)}) if n else []
+
+    def agreement(self, prefix_indices: Sequence[int] | None = None) -> float:
+        """How closely the student without experience answers as the teacher with experience does, greedily:
+        the mean, over prefixes, of the share of the teacher's first ``max_new_tokens`` answer tokens that the
+        student's greedy answer reproduces from the start. 1.0: the student starts every answer exactly as the
+        teacher would with the knowledge in context; that, not the loss, is what a consolidated model is for.
+        The teacher's answers (newest experience set) are computed once per round."""
+        indices = list(self.check_prefixes() if prefix_indices is None else prefix_indices)
+        if not indices:
+            return 0.0
+        missing = [i for i in indices if i not in self._teacher_answers]
+        if missing:
+            with self._teacher() as teacher:
+                answers = self.generate([self.teacher_prompt_ids(i, 0) for i in missing], greedy=True, lm=teacher)
+            self._teacher_answers.update((i, a) for i, (a, _) in zip(missing, answers))
+        student = self.generate([self.prompt_ids[i] for i in indices], greedy=True)
+        shares = []
+        for i, (answer, _) in zip(indices, student):
+            target = self._teacher_answers[i]
+            same = 0
+            while same < min(len(target), len(answer)) and target[same] == answer[same]:
+                same += 1
+            shares.append(same / max(1, len(target)))
+        return sum(shares) / len(shares)
 
     # --- loss and update ----------------------------------------------------------------------
 
@@ -808,14 +859,57 @@ class OPCDTrainer:
         return m
 
     def train(self, steps: int | None = None, callback: Callable[[StepMetrics], None] | None = None) -> OPCDResult:
-        """Run ``steps`` (default ``config.steps``) steps; ``callback`` sees each step's metrics."""
+        """Run ``steps`` (default ``config.steps``) steps; ``callback`` sees each step's metrics.
+
+        With ``check_every``, the student's agreement with the teacher is measured before the first step and
+        every ``check_every`` steps; the run stops early at ``stop_agreement`` and ends with the weights of
+        the best check (the earliest of equals), which is what the round's gates then evaluate."""
+        cfg = self.config
         t0 = time.monotonic()
         first = len(self.history)
-        for _ in range(steps if steps is not None else self.config.steps):
+        total = steps if steps is not None else cfg.steps
+        checks: list[Check] = []
+        best: tuple[float, int, list[torch.Tensor]] | None = None
+
+        def check() -> bool:
+            nonlocal best
+            t = time.perf_counter()
+            c = Check(self.step_count, self.agreement(), time.perf_counter() - t)
+            checks.append(c)
+            log.info("check after step %d: agreement %.3f (%.1f s)", c.step, c.agreement, c.seconds)
+            if best is None or c.agreement > best[0]:
+                best = (c.agreement, c.step, [p.detach().clone() for p in self._weights()])
+            return cfg.stop_agreement is not None and c.agreement >= cfg.stop_agreement
+
+        stop = cfg.check_every > 0 and check()
+        done = 0
+        while done < total and not stop:
             m = self.step()
+            done += 1
             if callback is not None:
                 callback(m)
-        return OPCDResult(self.history[first:], list(self.experience_cuts), self.skipped_prefixes, time.monotonic() - t0)
+            if cfg.check_every > 0 and (done % cfg.check_every == 0 or done == total):
+                stop = check()
+        kept = None
+        if best is not None:
+            kept = best[1]
+            if kept != self.step_count:
+                self._restore(best[2])
+                log.info("kept the weights of step %d (agreement %.3f), not the last step's (%d)", kept, best[0], self.step_count)
+        return OPCDResult(self.history[first:], list(self.experience_cuts), self.skipped_prefixes, time.monotonic() - t0,
+                          checks, kept)
+
+    def _weights(self) -> list[torch.Tensor]:
+        """The trained weights in full precision (the float32 masters under mixed precision)."""
+        return self.master_params if self.master_params is not None else self.trainable_params
+
+    @torch.no_grad()
+    def _restore(self, saved: Sequence[torch.Tensor]) -> None:
+        for w, v in zip(self._weights(), saved):
+            w.copy_(v)
+        if self.master_params is not None:
+            for m, p in zip(self.master_params, self.trainable_params):
+                p.copy_(m)
 
     # --- saving -------------------------------------------------------------------------------
 
