@@ -73,17 +73,24 @@ def rendered() -> dict[Path, str]:
 
 
 def main(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Generate the k8s files derived from the project's settings and topics.")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", action="store_true", help="exit 1 if a generated file is stale; write nothing")
+    mode.add_argument("--write", action="store_true", help="write the stale files")
+    args = ap.parse_args(argv)
     stale = []
     for path, text in rendered().items():
         if path.exists() and path.read_text() == text:
             continue
-        if "--check" in argv:
+        if args.check:
             stale.append(str(path.relative_to(REPO)))
         else:
             path.write_text(text)
             print(f"wrote {path.relative_to(REPO)}", file=sys.stderr)
     if stale:
-        print("stale (run python k8s/generate.py): " + ", ".join(stale), file=sys.stderr)
+        print("stale (run python k8s/generate.py --write): " + ", ".join(stale), file=sys.stderr)
         return 1
     return 0
 

@@ -125,7 +125,7 @@ def test_dashboard_json_is_what_the_generator_makes():
         import generate
     finally:
         sys.path.pop(0)
-    assert _dashboard() == json.loads(json.dumps(generate.build())), "run python infra/grafana/generate.py"
+    assert _dashboard() == json.loads(json.dumps(generate.build())), "run python infra/grafana/generate.py --write"
 
 
 def test_dashboard_covers_rounds_and_pipeline_and_uses_the_provisioned_datasource():

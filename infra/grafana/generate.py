@@ -1,7 +1,7 @@
 """Generates infra/grafana/dashboards/oel.json, the OEL dashboard (learning rounds and pipeline health).
 
 The dashboard is code so that every panel stays consistent (datasource, units, legends) and the tests
-can read each query back: ``python infra/grafana/generate.py`` rewrites the JSON, and
+can read each query back: ``python infra/grafana/generate.py --write`` rewrites the JSON (``--check`` only compares), and
 tests/test_prometheus_rules.py fails when the committed JSON differs from what this script makes.
 Every query may use only metric names from oel/metrics.py (plus Prometheus's own ``up``) and the
 template variables ``$namespace`` and ``$__rate_interval``.
@@ -177,9 +177,22 @@ def build() -> dict:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Generate infra/grafana/dashboards/oel.json from this file.")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", action="store_true", help="exit 1 if the committed dashboard differs; write nothing")
+    mode.add_argument("--write", action="store_true", help="write the dashboard")
+    args = ap.parse_args(argv)
+    text = json.dumps(build(), indent=2) + "\n"
+    if args.check:
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"stale: {OUT.name} (run python infra/grafana/generate.py --write)", file=sys.stderr)
+            return 1
+        return 0
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(build(), indent=2) + "\n")
+    OUT.write_text(text)
     print(f"wrote {OUT}", file=sys.stderr)
     return 0
 
