@@ -376,10 +376,18 @@ class DemoLoop(LearningLoop):
         outcomes = []
         for trigger in self.learner.due():
             self.progress(f"  learner: round {trigger.round_id[:8]} on KB {trigger.kb_version} ({trigger.new_items} new items): "
-                          f"knowledge gate, then {self.config.steps} OPCD steps and the evaluation gate")
+                          f"knowledge gate, then up to {self.config.steps} OPCD steps and the evaluation gate")
             outcome = self.learner.run_round(trigger)
+            if self._opcd_bar is not None:  # a round that stopped early at its agreement target
+                self._opcd_bar.close()
+                self._opcd_bar = None
             if outcome is not None:
                 outcomes.append(outcome.record)
+                checks = outcome.record.manifest.training.get("checks") or []
+                if checks:
+                    kept = outcome.record.manifest.training.get("kept_step")
+                    shown = ", ".join(f"{c['step']}: {c['agreement']:.2f}" for c in checks)
+                    self.progress(f"  OPCD: agreement with the teacher by step ({shown}); kept the weights of step {kept}")
         return outcomes
 
     def _opcd_progress(self, m) -> None:

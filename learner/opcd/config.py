@@ -51,6 +51,8 @@ class OPCDConfig:
     """Prefixes per step; one on-policy sample each."""
     learning_rate: float | None = None
     """Constant AdamW learning rate. ``None``: 1e-4 for LoRA, 1e-6 for a full fine-tune (the paper's)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """``constant`` (the paper's) or ``cosine``: from ``learning_rate`` down to 0 at ``steps``."""
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -128,6 +130,8 @@ class OPCDConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.anchor_fraction < 1.0:
             raise ValueError(f"anchor_fraction must be in [0, 1), got {self.anchor_fraction}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.check_every < 0 or self.check_prefixes < 1:
             raise ValueError("check_every must be >= 0 and check_prefixes >= 1")
         if self.stop_agreement is not None and not 0.0 < self.stop_agreement <= 1.0:

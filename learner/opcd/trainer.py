@@ -115,13 +115,16 @@ def length_groups(lengths: Sequence[int], overhead: int = 32) -> list[list[int]]
 
 @dataclass
 class _PromptKV:
-    """The student's keys and values of a sampled batch's prompts (all but their last token), left-padded,
-    at the weights of optimizer step ``step``."""
+    """The student's keys and values of a sampled micro-batch's prompts (all but their last token), left-padded,
+    at the weights of optimizer step ``step``; ``rows``: the micro-batch's positions in the step's batch.
+    ``with_grad``: computed with gradient (``prompt_gradient``), so the loss can backpropagate through them once."""
 
     prompts: list[list[int]]
     step: int
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor
+    with_grad: bool
+    rows: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -290,8 +293,16 @@ class OPCDTrainer:
             eps=config.adam_eps,
             weight_decay=config.weight_decay,
         )
+        self.scheduler = None
+        if config.lr_schedule == "cosine":
+            import math
+
+            total = max(1, config.steps)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
         self.step_count = 0
         self._sampled_prompts: _PromptKV | None = None
+        self._sampled_groups: list[_PromptKV] | None = None
         self.history: list[StepMetrics] = []
         self._order: list[int] = []
         log.info(
@@ -512,9 +523,9 @@ class OPCDTrainer:
         weights) at ``temperature``; ``greedy`` takes the most likely token; ``lm`` decodes with another model
         (the teacher inside :meth:`_teacher`).
 
-        When sampling from the student without ``prompt_gradient``, the keys and values of the prompts but
-        their last token are kept (:attr:`_sampled_prompts`): the loss of the same batch at the same weights
-        reuses them."""
+        When sampling from the student, the keys and values of the prompts but their last token are kept
+        (:attr:`_sampled_prompts`), computed with gradient under ``prompt_gradient``: the loss of the same batch
+        at the same weights reuses them instead of running the prompts again (:meth:`_student_answer_hidden`)."""
         from transformers import DynamicCache
 
         cfg = self.config
@@ -530,11 +541,14 @@ class OPCDTrainer:
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             if keep_prompts:
                 self._sampled_prompts = None
-            if keep_prompts and not cfg.prompt_gradient and width > 1 and all(len(p) > 1 for p in prompts):
-                lm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], past_key_values=cache,
-                   use_cache=True, logits_to_keep=1)
+            # Dropout would make the training forward differ from sampling's: then the loss runs the prompts again.
+            if keep_prompts and cfg.lora_dropout == 0 and width > 1 and all(len(p) > 1 for p in prompts):
+                with torch.set_grad_enabled(cfg.prompt_gradient):
+                    lm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+                # Decoding appends to the cache by concatenation (new tensors, no gradient): these stay as computed.
                 self._sampled_prompts = _PromptKV([list(p) for p in prompts], self.step_count,
-                                                  [(k, v) for k, v, *_ in cache], mask[:, :-1].clone())
+                                                  [(k, v) for k, v, *_ in cache], mask[:, :-1].clone(), cfg.prompt_gradient)
                 ids, pos = ids[:, -1:], pos[:, -1:]
             logits = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                         use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
@@ -600,12 +614,17 @@ class OPCDTrainer:
             prefix_indices += self._draw(self._anchor_order, self.anchor_indices, anchors)
         prompts = [self.prompt_ids[i] for i in prefix_indices]
         answers: list[tuple[list[int], str]] = [([], "")] * len(prompts)
-        groups = length_groups([len(p) for p in prompts])
-        for group in groups:
+        kept: list[_PromptKV] | None = []
+        for group in length_groups([len(p) for p in prompts]):
             for k, answer in zip(group, self.generate([prompts[k] for k in group])):
                 answers[k] = answer
-        if len(groups) > 1:
-            self._sampled_prompts = None  # kept per micro-batch only: the loss computes the prompts' keys and values again
+            if kept is not None and self._sampled_prompts is not None:
+                self._sampled_prompts.rows = list(group)
+                kept.append(self._sampled_prompts)
+            else:
+                kept = None
+        self._sampled_prompts = None
+        self._sampled_groups = kept
         out = []
         for i, (resp, reason) in zip(prefix_indices, answers):
             e = self.no_experience_index if i >= self.task_prefixes else self.rng.randrange(self.task_experience_sets)
@@ -664,28 +683,60 @@ class OPCDTrainer:
     def _student_answer_hidden(self, student: Any, batch: Sequence[Rollout], backward: bool) -> torch.Tensor:
         """The student's final hidden states at the answer positions, [answer tokens, hidden], in batch order.
 
-        With ``prompt_gradient`` (the default) the whole of every prompt is in the graph. Without it, the keys and
-        values of each prompt but its last token are computed first without gradient (left-padded, as for
-        sampling), and only the last prompt token and the answer run with gradient on top of them: the update
-        then costs a forward pass over the prompts instead of a forward and backward pass."""
+        The keys and values of each prompt but its last token come from sampling when the batch was sampled at
+        these very weights (:attr:`_sampled_groups`), and only the last prompt token and the answer run here on top
+        of them: with ``prompt_gradient`` (the default) those keys and values carry their graph, so the gradient is
+        the full one and the prompts' forward pass is not run twice. Otherwise, with ``prompt_gradient`` the whole
+        of every prompt runs again in the graph; without it the prompts' keys and values are computed without
+        gradient, so the adapter's effect on them gets none (cheaper, approximate)."""
+        groups = self._kept_prompt_groups(batch, backward)
+        if groups is None:
+            if self.config.prompt_gradient or not all(len(r.student_prompt_ids) > 1 for r in batch):
+                with torch.set_grad_enabled(backward):
+                    return torch.cat(self._answer_hidden(student, [r.student_prompt_ids for r in batch],
+                                                         [r.response_ids for r in batch]), dim=0)
+            groups = [self._prompt_kv(student, batch)]
+        out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        for group in groups:
+            for i, h in zip(group.rows, self._tail_hidden(student, [batch[i] for i in group.rows], group, backward)):
+                out[i] = h
+        return torch.cat(out, dim=0)
+
+    def _kept_prompt_groups(self, batch: Sequence[Rollout], backward: bool) -> list[_PromptKV] | None:
+        """Sampling's prompt keys and values, if they are those of this batch at the current weights (and carry
+        the gradient this loss needs); a graph is backpropagated once, so a backward pass uses them up."""
+        kept = self._sampled_groups
+        if not kept or sorted(i for g in kept for i in g.rows) != list(range(len(batch))):
+            return None
+        for g in kept:
+            if g.step != self.step_count or g.prompts != [batch[i].student_prompt_ids for i in g.rows]:
+                return None
+            if backward and self.config.prompt_gradient and not g.with_grad:
+                return None
+        if backward:
+            self._sampled_groups = None
+        return kept
+
+    def _prompt_kv(self, student: Any, batch: Sequence[Rollout]) -> _PromptKV:
+        """The prompts' keys and values (all but each last token), left-padded, without gradient."""
+        from transformers import DynamicCache
+
+        device = next(student.parameters()).device
         prompts = [r.student_prompt_ids[:-1] for r in batch]
-        if self.config.prompt_gradient or not all(prompts):
-            with torch.set_grad_enabled(backward):
-                return torch.cat(self._answer_hidden(student, [r.student_prompt_ids for r in batch],
-                                                     [r.response_ids for r in batch]), dim=0)
+        ids, mask = pad_left(prompts, self.pad_id)
+        cache = DynamicCache(config=student.config)
+        with torch.no_grad():
+            student.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), past_key_values=cache, use_cache=True)
+        return _PromptKV(prompts, self.step_count, [(k, v) for k, v, *_ in cache], mask, False, list(range(len(batch))))
+
+    def _tail_hidden(self, student: Any, batch: Sequence[Rollout], prompts: _PromptKV, backward: bool) -> list[torch.Tensor]:
+        """Per row, the hidden states that predict its answer: the last prompt token and the answer run on top of
+        the prompt's keys and values ``prompts`` (whose rows are ``batch``, in order)."""
         from transformers import DynamicCache
 
         device = next(student.parameters()).device
         n = len(batch)
-        kept = self._sampled_prompts
-        if kept is not None and kept.step == self.step_count and kept.prompts == [r.student_prompt_ids for r in batch]:
-            cache, mask = DynamicCache(ddp_cache_data=list(kept.kv)), kept.mask  # sampled at these very weights
-        else:
-            ids, mask = pad_left(prompts, self.pad_id)
-            cache = DynamicCache(config=student.config)
-            with torch.no_grad():
-                student.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), past_key_values=cache, use_cache=True)
         tails = [[r.student_prompt_ids[-1], *r.response_ids] for r in batch]
         tail_width = max(len(t) for t in tails)
         tail_ids = torch.full((n, tail_width), self.pad_id, dtype=torch.long)
@@ -693,14 +744,14 @@ class OPCDTrainer:
         for i, t in enumerate(tails):
             tail_ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
             tail_mask[i, : len(t)] = 1
-        starts = torch.tensor([len(p) for p in prompts], dtype=torch.long)[:, None]
+        starts = torch.tensor([len(r.student_prompt_ids) - 1 for r in batch], dtype=torch.long)[:, None]
+        cache = DynamicCache(ddp_cache_data=list(prompts.kv))
         with torch.set_grad_enabled(backward):
             hidden = student.get_decoder()(
-                input_ids=tail_ids.to(device), attention_mask=torch.cat([mask, tail_mask], dim=1).to(device),
+                input_ids=tail_ids.to(device), attention_mask=torch.cat([prompts.mask, tail_mask], dim=1).to(device),
                 position_ids=(starts + torch.arange(tail_width)[None]).to(device), past_key_values=cache, use_cache=True,
             ).last_hidden_state
-        parts = [hidden[i, : len(r.response_ids)] for i, r in enumerate(batch) if r.response_ids]
-        return torch.cat(parts, dim=0) if parts else hidden.new_zeros((0, hidden.shape[-1]))
+        return [hidden[i, : len(r.response_ids)] for i, r in enumerate(batch)]
 
     # --- the teacher's shared-prefix cache ----------------------------------------------------
 
@@ -776,8 +827,9 @@ class OPCDTrainer:
         use_cache = self.config.teacher_cache_tokens > 0 and self._prefix_cache_supported(teacher)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, r in enumerate(batch):
-            # A row without experience (teacher prompt = student prompt) is computed as the student's is, so its
-            # loss is exactly 0 at the start of a round.
+            # A row without experience (teacher prompt = student prompt) runs its whole prompt, not a cached one: at
+            # the start of a round its loss is 0 up to float rounding (the student's prompt keys and values come
+            # from sampling's left-padded micro-batch).
             cacheable = (use_cache and len(r.teacher_prompt_ids) > self.config.teacher_cache_min_tokens
                          and r.teacher_prompt_ids != r.student_prompt_ids
                          and r.teacher_prompt_ids == self.teacher_prompt_ids(r.prefix_index, r.experience_index))
@@ -822,6 +874,8 @@ class OPCDTrainer:
             grads = [p.grad.norm() for p in params if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         if self.master_params is not None:
             with torch.no_grad():
                 for m, p in zip(self.master_params, self.trainable_params):
