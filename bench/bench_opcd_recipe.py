@@ -28,9 +28,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--tokens", type=int, default=8, help="longest sampled answer")
     ap.add_argument("--anchors", type=float, default=0.25, help="anchor_fraction")
+    ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="learning-rate schedule")
+    ap.add_argument("--warmup", type=int, default=0, help="warm-up steps")
     ap.add_argument("--no-prompt-gradient", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--check-every", type=int, default=0, help="log the student-teacher agreement every N steps")
+    ap.add_argument("--check-every", type=int, default=0,
+                    help="agreement checks every N steps, the best check's weights kept (OEL_LEARNER__CHECK_EVERY)")
+    ap.add_argument("--stop-agreement", type=float, default=None, help="stop at this agreement (OEL_LEARNER__STOP_AGREEMENT)")
     ap.add_argument("--save-every", type=int, default=0,
                     help="also save the adapter every N steps and evaluate each checkpoint (held-out pass, no experience)")
     ap.add_argument("--work", type=Path, default=Path("bench-out/opcd-recipe"))
@@ -70,45 +74,48 @@ def main() -> None:
     prefixes = [[m.model_dump() for m in p] for ep in episodes for p in ep.training_prefixes]
 
     spec = EvalSpec(env="house-rules", episodes=args.eval_episodes, env_options={"rules": (args.rule,)})
-    none = evaluate_policy(backend, spec)
-    in_context = evaluate_policy(backend, spec, experience=items)
+    baseline_file = args.work / f"baseline-{args.rule}-{args.episodes}-{args.eval_episodes}-{str(backend.model.dtype).removeprefix('torch.')}.json"
+    if not baseline_file.exists():  # the base model's numbers do not depend on the recipe: measured once
+        none, in_context = evaluate_policy(backend, spec), evaluate_policy(backend, spec, experience=items)
+        baseline_file.write_text(json.dumps({"items": items, "none": f"{none.passed}/{none.n_episodes}",
+                                             "in_context": f"{in_context.passed}/{in_context.n_episodes}",
+                                             "ood": ood_score(backend).score}))
+    baseline = json.loads(baseline_file.read_text())
     t0 = time.monotonic()
     config = OPCDConfig(model_path=resolve_model_path(settings), steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
                         max_new_tokens=args.tokens, anchor_fraction=args.anchors, seed=args.seed,
-                        prompt_gradient=not args.no_prompt_gradient)
+                        prompt_gradient=not args.no_prompt_gradient, lr_schedule=args.schedule, warmup_steps=args.warmup,
+                        check_every=args.check_every, stop_agreement=args.stop_agreement)
     trainer = OPCDTrainer(config, prefixes, [items])
-    out = args.work / f"adapter-{args.rule}-{args.steps}x{args.batch}-{args.lr}-{args.tokens}-{args.anchors}-s{args.seed}"
-    agreements: dict[int, float] = {}
-    checkpoints: dict[int, Path] = {}
+    out = args.work / f"adapter-{args.rule}-{args.steps}x{args.batch}-{args.lr}-{args.schedule}-w{args.warmup}-{args.tokens}-{args.anchors}-s{args.seed}"
+    checkpoints: dict[str, Path] = {}
 
     def at_step(m) -> None:
-        if args.check_every and m.step % args.check_every == 0:
-            agreements[m.step] = trainer.agreement()
-            logging.info("step %d: agreement %.3f", m.step, agreements[m.step])
-        if args.save_every and m.step % args.save_every == 0 and m.step < args.steps:
-            checkpoints[m.step] = trainer.save(out.with_name(f"{out.name}-step{m.step}"))
+        if args.save_every and m.step % args.save_every == 0:
+            checkpoints[f"step {m.step}"] = trainer.save(out.with_name(f"{out.name}-step{m.step}"))
 
-    if args.check_every:
-        agreements[0] = trainer.agreement()
     result = trainer.train(callback=at_step)
     trainer.save(out, result)
-    checkpoints[args.steps] = out
+    kept = f"kept (step {result.kept_step if result.kept_step is not None else len(result.steps)})"
+    checkpoints[kept] = out
+    agreements = {c.step: round(c.agreement, 3) for c in result.checks}
     train_s = time.monotonic() - t0
     del trainer
-    passes: dict[int, str] = {}
-    for step, folder in sorted(checkpoints.items()):
-        backend.load_adapter(f"candidate-{step}", folder)
-        consolidated = evaluate_policy(backend, spec, adapter=f"candidate-{step}")
-        passes[step] = f"{consolidated.passed}/{consolidated.n_episodes}"
-        logging.info("checkpoint %d: agreement %s, held-out pass %s", step, agreements.get(step), passes[step])
+    passes: dict[str, str] = {}
+    for i, (label, folder) in enumerate(checkpoints.items()):
+        backend.load_adapter(f"candidate-{i}", folder)
+        consolidated = evaluate_policy(backend, spec, adapter=f"candidate-{i}")
+        passes[label] = f"{consolidated.passed}/{consolidated.n_episodes}"
+        logging.info("%s: held-out pass %s", label, passes[label])
     print(json.dumps({
         "rule": args.rule, "items": items, "steps": args.steps, "batch": args.batch, "lr": args.lr, "tokens": args.tokens,
-        "anchors": args.anchors, "prompt_gradient": not args.no_prompt_gradient, "seed": args.seed,
-        "pass_none": f"{none.passed}/{none.n_episodes}", "pass_in_context": f"{in_context.passed}/{in_context.n_episodes}",
+        "anchors": args.anchors, "schedule": args.schedule, "warmup": args.warmup, "prompt_gradient": not args.no_prompt_gradient, "seed": args.seed,
+        "pass_none": baseline["none"], "pass_in_context": baseline["in_context"],
         "pass_consolidated": f"{consolidated.passed}/{consolidated.n_episodes}",
-        "ood_base": ood_score(backend).score, "ood_consolidated": ood_score(backend, f"candidate-{args.steps}").score,
-        "train_s": round(train_s), "first_loss": result.steps[0].loss, "last_loss": result.steps[-1].loss,
-        "agreement_by_step": agreements, "pass_by_checkpoint": passes,
+        "ood_base": baseline["ood"], "ood_consolidated": ood_score(backend, f"candidate-{len(checkpoints) - 1}").score,
+        "train_s": round(train_s), "steps_run": len(result.steps),
+        "first_loss": result.steps[0].loss if result.steps else None, "last_loss": result.steps[-1].loss if result.steps else None,
+        "agreement_by_step": agreements, "kept_step": result.kept_step, "pass_by_checkpoint": passes,
     }))
 
 

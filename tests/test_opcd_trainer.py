@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,14 @@ def test_checks_keep_the_best_weights_and_stop_at_the_target() -> None:
     # a target already met (no experience: the student already answers as the teacher) stops before any step
     r = _trainer(experience=[[]], check_every=2, steps=6, stop_agreement=1.0).train()
     assert r.steps == [] and r.kept_step == 0 and [c.agreement for c in r.checks] == [1.0]
+
+
+def test_warmup_then_cosine_learning_rate() -> None:
+    t = _trainer(steps=6, warmup_steps=2, lr_schedule="cosine", learning_rate=1e-2)
+    lrs = [m.learning_rate for m in t.train().steps]
+    assert lrs[:3] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2])
+    assert lrs[3] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi / 4))) and lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0
+    assert [m.learning_rate for m in _trainer(steps=3).train().steps] == [1e-2] * 3, "constant by default"
 
 
 def test_teacher_and_student_contexts_are_aligned() -> None:

@@ -53,6 +53,9 @@ class OPCDConfig:
     """Constant AdamW learning rate. ``None``: 1e-4 for LoRA, 1e-6 for a full fine-tune (the paper's)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """``constant`` (the paper's) or ``cosine``: from ``learning_rate`` down to 0 at ``steps``."""
+    warmup_steps: int = 0
+    """Steps over which the learning rate rises linearly to ``learning_rate`` first (Adam's first updates are
+    close to the gradient's sign times the learning rate, for every weight at once)."""
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -132,6 +135,8 @@ class OPCDConfig:
             raise ValueError(f"anchor_fraction must be in [0, 1), got {self.anchor_fraction}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.check_every < 0 or self.check_prefixes < 1:
             raise ValueError("check_every must be >= 0 and check_prefixes >= 1")
         if self.stop_agreement is not None and not 0.0 < self.stop_agreement <= 1.0:
@@ -184,6 +189,8 @@ class OPCDConfig:
             lora_rank=learner.lora_rank,
             anchor_fraction=learner.anchor_fraction,
             prompt_gradient=learner.prompt_gradient,
+            lr_schedule=learner.lr_schedule,
+            warmup_steps=learner.warmup_steps,
             check_every=learner.check_every,
             stop_agreement=learner.stop_agreement,
         )

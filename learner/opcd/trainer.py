@@ -294,12 +294,8 @@ class OPCDTrainer:
             weight_decay=config.weight_decay,
         )
         self.scheduler = None
-        if config.lr_schedule == "cosine":
-            import math
-
-            total = max(1, config.steps)
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+        if config.lr_schedule != "constant" or config.warmup_steps > 0:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step_count = 0
         self._sampled_prompts: _PromptKV | None = None
         self._sampled_groups: list[_PromptKV] | None = None
@@ -310,6 +306,18 @@ class OPCDTrainer:
             time.monotonic() - t0, config.finetune, sum(p.numel() for p in params), self.task_prefixes,
             self.skipped_prefixes, len(self.anchor_indices), self.task_experience_sets,
         )
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) as a share of ``learning_rate``."""
+        import math
+
+        cfg = self.config
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_schedule == "cosine":
+            span = max(1, cfg.steps - cfg.warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(step - cfg.warmup_steps, span) / span))
+        return 1.0
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -889,6 +897,7 @@ class OPCDTrainer:
         batch = self.rollout()
         _release_free_memory()
         t1 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
         stats, norm = self.train_step(batch)
         _release_free_memory()
         t2 = time.perf_counter()
@@ -903,7 +912,7 @@ class OPCDTrainer:
             sample_seconds=t1 - t0,
             train_seconds=t2 - t1,
             grad_norm=norm,
-            learning_rate=self.optimizer.param_groups[0]["lr"],
+            learning_rate=lr,
             mean_response_tokens=n_tok / max(1, len(batch)),
             stopped_fraction=sum(r.finish_reason == "stop" for r in batch) / max(1, len(batch)),
         )
