@@ -134,7 +134,7 @@ def _kb_snapshot(store, ns: str, items: list[str], state=None):
 
 @pytest.mark.model
 def test_oel_eval_writes_the_table_as_markdown_and_png(tmp_path, monkeypatch):
-    from learner.gate_testing import fresh_adapter
+    from support.adapters import fresh_adapter
     from learner.policy import round_id
     from learner.versions import ModelRegistry, VersionManifest
     from oel.cli import cli

@@ -3,7 +3,7 @@
 The round runner, the registry (a LocalStore in tmp), the gate and the model are real. The one stand-in
 is the trainer: :class:`PremadeAdapterTrainer` takes the place of OPCD (tested in ``test_opcd_*``) and
 "trains" by handing over an adapter made beforehand, so that the round produces exactly the adapter
-under test. The damaged adapter silences the model (:func:`learner.gate_testing.silencing_adapter`);
+under test. The damaged adapter silences the model (:func:`support.adapters.silencing_adapter`);
 the sound one is a fresh LoRA, i.e. the base model's behaviour.
 
 Kept small for a CPU: a subset of the OOD prompts, short answers, 4 held-out episodes.
@@ -88,7 +88,7 @@ def backend(gate_settings):
 
 @pytest.fixture(scope="module")
 def adapters(gate_settings, tmp_path_factory):
-    from learner.gate_testing import fresh_adapter, silencing_adapter
+    from support.adapters import fresh_adapter, silencing_adapter
     from oel.model.prepare import resolve_model_path
 
     root = tmp_path_factory.mktemp("adapters")

@@ -200,7 +200,7 @@ def _seed_namespace(store, ns: str, n_items: int = 3) -> list:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from learner.opcd.testing import save_tiny_model
+    from support.tiny_model import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from learner.opcd import OPCDConfig, OPCDTrainer, chunked_opcd_loss, opcd_token_loss
-from learner.opcd.testing import EXPERIENCE, PREFIXES, tiny_model, tiny_tokenizer
+from support.tiny_model import EXPERIENCE, PREFIXES, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

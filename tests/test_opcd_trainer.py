@@ -21,7 +21,7 @@ from learner.opcd import (
     load_experience_sets,
     load_prefixes,
 )
-from learner.opcd.testing import EXPERIENCE, PREFIXES, save_tiny_model, tiny_model, tiny_tokenizer
+from support.tiny_model import EXPERIENCE, PREFIXES, save_tiny_model, tiny_model, tiny_tokenizer
 from oel.model.chat import encode_chat, render_chat
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

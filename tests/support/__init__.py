@@ -1,0 +1,1 @@
+"""Test support: tiny models and adapters the tests build (not shipped with the packages)."""
