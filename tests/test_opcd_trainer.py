@@ -85,6 +85,14 @@ def test_checks_keep_the_best_weights_and_stop_at_the_target() -> None:
     assert r.steps == [] and r.kept_step == 0 and [c.agreement for c in r.checks] == [1.0]
 
 
+def test_first_turn_prefixes_only() -> None:
+    everything, first = _trainer(), _trainer(prefix_turns="first")
+    users = [sum(m.role == "user" for m in conv) for conv in everything.prefixes]
+    assert max(users) > 1, "the fixture has later-turn prefixes"
+    assert first.task_prefixes == users.count(1) and first.later_turn_prefixes == len(users) - users.count(1)
+    assert all(sum(m.role == "user" for m in conv) == 1 for conv in first.prefixes)
+
+
 def test_warmup_then_cosine_learning_rate() -> None:
     t = _trainer(steps=6, warmup_steps=2, lr_schedule="cosine", learning_rate=1e-2)
     lrs = [m.learning_rate for m in t.train().steps]

@@ -66,6 +66,10 @@ class OPCDConfig:
     temperature: float = 0.7
     """Sampling temperature; the loss divides both models' logits by it too."""
     top_p: float = 1.0
+    prefix_turns: Literal["all", "first"] = "all"
+    """Which training prefixes the student answers: ``all`` turn-prefixes (the paper's) or only each
+    conversation's ``first`` turn (one user message). See bench/README.md for when the first turn alone is
+    the better signal (a teacher whose experience block helps the opening answer but disturbs later turns)."""
     max_prompt_tokens: int = 2048
     """Longest student prompt (chat template applied). Longer prefixes are left out and counted, never truncated."""
     max_new_tokens: int = 64
@@ -135,6 +139,8 @@ class OPCDConfig:
             raise ValueError(f"anchor_fraction must be in [0, 1), got {self.anchor_fraction}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.prefix_turns not in ("all", "first"):
+            raise ValueError(f"prefix_turns must be 'all' or 'first', got {self.prefix_turns!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.check_every < 0 or self.check_prefixes < 1:

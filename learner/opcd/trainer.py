@@ -373,8 +373,12 @@ class OPCDTrainer:
         self.prefixes: list[Conversation] = []
         self.prompt_ids: list[list[int]] = []
         self.skipped_prefixes = 0
+        self.later_turn_prefixes = 0
         for raw in prefixes:
             conv = parse_conversation(raw)
+            if cfg.prefix_turns == "first" and sum(m.role == "user" for m in conv) > 1:
+                self.later_turn_prefixes += 1
+                continue
             ids = _encode(self.tokenizer, conv)
             if len(ids) > cfg.max_prompt_tokens:
                 self.skipped_prefixes += 1
