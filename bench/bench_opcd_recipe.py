@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--anchors", type=float, default=0.25, help="anchor_fraction")
     ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="learning-rate schedule")
     ap.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    ap.add_argument("--forward", type=float, default=0.0, help="forward_kl_weight")
     ap.add_argument("--prefix-turns", choices=["all", "first"], default="all", help="which turn-prefixes the student answers")
     ap.add_argument("--no-prompt-gradient", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
@@ -86,10 +87,10 @@ def main() -> None:
     config = OPCDConfig(model_path=resolve_model_path(settings), steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
                         max_new_tokens=args.tokens, anchor_fraction=args.anchors, seed=args.seed,
                         prompt_gradient=not args.no_prompt_gradient, lr_schedule=args.schedule, warmup_steps=args.warmup,
-                        prefix_turns=args.prefix_turns,
+                        prefix_turns=args.prefix_turns, forward_kl_weight=args.forward,
                         check_every=args.check_every, stop_agreement=args.stop_agreement)
     trainer = OPCDTrainer(config, prefixes, [items])
-    out = args.work / f"adapter-{args.rule}-{args.steps}x{args.batch}-{args.lr}-{args.schedule}-w{args.warmup}-{args.prefix_turns}-{args.tokens}-{args.anchors}-s{args.seed}"
+    out = args.work / f"adapter-{args.rule}-{args.steps}x{args.batch}-{args.lr}-{args.schedule}-w{args.warmup}-{args.prefix_turns}-f{args.forward}-{args.tokens}-{args.anchors}-s{args.seed}"
     checkpoints: dict[str, Path] = {}
 
     def at_step(m) -> None:
@@ -111,7 +112,7 @@ def main() -> None:
         logging.info("%s: held-out pass %s", label, passes[label])
     print(json.dumps({
         "rule": args.rule, "items": items, "steps": args.steps, "batch": args.batch, "lr": args.lr, "tokens": args.tokens,
-        "anchors": args.anchors, "schedule": args.schedule, "warmup": args.warmup, "prefix_turns": args.prefix_turns, "prompt_gradient": not args.no_prompt_gradient, "seed": args.seed,
+        "anchors": args.anchors, "schedule": args.schedule, "warmup": args.warmup, "prefix_turns": args.prefix_turns, "forward_kl_weight": args.forward, "prompt_gradient": not args.no_prompt_gradient, "seed": args.seed,
         "pass_none": baseline["none"], "pass_in_context": baseline["in_context"],
         "pass_consolidated": f"{consolidated.passed}/{consolidated.n_episodes}",
         "ood_base": baseline["ood"], "ood_consolidated": ood_score(backend, f"candidate-{len(checkpoints) - 1}").score,

@@ -85,6 +85,10 @@ class OPCDConfig:
     for short answers after long prompts; see bench/README.md for what it did to learning."""
     top_k: int | None = 256
     """Size of the student's top-k support of the KL; ``None`` = exact full-vocabulary reverse KL."""
+    forward_kl_weight: float = 0.0
+    """Share of forward KL mixed into the loss at the student's sampled positions (:mod:`learner.opcd.loss`):
+    0 = the paper's reverse KL; raise it when the teacher's preferred continuation is one the student finds
+    unlikely (reverse KL barely raises such tokens)."""
     loss_chunk_tokens: int = 64
     """Answer positions projected to the vocabulary at once (bounds the memory of the logits)."""
     teacher_cache_tokens: int = 32768
@@ -139,6 +143,8 @@ class OPCDConfig:
             raise ValueError(f"anchor_fraction must be in [0, 1), got {self.anchor_fraction}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not 0.0 <= self.forward_kl_weight <= 1.0:
+            raise ValueError(f"forward_kl_weight must be in [0, 1], got {self.forward_kl_weight}")
         if self.prefix_turns not in ("all", "first"):
             raise ValueError(f"prefix_turns must be 'all' or 'first', got {self.prefix_turns!r}")
         if self.warmup_steps < 0:
@@ -195,6 +201,7 @@ class OPCDConfig:
             lora_rank=learner.lora_rank,
             anchor_fraction=learner.anchor_fraction,
             prompt_gradient=learner.prompt_gradient,
+            forward_kl_weight=learner.forward_kl_weight,
             lr_schedule=learner.lr_schedule,
             warmup_steps=learner.warmup_steps,
             check_every=learner.check_every,

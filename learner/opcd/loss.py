@@ -12,6 +12,16 @@ The gradient is the analytic gradient of this expression through the student's l
 the top-k selection is piecewise constant), not a REINFORCE estimate. ``top_k=None`` gives the exact
 full-vocabulary reverse KL.
 
+``forward_weight`` w mixes in the forward KL at the same positions (still on the student's own samples, as
+on-policy GKD does)::
+
+    loss_t = (1 - w) * reverse_t + w * sum_{v in topk_t(k)} p_t(v) * (log p_t(v) - log p_s(v))
+
+Reverse KL is mode-seeking: its gradient on a token is proportional to the student's own probability of
+it, so a continuation the teacher prefers but the student finds unlikely is barely raised (the student
+settles on the teacher's second choice it already likes). The forward term raises the teacher's likely
+tokens directly. w = 0 is the paper's loss.
+
 The vocabulary projection is done here, in chunks of response positions, from hidden states: a
 ``[tokens, vocab]`` logits tensor for the whole batch (for a 150k vocabulary and 4k response
 tokens, 2.4 GB in float32, more with its gradient) never exists at once. :func:`chunked_opcd_loss`
@@ -32,6 +42,7 @@ def opcd_token_loss(
     *,
     temperature: float = 0.7,
     top_k: int | None = 256,
+    forward_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token OPCD loss and per-token full-vocabulary reverse KL (the latter detached, for logging).
 
@@ -62,11 +73,22 @@ def opcd_token_loss(
     if top_k is None or top_k >= s.shape[-1]:
         log_ps = s - lse_s
         log_pt = t - lse_t
-        return (log_ps.exp() * (log_ps - log_pt)).sum(-1), full_kl
+        reverse = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+        if not forward_weight:
+            return reverse, full_kl
+        forward = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+        return (1.0 - forward_weight) * reverse + forward_weight * forward, full_kl
     idx = torch.topk(s.detach(), top_k, dim=-1, sorted=False).indices
     ls = s.gather(-1, idx) - lse_s
     lt = t.gather(-1, idx) - lse_t
-    return (ls.exp() * (ls - lt)).sum(-1), full_kl
+    reverse = (ls.exp() * (ls - lt)).sum(-1)
+    if not forward_weight:
+        return reverse, full_kl
+    idx_t = torch.topk(t, top_k, dim=-1, sorted=False).indices
+    ft = t.gather(-1, idx_t) - lse_t
+    fs = s.gather(-1, idx_t) - lse_s
+    forward = (ft.exp() * (ft - fs)).sum(-1)
+    return (1.0 - forward_weight) * reverse + forward_weight * forward, full_kl
 
 
 @dataclass
@@ -74,7 +96,7 @@ class LossStats:
     """Totals over the response tokens of one batch."""
 
     loss: float
-    """Mean OPCD loss per response token (top-k reverse KL, or full if ``top_k`` is None)."""
+    """Mean OPCD loss per response token (top-k reverse KL, or full if ``top_k`` is None; with a forward weight, the mix)."""
     kl: float
     """Mean full-vocabulary reverse KL per response token (equals ``loss`` when ``top_k`` is None)."""
     tokens: int
@@ -91,6 +113,7 @@ def chunked_opcd_loss(
     top_k: int | None = 256,
     chunk_tokens: int = 64,
     backward: bool = True,
+    forward_weight: float = 0.0,
 ) -> tuple[LossStats, torch.Tensor | None]:
     """OPCD loss from final hidden states at the response positions (``[n_tokens, hidden]`` each).
 
@@ -115,7 +138,8 @@ def chunked_opcd_loss(
         with torch.no_grad():
             t_logits = teacher_head(teacher_hidden[sl])
         with torch.set_grad_enabled(backward):
-            loss_tok, kl_tok = opcd_token_loss(s_logits, t_logits, temperature=temperature, top_k=top_k)
+            loss_tok, kl_tok = opcd_token_loss(s_logits, t_logits, temperature=temperature, top_k=top_k,
+                                               forward_weight=forward_weight)
             chunk_sum = loss_tok.sum()
             if backward:
                 (chunk_sum / n).backward()

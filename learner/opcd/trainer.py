@@ -687,6 +687,7 @@ class OPCDTrainer:
         stats, grad = chunked_opcd_loss(
             s_graph, t_hidden, self._head(student), teacher_head,
             temperature=cfg.temperature, top_k=cfg.top_k, chunk_tokens=cfg.loss_chunk_tokens, backward=backward,
+            forward_weight=cfg.forward_kl_weight,
         )
         if backward and grad is not None and s_graph.requires_grad:
             s_graph.backward(grad.to(s_graph.dtype))
