@@ -241,6 +241,9 @@ class LearnerSettings(Section):
     steps: int = Field(40, ge=1, le=100_000, description="Optimizer steps per round (paper: 20-100).")
     batch_size: int = Field(8, ge=1, le=4096, description="Samples per step (task prefixes plus anchor prompts).")
     learning_rate: float = Field(2e-3, gt=0, lt=1, description="Constant AdamW LR of the LoRA adapter (measured on the default model; the paper's 1e-6 is for full fine-tuning).")
+    prefix_turns: Literal["all", "first"] = Field(
+        "all", description="Which training prefixes the student answers: every turn-prefix (the paper's) or each episode's first turn only."
+    )
     forward_kl_weight: float = Field(
         0.0, ge=0, le=1, description="Share of forward KL mixed into the OPCD loss at the student's sampled tokens (0 = the paper's reverse KL)."
     )

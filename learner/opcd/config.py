@@ -202,6 +202,7 @@ class OPCDConfig:
             anchor_fraction=learner.anchor_fraction,
             prompt_gradient=learner.prompt_gradient,
             forward_kl_weight=learner.forward_kl_weight,
+            prefix_turns=learner.prefix_turns,
             lr_schedule=learner.lr_schedule,
             warmup_steps=learner.warmup_steps,
             check_every=learner.check_every,
