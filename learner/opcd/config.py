@@ -15,7 +15,9 @@ class OPCDConfig:
     experience in context, at ``temperature``; the frozen teacher (the round-start weights) scores
     the same answer tokens **with** an experience block in context (one experience set drawn at
     random per sample); the student takes one AdamW step on the mean, over answer tokens, of the
-    reverse KL restricted to its own ``top_k`` tokens (see :mod:`learner.opcd.loss`).
+    reverse KL restricted to its own ``top_k`` tokens, with a ``forward_kl_weight`` share of forward KL
+    (see :mod:`learner.opcd.loss`). The class defaults are the paper's recipe; the learner's settings
+    (``OEL_LEARNER__*``) carry the one measured on the default model.
     """
 
     # --- model -------------------------------------------------------------------------------

@@ -11,7 +11,12 @@ How a step runs (``OPCDTrainer.step``):
    by the same rule. The *same* answer ids are appended to both prompts; the final hidden state at
    position ``len(prompt) - 1 + j`` predicts answer token ``j`` on each side.
 3. **Update**: the loss of :mod:`learner.opcd.loss` (mean over answer tokens of the top-k reverse
-   KL), its analytic gradient, global-norm clipping, one AdamW step at a constant learning rate.
+   KL, optionally mixed with forward KL), its analytic gradient, global-norm clipping, one AdamW step
+   (constant learning rate, or warm-up and cosine decay).
+
+With ``check_every``, :meth:`OPCDTrainer.agreement` measures every few steps how closely the student's
+greedy answers (no experience) reproduce the teacher's (experience in context); the run keeps the best
+check's weights and may stop early (:meth:`OPCDTrainer.train`).
 
 Who the teacher is (the frozen round-start weights, without keeping a second copy of the base):
 
