@@ -212,6 +212,8 @@ def test_every_panel_returns_data_from_the_real_services_and_alerts_fire(kafka, 
     learner_env = {
         "OEL_LEARNER__GROUP_ID": f"d-{unique}-learner", "OEL_LEARNER__MIN_NEW_ITEMS": "3", "OEL_LEARNER__COOLDOWN_S": "3600",
         "OEL_LEARNER__STEPS": "2", "OEL_LEARNER__BATCH_SIZE": "2", "OEL_LEARNER__MAX_NEW_TOKENS": "8",
+        # every step runs (no agreement checks, so no early stop): the OPCD panels need the steps' series
+        "OEL_LEARNER__CHECK_EVERY": "0",
         "OEL_LEARNER__EXPERIENCE_SETS": "1", "OEL_LEARNER__AUTO_PROMOTE": "true",
         # The evaluation gate runs (its numbers feed the evaluation panels) on a tiny held-out set of the
         # house-rules tasks, and accepts whatever it measures, so that the version is published.
