@@ -12,7 +12,6 @@ Kept small for a CPU: a subset of the OOD prompts, short answers, 4 held-out epi
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -102,15 +101,6 @@ def store(tmp_path_factory):
     return LocalStore(tmp_path_factory.mktemp("store"))
 
 
-@dataclass
-class _Result:
-    steps: list = field(default_factory=lambda: [None])
-
-    def to_dict(self):
-        return {"first_loss": 0.0, "last_loss": 0.0, "response_tokens": 0, "tokens_per_s": 0.0, "seconds": 0.0,
-                "skipped_prefixes": 0}
-
-
 class PremadeAdapterTrainer:
     """Stands in for the OPCD trainer (see the module docstring): the round's adapter is ``adapter_dir``."""
 
@@ -122,7 +112,9 @@ class PremadeAdapterTrainer:
         return self
 
     def train(self, callback=None):
-        return _Result()
+        from learner.opcd import OPCDResult
+
+        return OPCDResult(steps=[], experience_cuts=[], skipped_prefixes=0, seconds=0.0)
 
     def save(self, out_dir, result=None, extra=None) -> Path:
         shutil.copytree(self.adapter_dir, out_dir)
