@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def demo(ctx: click.Context, env: str, rules: tuple[str, ...], rounds: int, epis
             loop.run()
             table = loop.final_table()
     else:
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # the progress bar and the round's summary say it
+            logging.getLogger("learner.opcd.trainer").setLevel(logging.WARNING)
         loop = DemoLoop(settings, config, progress=click.echo)
         loop.run()
         table = loop.final_table()
