@@ -6,6 +6,11 @@ EPS = 1e-9
 """Slack in a gate's comparisons, so that equal rates compare equal."""
 
 
+def at_least(value: float, floor: float) -> bool:
+    """``value >= floor``, with :data:`EPS` of slack (a rate equal to its floor passes)."""
+    return not value < floor - EPS
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from learner.checks import EPS, Checks, pct
+from learner.checks import Checks, at_least, pct
 from learner.evaluation import EvalSpec, Evaluator, adapter_files_of, env_for_namespace, version_subject
 from learner.ood import OOD_PROMPTS, OODPrompt
 from learner.rounds import GateDecision
@@ -57,7 +57,7 @@ def decide(ev: Mapping[str, float]) -> GateDecision:
             "pass_rate",
             f"held-out pass rate {pct(ev['pass_rate'])} vs {pct(ev['reference_pass_rate'])} for the {ref} "
             f"(tolerance {pct(ev['pass_rate_tolerance'])})",
-            not ev["pass_rate"] < ev["reference_pass_rate"] - ev["pass_rate_tolerance"] - EPS,
+            at_least(ev["pass_rate"], ev["reference_pass_rate"] - ev["pass_rate_tolerance"]),
         )
     else:
         checks.note("no reference environment for this namespace: only the OOD check ran")
@@ -65,7 +65,7 @@ def decide(ev: Mapping[str, float]) -> GateDecision:
         "ood",
         f"OOD instruction-following {pct(ev['ood_score'])} vs {pct(ev['base_ood_score'])} for the base model "
         f"(tolerance {pct(ev['ood_tolerance'])})",
-        not ev["ood_score"] < ev["base_ood_score"] - ev["ood_tolerance"] - EPS,
+        at_least(ev["ood_score"], ev["base_ood_score"] - ev["ood_tolerance"]),
     )
     reason = checks.reason("passed the evaluation gate: ", "rejected by the evaluation gate: ")
     return GateDecision(accepted=checks.kind is None, reason=reason, eval={**ev, ACCEPTED: 0.0 if checks.kind else 1.0}, kind=checks.kind)

@@ -33,7 +33,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from learner.checks import EPS, Checks, pct
+from learner.checks import Checks, at_least, pct
 from learner.evaluation import EvalSpec, Evaluator, env_for_namespace
 from oel.settings import Settings
 
@@ -66,7 +66,7 @@ def decide(ev: Mapping[str, float]) -> KnowledgeDecision:
             f"held-out pass rate with the KB in context {pct(ev['knowledge_in_context_pass_rate'])} vs "
             f"{pct(ev['knowledge_none_pass_rate'])} without (gain {100 * gain:+.1f} points, needed "
             f"{100 * ev['knowledge_margin']:+.1f})",
-            not gain < ev["knowledge_margin"] - EPS,
+            at_least(gain, ev["knowledge_margin"]),
         )
     else:
         checks.note("no reference environment for this namespace: only the OOD check ran")
@@ -75,7 +75,7 @@ def decide(ev: Mapping[str, float]) -> KnowledgeDecision:
             "ood",
             f"OOD instruction-following with the KB in context {pct(ev['knowledge_ood_score'])} vs "
             f"{pct(ev['knowledge_base_ood_score'])} without (tolerance {pct(ev['knowledge_ood_tolerance'])})",
-            not ev["knowledge_ood_score"] < ev["knowledge_base_ood_score"] - ev["knowledge_ood_tolerance"] - EPS,
+            at_least(ev["knowledge_ood_score"], ev["knowledge_base_ood_score"] - ev["knowledge_ood_tolerance"]),
         )
     reason = checks.reason("knowledge gate: the KB helps in context: ", "knowledge gate: the KB is not worth consolidating: ")
     return KnowledgeDecision(accepted=checks.kind is None, reason=reason,
