@@ -99,8 +99,9 @@ def main() -> None:
 
     result = trainer.train(callback=at_step)
     trainer.save(out, result)
-    kept = f"kept (step {result.kept_step if result.kept_step is not None else len(result.steps)})"
-    checkpoints[kept] = out
+    kept_step = result.kept_step if result.kept_step is not None else len(result.steps)
+    checkpoints.pop(f"step {kept_step}", None)  # the same weights as the kept adapter: evaluated once, as that
+    checkpoints[f"kept (step {kept_step})"] = out
     agreements = {c.step: round(c.agreement, 3) for c in result.checks}
     train_s = time.monotonic() - t0
     del trainer
