@@ -54,6 +54,7 @@ import copy
 from collections import OrderedDict
 import json
 import logging
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -314,8 +315,6 @@ class OPCDTrainer:
 
     def lr_factor(self, step: int) -> float:
         """The learning rate of optimizer step ``step`` (0-based) as a share of ``learning_rate``."""
-        import math
-
         cfg = self.config
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
