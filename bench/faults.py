@@ -69,8 +69,14 @@ class Service:
             self.proc = subprocess.Popen([sys.executable, "-m", "oel.cli", *self.command],
                                          env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
+    def check_alive(self) -> None:
+        """Raise if the process ended by itself (a configuration error, a crash): the suite would measure nothing."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"oel {' '.join(self.command)} exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+
     def kill(self) -> None:
         assert self.proc is not None
+        self.check_alive()
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
 
@@ -99,7 +105,7 @@ def learner(env: dict, state: Path) -> Service:
     model = save_tiny_model(state / "tiny-model")
     return Service(["learner", "run"], {
         **env, "OEL_MODEL__PATH": str(model), "OEL_LEARNER__MIN_NEW_ITEMS": "1", "OEL_LEARNER__COOLDOWN_S": "0",
-        "OEL_LEARNER__STEPS": "2", "OEL_LEARNER__BATCH_SIZE": "2", "OEL_LEARNER__NUM_THREADS": "1", "OEL_LEARNER__MAX_NEW_TOKENS": "6",
+        "OEL_LEARNER__STEPS": "2", "OEL_LEARNER__BATCH_SIZE": "2", "OMP_NUM_THREADS": "1", "OEL_LEARNER__MAX_NEW_TOKENS": "6",
         "OEL_LEARNER__WARMUP_STEPS": "0", "OEL_LEARNER__CHECK_EVERY": "0", "OEL_LEARNER__AUTO_PROMOTE": "true",
         "OEL_LEARNER__GATE_ENABLED": "false", "OEL_LEARNER__KNOWLEDGE_GATE_ENABLED": "false",
         "OEL_LEARNER__INSTANCE_ID": "faults-learner", "OEL_METRICS__PORT": "0"}, state / "learner.log")
@@ -188,15 +194,18 @@ def run(env: dict, services: dict[str, Service], args: argparse.Namespace) -> li
     kills = ["processor kill -9"] * args.kills + ["learner kill -9"] * args.learner_kills
     rng.shuffle(kills)
     faults = [*kills, "broker restart", "object store restart"]
-    duration = args.every_s * (len(faults) + 1) + 60  # restarts take time too: episodes keep coming after the last
+    gaps = [args.every_s * rng.uniform(1.0, 1.5) for _ in faults]  # at random points of the services' work, one at a time
+    duration = sum(gaps) + 120  # restarts take time too: episodes keep coming after the last fault
     sender = threading.Thread(target=lambda: loadgen.run(
         recorder, loadgen.synthetic_episodes(random.Random(7), [NS], max_turns=3), rate=args.rate,
         duration_s=duration, concurrency=8), daemon=True)
     sender.start()
     rows: dict[str, dict] = {}
     pending: list[tuple[str, float]] = []
-    for fault in faults:
-        time.sleep(args.every_s * rng.uniform(1.0, 1.5))  # at random points of the services' work, one at a time
+    for fault, gap in zip(faults, gaps, strict=True):
+        time.sleep(gap)
+        for service in services.values():
+            service.check_alive()
         t = time.monotonic()
         print(f"{fault} at {t:.0f}", flush=True)
         if fault.endswith("kill -9"):

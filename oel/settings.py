@@ -357,6 +357,25 @@ class RecorderSettings(Section):
     close_timeout_s: float = Field(30.0, ge=0, le=3600, description="Longest close() flushes; what is left is reported as lost.")
 
 
+class GatewaySettings(Section):
+    """The recording gateway (`oel gateway`): an OpenAI-compatible front of the model server that records
+    every call as a step of an episode."""
+
+    host: str = Field("127.0.0.1", description="Address the gateway listens on (0.0.0.0 in a container).")
+    port: int = Field(8090, ge=1, le=65535, description="Port of the OpenAI-compatible API (and /metrics, /healthz).")
+    upstream_url: str | None = Field(
+        None, description="Base URL of the OpenAI-compatible server answered from; unset = OEL_MODEL__VLLM_URL."
+    )
+    upstream_timeout_s: float = Field(600.0, gt=0, le=86_400, description="Longest wait for the upstream server's next bytes.")
+    idle_end_s: float = Field(
+        300.0, gt=0, le=86_400,
+        description="An episode with no call, feedback or end for this long is ended by the gateway (outcome says so; success unknown).",
+    )
+    default_agent_id: str = Field("gateway", pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$",
+                                  description="Agent id of calls that name none (no X-OEL-Agent-Id header, metadata or user field).")
+    max_request_bytes: int = Field(4_194_304, ge=1024, le=1_073_741_824, description="Largest request body accepted.")
+
+
 class Settings(BaseSettings):
     """Everything a service needs to know, read once at start-up."""
 
@@ -376,6 +395,7 @@ class Settings(BaseSettings):
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     recorder: RecorderSettings = Field(default_factory=RecorderSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     @classmethod
     def settings_customise_sources(
