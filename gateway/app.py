@@ -7,6 +7,7 @@ Routes (the OpenAI API's, forwarded to ``OEL_GATEWAY__UPSTREAM_URL``, streamed t
 * ``POST /v1/oel/episodes/{episode_id}/feedback`` ``{"feedback": "..."}``: text feedback on the
   episode's last answer (recorded with that step);
 * ``POST /v1/oel/episodes/{episode_id}/end`` ``{"outcome": "...", "success": true|false|null}``;
+* ``POST /v1/traces``: OTLP/HTTP trace exports; GenAI inference spans become steps (:mod:`gateway.otlp`);
 * ``GET /healthz`` and ``GET /metrics`` (Prometheus).
 
 Who is calling (each from a header, else from the request body):
@@ -42,8 +43,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.episodes import OpenEpisodes, UnknownEpisode
 from gateway.models import MODEL_PREFIX, ModelResolver
+from gateway.otlp import decode_request, encode_response, span_records
 from gateway.openai_format import FormatError, StreamAccumulator, chat_answer, completion_answer, completion_prompt, prompt_messages
 from oel import metrics
+from oel.model.backend import BackendError
 from oel.schemas import NAMESPACE_PATTERN
 from oel.settings import Settings
 from producers.recorder import Recorder, RecorderError
@@ -119,6 +122,7 @@ class Gateway:
             web.get("/v1/models", self.list_models),
             web.post("/v1/oel/episodes/{episode_id}/feedback", self.feedback),
             web.post("/v1/oel/episodes/{episode_id}/end", self.end),
+            web.post("/v1/traces", self.traces),
             web.get("/healthz", self.health),
             web.get("/metrics", self.metrics),
         ])
@@ -164,7 +168,11 @@ class Gateway:
             entry = self.episodes.find(episode_id)
             if entry is None:
                 t = time.monotonic()
-                version, model = await self.models.resolve(who.namespace, body.get("model"))
+                try:
+                    version, model = await self.models.resolve(who.namespace, body.get("model"))
+                except BackendError as exc:  # the upstream could not say which model it serves
+                    metrics.count_gateway_request(route, "upstream_unreachable")
+                    return _error(502, f"upstream {self.upstream.base_url} unreachable: {exc}", "upstream_unreachable")
                 waited += time.monotonic() - t
                 try:
                     entry = self.episodes.new(who.namespace, who.agent_id, episode_id, version, model)
@@ -266,6 +274,33 @@ class Gateway:
             return _error(400, str(exc), "invalid_request_error")
         metrics.count_gateway_request(route, "ok")
         return web.json_response({"episode_id": episode_id, "recorded": route})
+
+    # --- OpenTelemetry --------------------------------------------------------------------------
+
+    async def traces(self, request: web.Request) -> web.Response:
+        """An OTLP/HTTP trace export: its GenAI inference spans recorded as steps, ends as ends."""
+        content_type = request.content_type
+        try:
+            export = decode_request(await request.read(), content_type)
+        except FormatError as exc:
+            metrics.count_gateway_request("traces", "bad_request")
+            return _error(400, str(exc), "invalid_request_error")
+        records, rejected = span_records(export, self.settings.gateway.default_agent_id)
+        for r in records:
+            try:
+                if r.prompt is not None and r.answer is not None:
+                    async with self.episodes.lock(r.episode_id):
+                        entry = self.episodes.find(r.episode_id) or self.episodes.new(
+                            r.namespace, r.agent_id, r.episode_id, r.version, model=r.version)
+                        await self.episodes.answered(entry, r.prompt, r.answer, r.feedback)
+                if r.outcome is not None:
+                    await self.episodes.end(r.episode_id, r.outcome, r.success)
+            except (RecorderError, UnknownEpisode) as exc:
+                rejected.append(f"episode {r.episode_id}: {exc}")
+        metrics.count_gateway_request("traces", "bad_request" if rejected else "ok")
+        if rejected:
+            log.warning("OTLP export: %d spans rejected: %s", len(rejected), "; ".join(rejected[:3]))
+        return web.Response(body=encode_response(len(rejected), "; ".join(rejected[:10]), content_type), content_type=content_type)
 
     # --- operations -----------------------------------------------------------------------------
 

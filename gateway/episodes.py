@@ -104,10 +104,10 @@ class OpenEpisodes:
         metrics.GATEWAY_OPEN_EPISODES.set(len(self._open))
         return entry
 
-    async def answered(self, entry: OpenEpisode, prompt: list[ChatMessage], answer: Answer) -> None:
+    async def answered(self, entry: OpenEpisode, prompt: list[ChatMessage], answer: Answer, feedback: str | None = None) -> None:
         """A call of the episode was answered (hold the episode's lock): record the step held before, hold this one."""
         await entry.flush()
-        entry.pending = _Pending(prompt, answer)
+        entry.pending = _Pending(prompt, answer, feedback)
         entry.last_used = self.clock()
 
     async def feedback(self, episode_id: str, text: str) -> None:

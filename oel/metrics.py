@@ -380,7 +380,7 @@ ADAPTER_LOADS = Counter(
 
 # --- the recording gateway (oel gateway) ----------------------------------------------------------
 
-GATEWAY_ROUTES = ("chat", "completions", "models", "feedback", "end")
+GATEWAY_ROUTES = ("chat", "completions", "models", "feedback", "end", "traces")
 GATEWAY_OUTCOMES = ("ok", "bad_request", "upstream_error", "upstream_unreachable", "unknown_episode")
 _GATEWAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, float("inf"))
 
