@@ -282,7 +282,8 @@ def run(env: dict, services: dict[str, Service], args: argparse.Namespace) -> li
     latency = [stored_at[e] - s for e, s in started_at.items() if e in stored_at]
     consolidation = [done - first_seen[(ns, kb)] for (ns, kb), i in kb_index.items() if (done := consolidated_at(ns, i)) is not None]
     sources: dict[str, int] = {}
-    for _, u in updates:
+    distinct = {u.model_dump_json(): u for _, u in updates}  # an update re-sent as is (a replayed batch) counts once
+    for u in distinct.values():
         for e in u.source_episode_ids:
             sources[e] = sources.get(e, 0) + 1
     published = Counter((v.version, v.status.value) for _, v in versions)
@@ -294,7 +295,9 @@ def run(env: dict, services: dict[str, Service], args: argparse.Namespace) -> li
         never += last_index(ns) - last
     reached = sent & set(stored_at)
     summary = {"fault": "all (one run)", "sent": len(sent), "reached_store": len(reached), "lost": len(sent - reached),
-               "duplicated": sum(1 for n in sources.values() if n > 1), "kb_updates": len(updates), "kb_versions": len(kb_index),
+               "duplicated": sum(1 for n in sources.values() if n > 1), "kb_updates": len(distinct),
+               "kb_updates_resent": len(updates) - len(distinct), "kb_versions": len(kb_index),
+               "lost_ids": sorted(sent - reached), "duplicated_ids": sorted(e for e, n in sources.items() if n > 1),
                "latency_s_median": round(statistics.median(latency), 1) if latency else None,
                "versions": len({v for v, _ in published}), "published_twice": sum(1 for n in published.values() if n > 1),
                "rounds_trained_twice": sum(1 for n in rounds.values() if n > 1),
@@ -317,7 +320,8 @@ def assigned_at(log: Path) -> list[float]:
 def print_table(results: list[dict]) -> None:
     summary, *faults = results
     print(f"\nsent {summary['sent']} episodes; reached the store {summary['reached_store']}; lost {summary['lost']}; "
-          f"duplicated in KB updates {summary['duplicated']} ({summary['kb_updates']} updates)")
+          f"duplicated in KB updates {summary['duplicated']} ({summary['kb_updates']} updates, "
+          f"{summary.get('kb_updates_resent', 0)} more re-sent as they were)")
     print(f"{summary['kb_versions']} KB versions; {summary['versions']} model versions published; published twice {summary['published_twice']}; rounds trained twice "
           f"{summary['rounds_trained_twice']}; KB versions never consolidated {summary['kb_versions_never_consolidated']}")
     print(f"baselines (medians over all): an episode's start to its stored trajectory {summary['latency_s_median']} s; "
