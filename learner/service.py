@@ -217,8 +217,11 @@ def serve(settings: Settings) -> None:
     """Run the learner on the settings' Kafka and object store until SIGTERM or Ctrl-C (``oel learner run``)."""
     import signal
 
+    from oel.model.hf_backend import resolve_device
     from oel.store import S3Store
 
+    # OEL_MODEL__DEVICE=cuda on a node without a GPU stops here, not at the first round hours later
+    log.info("training on %s (OEL_MODEL__DEVICE=%s)", resolve_device(settings.model.device), settings.model.device)
     store = S3Store(settings.s3)
     store.ensure_bucket()
     from oel.ops.topics import kafka_readiness

@@ -184,6 +184,11 @@ class ModelSettings(Section):
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
         "auto", description="Weights dtype of the in-process backend and the learner's frozen base; auto = bfloat16 on a GPU or a CPU with native bf16, else float32."
     )
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="Where the in-process backend, the learner's student and teacher and the gates' model run: auto (cuda "
+        "when torch sees a GPU, else cpu), cpu, cuda or cuda:N. A GPU that is not there stops start-up.",
+    )
 
     @field_validator("vllm_url")
     @classmethod
