@@ -1,0 +1,276 @@
+"""The per-vLLM-pod adapter sync (producers/adapter_sync.py, `oel adapters sync`).
+
+Unit tests: a fake server that keeps a list of loaded adapters and reads each adapter's files at load time (as
+vLLM does, by path), a local object store, and followers driven through the topic's own rules
+(:class:`~producers.versions.VersionState`). The integration test at the end runs the same scenario on the real
+Kafka, MinIO and vLLM CPU server (marks stack, model, tools)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from oel.model.backend import Backend, BackendError
+from oel.schemas import ModelVersion, VersionStatus
+from oel.store import LocalStore
+from producers.adapter_sync import AdapterSync
+from producers.versions import VersionState
+
+T0 = datetime(2026, 12, 6, 12, 0, tzinfo=timezone.utc)
+
+
+def version(ns: str, name: str, n: int, status: str = "promoted", parent: str | None = None) -> ModelVersion:
+    return ModelVersion(namespace=ns, version=name, adapter_uri=f"adapters/{ns}/{name}/", base_model="base",
+                        base_model_hash="sha256:0", parent_version=parent, status=VersionStatus(status),
+                        ts=T0 + timedelta(minutes=n))
+
+
+class FakeServer(Backend):
+    """What the sync needs of a vLLM server: list, load (reading the files at that path), unload."""
+
+    base_model = "base"
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, dict] = {}
+        self.down = False
+        self.calls: list[str] = []
+
+    def list_adapters(self) -> list[str]:
+        if self.down:
+            raise BackendError("vLLM server at http://127.0.0.1:8000 is unreachable")
+        return sorted(self.loaded)
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        self.calls.append(f"load {name}")
+        self.loaded[name] = json.loads((Path(path) / "adapter_config.json").read_text())
+
+    def unload_adapter(self, name: str) -> None:
+        self.calls.append(f"unload {name}")
+        self.loaded.pop(name, None)
+
+    def restart(self) -> None:
+        self.loaded.clear()
+
+    # unused by the sync
+    def generate(self, *a, **k):  # pragma: no cover
+        raise NotImplementedError
+
+    def score(self, *a, **k):  # pragma: no cover
+        raise NotImplementedError
+
+
+class FakeFollower:
+    """A VersionFollower without Kafka: the same VersionState rules, on_change on every change."""
+
+    def __init__(self, ns: str, on_change) -> None:
+        self.state = VersionState(ns)
+        self.on_change = on_change
+        self._thread = threading.current_thread()
+
+    def publish(self, v: ModelVersion | None) -> None:
+        old, new = self.state.apply(v)
+        if (old.version if old else None) != (new.version if new else None):
+            self.on_change(old, new)
+
+    def start(self):
+        return self
+
+    def stop(self) -> None:
+        pass
+
+
+def put_adapter(store: LocalStore, v: ModelVersion) -> None:
+    store.put_bytes(f"{v.adapter_uri}adapter_config.json", json.dumps({"version": v.version}).encode())
+    store.put_bytes(f"{v.adapter_uri}adapter_model.safetensors", b"weights of " + v.version.encode())
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    store = LocalStore(tmp_path / "store")
+    server = FakeServer()
+    followers: dict[str, FakeFollower] = {}
+
+    def factory(ns, on_change):
+        followers[ns] = FakeFollower(ns, on_change)
+        return followers[ns]
+
+    def make(namespaces=("support",), keep=2):
+        return AdapterSync(namespaces, server, store, tmp_path / "adapters", keep=keep, resync_s=3600, follower_factory=factory)
+
+    return store, server, followers, make, tmp_path / "adapters"
+
+
+def test_two_versions_then_a_rollback(world) -> None:
+    store, server, followers, make, adapter_dir = world
+    v1, v2 = version("support", "g0001-a", 1), version("support", "g0002-b", 2, parent="g0001-a")
+    for v in (v1, v2):
+        put_adapter(store, v)
+    sync = make()
+    sync.start()
+    assert sync.readiness_problem() is None and server.loaded == {}  # nothing promoted yet: the base model
+    f = followers["support"]
+    f.publish(v1)
+    sync.wait_synced()
+    assert server.loaded == {"g0001-a": {"version": "g0001-a"}}
+    assert (adapter_dir / "support" / "g0001-a" / "adapter_model.safetensors").read_bytes() == b"weights of g0001-a"
+    f.publish(v2)
+    sync.wait_synced()
+    assert sorted(server.loaded) == ["g0001-a", "g0002-b"]  # the previous one stays for episodes in flight
+    # rollback as `oel models rollback` publishes it: rolled_back for v2, then v1 promoted again
+    f.publish(version("support", "g0002-b", 3, status="rolled_back", parent="g0001-a"))
+    f.publish(version("support", "g0001-a", 4))
+    sync.wait_synced()
+    assert sorted(server.loaded) == ["g0001-a"]
+    assert not (adapter_dir / "support" / "g0002-b").exists()
+    assert sync.wanted() == {"support": ["g0001-a"]}
+    sync.stop()
+
+
+def test_keep_bounds_the_loaded_versions_and_a_restarted_server_catches_up(world) -> None:
+    store, server, followers, make, _ = world
+    vs = [version("support", f"g000{i}-x", i) for i in range(1, 5)]
+    for v in vs:
+        put_adapter(store, v)
+    sync = make(keep=2).start()
+    for v in vs:
+        followers["support"].publish(v)
+    sync.wait_synced()
+    assert sorted(server.loaded) == ["g0003-x", "g0004-x"]
+    server.restart()  # the vLLM container restarted in the pod: it lost its adapters
+    assert not sync.reconcile() or sorted(server.loaded) == ["g0003-x", "g0004-x"]
+    sync.wait_synced()
+    assert sorted(server.loaded) == ["g0003-x", "g0004-x"]
+    sync.stop()
+
+
+def test_a_new_replica_is_not_ready_until_it_serves_the_current_versions(world) -> None:
+    """Catch-up at start: the followers read the compacted topic first (here: published before start)."""
+    store, server, followers, make, _ = world
+    a, b = version("support", "g0001-a", 1), version("house-rules", "g0003-c", 2)
+    put_adapter(store, a)  # b's files are not in the store (yet)
+    sync = make(namespaces=("support", "house-rules"))
+    followers["support"].publish(a)
+    followers["house-rules"].publish(b)
+    server.down = True
+    sync.start()
+    assert "vLLM not reachable" in sync.readiness_problem()
+    server.down = False
+    assert not sync.reconcile()
+    assert "not loaded: g0003-c" in sync.readiness_problem()
+    assert sorted(server.loaded) == ["g0001-a"]
+    put_adapter(store, b)
+    sync.wait_synced()
+    assert sync.readiness_problem() is None and sorted(server.loaded) == ["g0001-a", "g0003-c"]
+    server.down = True  # once in sync, a later outage does not take the replica out of its Service
+    sync.reconcile()
+    assert sync.readiness_problem() is None
+    sync.stop()
+
+
+def test_only_this_syncs_versions_are_unloaded_and_a_tombstone_unloads(world) -> None:
+    store, server, followers, make, _ = world
+    server.loaded["someone-elses"] = {}
+    v1 = version("support", "g0001-a", 1)
+    put_adapter(store, v1)
+    sync = make().start()
+    followers["support"].publish(v1)
+    sync.wait_synced()
+    followers["support"].publish(None)  # the namespace was deleted: back to the base model
+    sync.wait_synced()
+    assert sorted(server.loaded) == ["someone-elses"]
+    sync.stop()
+
+
+def test_liveness_reports_a_stopped_loop(world) -> None:
+    *_, make, _ = world
+    sync = make()
+    assert "not running" in sync.liveness_problem()
+    sync.start()
+    assert sync.liveness_problem() is None
+    sync.stop()
+    assert "not running" in sync.liveness_problem()
+
+
+def test_cli_is_registered_and_needs_a_namespace() -> None:
+    from click.testing import CliRunner
+
+    from oel.cli import cli
+
+    result = CliRunner().invoke(cli, ["adapters", "sync", "--help"])
+    assert result.exit_code == 0 and "--namespace" in result.output and "/readyz" in result.output
+    result = CliRunner().invoke(cli, ["adapters", "sync"], env={"OEL_ADAPTER_SYNC_NAMESPACES": ""})
+    assert result.exit_code != 0 and "--namespace" in result.output
+
+
+# --- the real thing: Kafka, MinIO, the vLLM CPU server -------------------------------------------------
+
+
+@pytest.mark.stack
+@pytest.mark.model
+@pytest.mark.tools
+@pytest.mark.slow
+def test_sync_against_the_real_vllm_server_kafka_and_minio(kafka, s3_store, unique: str, tmp_path: Path) -> None:
+    """Two promoted versions reach the server from the object store via the topic, a rollback unloads the bad
+    one, and a second sync started afterwards (a new replica) catches up from the compacted topic."""
+    import dataclasses
+
+    from oel.model.vllm_backend import VLLMBackend
+    from oel.ops.topics import admin_client, ensure_topics
+    from oel.topics import topic_specs
+    from producers.versions import publish_version, rollback
+    from test_vllm_backend import _url, make_adapter
+
+    settings = kafka
+    topic = f"oel.model-versions.sync-{unique}"
+    spec = next(s for s in topic_specs(settings) if s.name == settings.topics.model_versions)
+    ensure_topics(admin_client(settings.kafka), [dataclasses.replace(spec, name=topic)])
+    settings = settings.model_copy(update={"topics": settings.topics.model_copy(update={"model_versions": topic})})
+    server = VLLMBackend(_url(settings))
+    try:
+        server.health()
+    except BackendError as exc:
+        pytest.fail(f"the vLLM server is not running ({exc}); start it with `bash infra/local/vllm.sh up`", pytrace=False)
+    model_dir = Path(server.base_model)  # the local server serves the model folder by its path
+    ns = f"sync-{unique}"
+    names = [f"{ns}-g0001", f"{ns}-g0002"]
+    vs = []
+    for i, name in enumerate(names):
+        local = make_adapter(model_dir, tmp_path / name, seed=i + 1)
+        prefix = f"adapters/{ns}/{name}/"
+        for f in local.iterdir():
+            s3_store.put_bytes(prefix + f.name, f.read_bytes())
+        vs.append(ModelVersion(namespace=ns, version=name, adapter_uri=prefix, base_model="base", base_model_hash="sha256:0",
+                               parent_version=names[i - 1] if i else None, status=VersionStatus.promoted))
+    sync = AdapterSync([ns], server, s3_store, tmp_path / "shared", settings=settings, keep=1, resync_s=2).start()
+    try:
+        publish_version(vs[0], settings)
+        _until(lambda: server.list_adapters() and names[0] in server.list_adapters())
+        publish_version(vs[1], settings)
+        _until(lambda: names[1] in server.list_adapters() and names[0] not in server.list_adapters())
+        rollback(vs[1], vs[0], "test", settings)
+        _until(lambda: names[0] in server.list_adapters() and names[1] not in server.list_adapters())
+    finally:
+        sync.stop()
+    server.unload_adapter(names[0])  # a new replica: nothing loaded, the topic says g0001
+    late = AdapterSync([ns], server, s3_store, tmp_path / "shared2", settings=settings, keep=1, resync_s=2).start()
+    try:
+        assert late.readiness_problem() is None
+        assert [a for a in server.list_adapters() if a.startswith(ns)] == [names[0]]
+    finally:
+        late.stop()
+        server.unload_adapter(names[0])
+
+
+def _until(cond, timeout_s: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise AssertionError("condition not met in time")
