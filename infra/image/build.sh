@@ -79,7 +79,7 @@ build() {  # build TARGET
   local t0=$SECONDS
   case "$eng" in
     docker) DOCKER_BUILDKIT=1 docker build "${args[@]}" . ;;
-    podman) podman build --layers --network host "${args[@]}" . ;;
+    podman) podman build --layers --isolation chroot --network host "${args[@]}" . ;;
     buildah) buildah bud --layers --isolation chroot --network host "${args[@]}" . ;;
   esac
   say "built $ref in $(( SECONDS - t0 ))s"
