@@ -337,6 +337,18 @@ class MetricsSettings(Section):
     port: int | None = Field(
         None, ge=0, le=65535, description="Unset = the service's default (processor 9101, learner 9102, agents 9103); 0 = off."
     )
+    docs_url: str = Field(
+        "https://oel.example.com/docs",
+        description="Where docs/ is published; every alert's runbook_url is <docs_url>/operations.md#<alert> "
+        "(set it, then python k8s/generate.py --write).",
+    )
+
+    @field_validator("docs_url")
+    @classmethod
+    def _docs_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"expected an http(s):// URL, got {value!r}")
+        return value.rstrip("/")
 
     def for_service(self, default_port: int) -> MetricsSettings:
         """These settings with the port resolved to the service's default when unset."""
