@@ -209,6 +209,54 @@ def test_cli_is_registered_and_needs_a_namespace() -> None:
 # --- the real thing: Kafka, MinIO, the vLLM CPU server -------------------------------------------------
 
 
+def _private_versions_topic(settings, unique: str):
+    """Settings whose model-versions topic is a fresh one (created like `oel topics create` would)."""
+    import dataclasses
+
+    from oel.ops.topics import admin_client, ensure_topics
+    from oel.topics import topic_specs
+
+    topic = f"oel.model-versions.sync-{unique}"
+    spec = next(s for s in topic_specs(settings) if s.name == settings.topics.model_versions)
+    ensure_topics(admin_client(settings.kafka), [dataclasses.replace(spec, name=topic)])
+    return settings.model_copy(update={"topics": settings.topics.model_copy(update={"model_versions": topic})})
+
+
+@pytest.mark.stack
+def test_sync_follows_the_real_topic_and_store(kafka, s3_store, unique: str, tmp_path: Path) -> None:
+    """The real VersionFollower on Kafka and adapters in MinIO, the fake server: promotions, a rollback through
+    producers.versions.rollback, and a second sync started afterwards (a new replica) that catches up from the
+    topic before it is ready."""
+    from producers.versions import publish_version, rollback
+
+    settings = _private_versions_topic(kafka, unique)
+    ns = f"sync-{unique}"
+    vs = [version(ns, f"{ns}-g000{i}", i, parent=f"{ns}-g000{i - 1}" if i > 1 else None) for i in (1, 2, 3)]
+    vs = [v.model_copy(update={"adapter_uri": f"test-adapters/{ns}/{v.version}/"}) for v in vs]
+    for v in vs:
+        put_adapter(s3_store, v)
+    server = FakeServer()
+    sync = AdapterSync([ns], server, s3_store, tmp_path / "a", settings=settings, keep=2, resync_s=1).start()
+    try:
+        publish_version(vs[0], settings)
+        publish_version(vs[1], settings)
+        _until(lambda: sorted(server.loaded) == [vs[0].version, vs[1].version], 30)
+        publish_version(vs[2], settings)
+        _until(lambda: sorted(server.loaded) == [vs[1].version, vs[2].version], 30)
+        rollback(vs[2], vs[1], "test", settings)
+        _until(lambda: sorted(server.loaded) == [vs[1].version], 30)
+        assert server.loaded[vs[1].version] == {"version": vs[1].version}  # the files vLLM would read, from MinIO
+    finally:
+        sync.stop()
+    fresh = FakeServer()
+    late = AdapterSync([ns], fresh, s3_store, tmp_path / "b", settings=settings, keep=2, resync_s=1).start()
+    try:
+        assert late.readiness_problem() is None
+        assert sorted(fresh.loaded) == [vs[1].version] and late.wanted() == {ns: [vs[1].version]}
+    finally:
+        late.stop()
+
+
 @pytest.mark.stack
 @pytest.mark.model
 @pytest.mark.tools
@@ -216,19 +264,11 @@ def test_cli_is_registered_and_needs_a_namespace() -> None:
 def test_sync_against_the_real_vllm_server_kafka_and_minio(kafka, s3_store, unique: str, tmp_path: Path) -> None:
     """Two promoted versions reach the server from the object store via the topic, a rollback unloads the bad
     one, and a second sync started afterwards (a new replica) catches up from the compacted topic."""
-    import dataclasses
-
     from oel.model.vllm_backend import VLLMBackend
-    from oel.ops.topics import admin_client, ensure_topics
-    from oel.topics import topic_specs
     from producers.versions import publish_version, rollback
     from test_vllm_backend import _url, make_adapter
 
-    settings = kafka
-    topic = f"oel.model-versions.sync-{unique}"
-    spec = next(s for s in topic_specs(settings) if s.name == settings.topics.model_versions)
-    ensure_topics(admin_client(settings.kafka), [dataclasses.replace(spec, name=topic)])
-    settings = settings.model_copy(update={"topics": settings.topics.model_copy(update={"model_versions": topic})})
+    settings = _private_versions_topic(kafka, unique)
     server = VLLMBackend(_url(settings))
     try:
         server.health()

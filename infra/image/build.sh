@@ -8,7 +8,8 @@
 #   bash infra/image/build.sh smoke         run the cpu image as Kubernetes does (uid 10001, read-only root, /tmp
 #                                           a tmpfs, /var/lib/oel a volume: the emptyDirs of k8s/): `oel --help`, `oel config show`, the default
 #                                           model's conversion, and a processor start (against OEL_SMOKE_KAFKA /
-#                                           OEL_SMOKE_S3 when given, else it must stop naming the missing broker)
+#                                           OEL_SMOKE_S3 when given: /readyz and /livez must answer 200; else it
+#                                           must stop naming the missing broker)
 #
 # Engine: docker (with a running engine), else podman/buildah (daemonless; what runs here). torch's CPU wheel
 # is copied from $OEL_WHEELS_DIR (default ../shared/wheels) into docker/wheels/. Behind a TLS-intercepting
@@ -116,14 +117,20 @@ smoke() {
   say "smoke: the default model converts in the image (oel model info)"
   run_image "$ref" oel model info | tail -3
   if [[ -n "${OEL_SMOKE_KAFKA:-}" ]]; then
-    say "smoke: processor against $OEL_SMOKE_KAFKA and ${OEL_SMOKE_S3:-?}"
+    # its own topics, group and bucket: a shared broker's other consumers and data are left alone
+    local run="smoke$(date +%s)"
+    say "smoke: processor against $OEL_SMOKE_KAFKA and ${OEL_SMOKE_S3:-?} (topics and group $run.*, bucket oel-$run)"
     run_image -d --name oel-smoke-processor -e OEL_KAFKA__BOOTSTRAP_SERVERS="$OEL_SMOKE_KAFKA" \
       -e OEL_S3__ENDPOINT="${OEL_SMOKE_S3:?}" -e OEL_S3__ACCESS_KEY="${OEL_SMOKE_S3_ACCESS_KEY:?}" \
       -e OEL_S3__SECRET_KEY="${OEL_SMOKE_S3_SECRET_KEY:?}" -e OEL_METRICS__PORT="${OEL_SMOKE_METRICS_PORT:-19101}" \
+      -e OEL_METRICS__HOST=127.0.0.1 -e OEL_S3__BUCKET="oel-$run" -e OEL_PROCESSOR__APP_ID="$run-processor" \
+      -e OEL_TOPICS__TRAJECTORIES="$run.trajectories" -e OEL_TOPICS__EXPERIENCE="$run.experience" \
+      -e OEL_TOPICS__MODEL_VERSIONS="$run.model-versions" -e OEL_TOPICS__EPISODES="$run.episodes" \
       -e OEL_MODEL__BACKEND=transformers "$ref" oel processor >/dev/null
     local ok=0
-    for _ in $(seq 1 60); do
-      if curl -fsS "http://127.0.0.1:${OEL_SMOKE_METRICS_PORT:-19101}/readyz" >/dev/null 2>&1; then ok=1; break; fi
+    for _ in $(seq 1 90); do
+      if curl -fsS "http://127.0.0.1:${OEL_SMOKE_METRICS_PORT:-19101}/readyz" >/dev/null 2>&1 \
+        && curl -fsS "http://127.0.0.1:${OEL_SMOKE_METRICS_PORT:-19101}/livez" >/dev/null 2>&1; then ok=1; break; fi
       sleep 2
     done
     ctl logs oel-smoke-processor 2>&1 | tail -5 >&2
