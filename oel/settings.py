@@ -184,6 +184,12 @@ class ModelSettings(Section):
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
         "auto", description="Weights dtype of the in-process backend and the learner's frozen base; auto = bfloat16 on a GPU or a CPU with native bf16, else float32."
     )
+    adapters: Literal["load", "served"] = Field(
+        "load",
+        description="How agents get a version's adapter: load = download it and load it into their backend (in-process, "
+        "or a vLLM server of their own); served = the vLLM servers load it themselves (oel adapters sync, Kubernetes): "
+        "agents only switch once their server lists it.",
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
         description="Where the in-process backend, the learner's student and teacher and the gates' model run: auto (cuda "

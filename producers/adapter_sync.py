@@ -77,6 +77,7 @@ class AdapterSync:
         self.keep = keep
         self.resync_s = resync_s
         self._lock = threading.RLock()
+        self._reconcile_lock = threading.Lock()
         self._wanted: dict[str, list[ModelVersion]] = {ns: [] for ns in self.namespaces}  # oldest first, current last
         self._known: set[str] = set()  # every version name of these namespaces seen: only those are ever unloaded
         self._rolled_back: set[str] = set()
@@ -132,7 +133,12 @@ class AdapterSync:
 
     def reconcile(self) -> bool:
         """Load what is wanted and missing, unload rolled-back and superseded versions; True when the server
-        serves exactly every wanted adapter of these namespaces afterwards."""
+        serves exactly every wanted adapter of these namespaces afterwards. One pass at a time (the loop's and a
+        caller's never interleave)."""
+        with self._reconcile_lock:
+            return self._reconcile()
+
+    def _reconcile(self) -> bool:
         with self._lock:
             wanted = {v.version: v for vs in self._wanted.values() for v in vs if v.adapter_uri is not None}
             known = set(self._known)

@@ -314,3 +314,38 @@ def _until(cond, timeout_s: float = 60.0) -> None:
             return
         time.sleep(0.5)
     raise AssertionError("condition not met in time")
+
+
+def test_agents_in_served_mode_wait_for_their_server_and_never_load_or_unload(monkeypatch) -> None:
+    """OEL_MODEL__ADAPTERS=served (Kubernetes): an agent plays a new version once its server lists it and it has
+    settled (the other replicas have had time to load it); a rollback target it played before at once; it never
+    calls the load or unload API (the proxy refuses them)."""
+    import time as _time
+    from types import SimpleNamespace
+
+    from producers.live_agent import LiveAgent
+
+    server = FakeServer()
+    clock = [1000.0]
+    monkeypatch.setattr(_time, "monotonic", lambda: clock[0])
+    agent = SimpleNamespace(served=True, settle_s=30.0, _first_seen={}, _played=set(), backend=server, namespace="ns",
+                            agent_id="a", serving="base", loader=None)
+    usable = lambda v: LiveAgent._usable(agent, v)  # noqa: E731
+    switch = lambda name: LiveAgent._switch(agent, name)  # noqa: E731
+    v1, v2 = version("ns", "g0001-a", 1), version("ns", "g0002-b", 2)
+    assert not usable(v1)  # not listed yet
+    server.loaded["g0001-a"] = {}
+    assert not usable(v1)  # listed, but only just seen
+    clock[0] += 31
+    assert usable(v1)
+    switch("g0001-a")
+    server.loaded["g0002-b"] = {}
+    assert not usable(v2)
+    clock[0] += 31
+    assert usable(v2)
+    switch("g0002-b")
+    assert usable(v1)  # the rollback target: played before, still loaded (keep=2)
+    switch("g0001-a")
+    assert server.calls == [] and agent.serving == "g0001-a"
+    server.down = True
+    assert not usable(version("ns", "g0003-c", 3))  # the server cannot be asked: keep the current version

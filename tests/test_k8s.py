@@ -309,6 +309,7 @@ def test_vllm_serves_lora_and_each_pod_syncs_its_own_adapters(overlay):
     assert re.search(r"location ~ \^/v1/\(load\|unload\)_lora_adapter \{ return 403", conf)
     assert "listen 8080" in conf and "proxy_pass http://127.0.0.1:8000" in conf
     assert _config(docs)["OEL_MODEL__VLLM_URL"] == "http://vllm:8080"
+    assert _config(docs)["OEL_MODEL__ADAPTERS"] == "served", "agents must not call the admin API the proxy refuses"
     # the learner: the CUDA image, the in-process backend on its GPU
     learner = _one(docs, "Deployment", "oel-learner")["spec"]["template"]["spec"]
     lc = learner["containers"][0]
