@@ -349,3 +349,104 @@ def test_agents_in_served_mode_wait_for_their_server_and_never_load_or_unload(mo
     assert server.calls == [] and agent.serving == "g0001-a"
     server.down = True
     assert not usable(version("ns", "g0003-c", 3))  # the server cannot be asked: keep the current version
+
+
+
+def make_fake_vllm():
+    """A tiny HTTP server speaking vLLM's /health, /v1/models and /v1/(un)load_lora_adapter; returns (server, state)."""
+    import http.server
+    import socketserver
+
+    state = {"loaded": {}, "calls": []}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def _send(self, code: int, body) -> None:
+            data = json.dumps(body).encode() if not isinstance(body, bytes) else body
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                return self._send(200, b"")
+            if self.path == "/v1/models":
+                data = [{"id": "base", "root": "/nonexistent/base"}]
+                data += [{"id": n, "parent": "base", "root": p} for n, p in state["loaded"].items()]
+                return self._send(200, {"object": "list", "data": data})
+            return self._send(404, {"error": "no"})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            state["calls"].append((self.path, body))
+            if self.path == "/v1/load_lora_adapter":
+                if not (Path(body["lora_path"]) / "adapter_config.json").is_file():
+                    return self._send(400, {"message": "no adapter there"})
+                state["loaded"][body["lora_name"]] = body["lora_path"]
+                return self._send(200, b"ok")
+            if self.path == "/v1/unload_lora_adapter":
+                state["loaded"].pop(body["lora_name"], None)
+                return self._send(200, b"ok")
+            return self._send(404, {"error": "no"})
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, state
+
+
+@pytest.mark.stack
+def test_the_sidecar_command_syncs_a_server_and_reports_it_on_readyz(kafka, s3_store, unique: str, tmp_path: Path) -> None:
+    """`oel adapters sync` as the container runs it: a process following the real topic, downloading from MinIO into
+    --dir and calling the server's load endpoint with a path under it; /readyz 503 until in sync, then 200; /livez 200;
+    SIGTERM ends it cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from producers.versions import publish_version
+    from test_processor import free_port
+    from test_readiness import _get
+
+    settings = _private_versions_topic(kafka, unique)
+    ns = f"cli-{unique}"
+    v = version(ns, f"{ns}-g0001", 1).model_copy(update={"adapter_uri": f"test-adapters/{ns}/g0001/"})
+    put_adapter(s3_store, v)
+    server, state = make_fake_vllm()
+    port = free_port()
+    env = {**os.environ, "OEL_TOPICS__MODEL_VERSIONS": settings.topics.model_versions, "OEL_METRICS__PORT": str(port),
+           "OEL_ADAPTER_SYNC_NAMESPACES": ns, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with open(tmp_path / "sync.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "oel.cli", "adapters", "sync", "--dir", str(tmp_path / "shared"),
+                                 "--vllm-url", f"http://127.0.0.1:{server.server_address[1]}", "--resync", "1"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        answer = None
+        while time.monotonic() < deadline and answer is None:
+            try:
+                answer = _get(f"http://127.0.0.1:{port}/livez")
+            except OSError:
+                time.sleep(0.3)
+        assert answer is not None, (tmp_path / "sync.log").read_text()[-3000:]
+        _until(lambda: _get(f"http://127.0.0.1:{port}/livez")[0] == 200, 30)
+        assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 200  # nothing promoted yet: in sync with the base model
+        publish_version(v, settings)
+        _until(lambda: v.version in state["loaded"], 30)
+        path = Path(state["loaded"][v.version])
+        assert path.is_relative_to(tmp_path / "shared") and (path / "adapter_model.safetensors").read_bytes() == b"weights of " + v.version.encode()
+        status, text = _get(f"http://127.0.0.1:{port}/readyz")
+        assert status == 200 and "adapters: ok" in text, text
+        metrics_text = _get(f"http://127.0.0.1:{port}/metrics")[1]
+        assert f'oel_adapters_served{{namespace="{ns}"}} 1.0' in metrics_text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, (tmp_path / "sync.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.shutdown()
