@@ -233,6 +233,7 @@ cli.add_command(__import__("learner.cli", fromlist=["learner"]).learner)
 cli.add_command(__import__("learner.models_cli", fromlist=["models"]).models)
 cli.add_command(__import__("learner.eval_cli", fromlist=["eval_command"]).eval_command)
 cli.add_command(__import__("learner.demo_cli", fromlist=["demo"]).demo)
+cli.add_command(__import__("gateway.cli", fromlist=["gateway"]).gateway)
 
 
 def main() -> None:

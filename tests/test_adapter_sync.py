@@ -450,3 +450,20 @@ def test_the_sidecar_command_syncs_a_server_and_reports_it_on_readyz(kafka, s3_s
         if proc.poll() is None:
             proc.kill()
         server.shutdown()
+
+
+def test_the_gateway_in_served_mode_answers_with_a_listed_adapter_and_never_loads(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from gateway.models import ModelResolver
+    from oel.settings import load_settings
+
+    settings = load_settings(model={"adapters": "served"})
+    server = FakeServer()
+    resolver = ModelResolver(settings, LocalStore(tmp_path), server)
+    v = version("ns", "g0001-a", 1)
+    resolver._followers["ns"] = SimpleNamespace(current=lambda: v, stop=lambda: None)  # noqa: SLF001
+    assert resolver._resolve("ns", "oel/ns") == ("base", "base")  # noqa: SLF001 - not on the upstream yet
+    server.loaded["g0001-a"] = {}
+    assert resolver._resolve("ns", "oel/ns") == ("g0001-a", "g0001-a")  # noqa: SLF001
+    assert server.calls == []
