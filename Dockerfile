@@ -48,6 +48,7 @@ COPY oel ./oel
 COPY producers ./producers
 COPY processors ./processors
 COPY learner ./learner
+COPY gateway ./gateway
 RUN --mount=type=secret,id=pip_ca sh docker/install-python.sh app cpu
 
 FROM base AS build-cuda
@@ -62,6 +63,7 @@ COPY oel ./oel
 COPY producers ./producers
 COPY processors ./processors
 COPY learner ./learner
+COPY gateway ./gateway
 RUN --mount=type=secret,id=pip_ca sh docker/install-python.sh app cuda
 
 # --- runtime images ----------------------------------------------------------------------------------

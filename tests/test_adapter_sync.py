@@ -444,6 +444,10 @@ def test_the_sidecar_command_syncs_a_server_and_reports_it_on_readyz(kafka, s3_s
         assert status == 200 and "adapters: ok" in text, text
         metrics_text = _get(f"http://127.0.0.1:{port}/metrics")[1]
         assert f'oel_adapters_served{{namespace="{ns}"}} 1.0' in metrics_text
+        status = subprocess.run([sys.executable, "-m", "oel.cli", "adapters", "status", "--namespace", ns,
+                                 "--vllm-url", f"http://127.0.0.1:{server.server_address[1]}"],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and f"{ns}: current {v.version} served" in status.stdout, status.stdout + status.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, (tmp_path / "sync.log").read_text()[-3000:]
     finally:

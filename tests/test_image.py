@@ -97,3 +97,20 @@ def test_image_builds_and_runs_non_root_with_a_read_only_root(tmp_path):
         out = subprocess.run(["bash", str(BUILD), step], cwd=REPO, capture_output=True, text=True, timeout=1800)
         assert out.returncode == 0, f"build.sh {step} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     assert "smoke: ok" in out.stderr
+
+
+def test_every_package_of_pyproject_goes_into_the_image():
+    """A top-level package that `pip install .` would install must pass .dockerignore and be copied by both build
+    stages (a new package dir needs a line in each)."""
+    import fnmatch
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted(d.name for d in REPO.iterdir() if (d / "__init__.py").is_file() and any(fnmatch.fnmatch(d.name, p) for p in include))
+    assert {"oel", "producers", "processors", "learner"} <= set(packages)
+    ignore = (REPO / ".dockerignore").read_text().split()
+    stages = _stages()
+    for pkg in packages:
+        assert f"!{pkg}/" in ignore, f".dockerignore keeps {pkg}/ out of the build context"
+        for stage in ("build-cpu", "build-cuda"):
+            assert f"COPY {pkg} ./{pkg}" in stages[stage], f"{stage} does not copy {pkg}/"
