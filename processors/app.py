@@ -239,9 +239,9 @@ class Processor:
         """Add a batch of events to their episodes; an open episode's table entry is written once per
         batch (one changelog record however many of its events the batch held), a closed one's tombstone
         once per episode."""
+        self._progress_at = time.monotonic()  # liveness: waiting input is being consumed
         self._consumed.inc(len(events))
         self._last_event.set(time.time())
-        self._progress_at = time.monotonic()
         max_bytes = self.settings.topics.max_event_bytes
         max_episode_bytes = self.settings.topics.max_episode_bytes
         touched: dict[str, tuple[faust.EventT, EpisodeBuffer]] = {}  # open episode -> its last event here, its buffer
