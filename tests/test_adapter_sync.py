@@ -285,18 +285,27 @@ def test_sync_against_the_real_vllm_server_kafka_and_minio(kafka, s3_store, uniq
             s3_store.put_bytes(prefix + f.name, f.read_bytes())
         vs.append(ModelVersion(namespace=ns, version=name, adapter_uri=prefix, base_model="base", base_model_hash="sha256:0",
                                parent_version=names[i - 1] if i else None, status=VersionStatus.promoted))
+    import time
+
     sync = AdapterSync([ns], server, s3_store, tmp_path / "shared", settings=settings, keep=1, resync_s=2).start()
     try:
+        t0 = time.monotonic()
         publish_version(vs[0], settings)
         _until(lambda: server.list_adapters() and names[0] in server.list_adapters())
+        t1 = time.monotonic()
         publish_version(vs[1], settings)
         _until(lambda: names[1] in server.list_adapters() and names[0] not in server.list_adapters())
+        t2 = time.monotonic()
         rollback(vs[1], vs[0], "test", settings)
         _until(lambda: names[0] in server.list_adapters() and names[1] not in server.list_adapters())
+        t3 = time.monotonic()
     finally:
         sync.stop()
     server.unload_adapter(names[0])  # a new replica: nothing loaded, the topic says g0001
+    t4 = time.monotonic()
     late = AdapterSync([ns], server, s3_store, tmp_path / "shared2", settings=settings, keep=1, resync_s=2).start()
+    print(f"publish -> served: first {t1 - t0:.2f}s, second (and the first unloaded) {t2 - t1:.2f}s, rollback {t3 - t2:.2f}s; "
+          f"a new replica in sync at start after {time.monotonic() - t4:.2f}s")
     try:
         assert late.readiness_problem() is None
         assert [a for a in server.list_adapters() if a.startswith(ns)] == [names[0]]
