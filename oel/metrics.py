@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -378,6 +379,14 @@ ADAPTER_LOADS = Counter(
     registry=REGISTRY,
 )
 
+ADAPTERS_SERVED = Gauge(
+    "oel_adapters_served",
+    "Adapters of the namespace that this pod's vLLM server serves, as counted by its adapter-sync sidecar "
+    "(the current version and up to `--keep` - 1 earlier ones; 0 = not even the current one).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+
 # --- the recording gateway (oel gateway) ----------------------------------------------------------
 
 GATEWAY_ROUTES = ("chat", "completions", "models", "feedback", "end", "traces")
@@ -592,14 +601,62 @@ def readiness() -> tuple[bool, str]:
     return ready, "\n".join(lines or ["no dependencies"]) + "\n"
 
 
+LIVENESS_CHECKS: dict[str, Callable[[], str | None]] = {}
+"""What ``/livez`` asks: each returns None while that part of the process makes progress, else why not."""
+
+
+def add_liveness_check(name: str, check: Callable[[], str | None]) -> None:
+    """Make ``/livez`` answer 503 while ``check`` reports a problem (a consumer loop that stopped polling, a
+    dead thread), so that Kubernetes restarts a process that is up but stuck. Unlike readiness, a broker or
+    store that is down is not a liveness problem: restarting would not fix it."""
+    LIVENESS_CHECKS[name] = check
+
+
+def liveness() -> tuple[bool, str]:
+    """(live, one line per check) from every registered liveness check."""
+    lines, live = [], True
+    for name, check in sorted(LIVENESS_CHECKS.items()):
+        try:
+            problem = check()
+        except Exception as exc:  # noqa: BLE001 - a check that fails says the process is not well
+            problem = f"{type(exc).__name__}: {exc}"
+        live = live and problem is None
+        lines.append(f"{name}: {'ok' if problem is None else problem}")
+    return live, "\n".join(lines or ["no checks"]) + "\n"
+
+
+class Heartbeat:
+    """A loop's proof of progress for ``/livez``: the loop calls :meth:`beat` every iteration (a consumer's
+    poll, even one that returned nothing); :meth:`problem` reports the loop as stuck once ``max_age_s`` passed
+    without a beat. Before the first beat it reports nothing (start-up is the startup probe's business)."""
+
+    def __init__(self, what: str, max_age_s: float = 120.0):
+        self.what = what
+        self.max_age_s = max_age_s
+        self.last: float | None = None
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def problem(self) -> str | None:
+        if self.last is None:
+            return None
+        age = time.monotonic() - self.last
+        return None if age <= self.max_age_s else f"{self.what}: no progress for {age:.0f}s (limit {self.max_age_s:.0f}s)"
+
+
 _metrics_app = make_wsgi_app(REGISTRY)
 
 
 def _app(environ: dict, start_response: Callable) -> list[bytes]:
-    """``/readyz``: readiness; any other path: the metrics (as prometheus_client serves them)."""
+    """``/readyz``: readiness; ``/livez``: liveness; any other path: the metrics (as prometheus_client serves them)."""
     if environ.get("PATH_INFO") == "/readyz":
         ready, text = readiness()
         start_response("200 OK" if ready else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+        return [text.encode()]
+    if environ.get("PATH_INFO") == "/livez":
+        live, text = liveness()
+        start_response("200 OK" if live else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
         return [text.encode()]
     return _metrics_app(environ, start_response)
 

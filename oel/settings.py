@@ -184,6 +184,17 @@ class ModelSettings(Section):
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
         "auto", description="Weights dtype of the in-process backend and the learner's frozen base; auto = bfloat16 on a GPU or a CPU with native bf16, else float32."
     )
+    adapters: Literal["load", "served"] = Field(
+        "load",
+        description="How agents get a version's adapter: load = download it and load it into their backend (in-process, "
+        "or a vLLM server of their own); served = the vLLM servers load it themselves (oel adapters sync, Kubernetes): "
+        "agents only switch once their server lists it.",
+    )
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="Where the in-process backend, the learner's student and teacher and the gates' model run: auto (cuda "
+        "when torch sees a GPU, else cpu), cpu, cuda or cuda:N. A GPU that is not there stops start-up.",
+    )
 
     @field_validator("vllm_url")
     @classmethod
@@ -337,6 +348,18 @@ class MetricsSettings(Section):
     port: int | None = Field(
         None, ge=0, le=65535, description="Unset = the service's default (processor 9101, learner 9102, agents 9103); 0 = off."
     )
+    docs_url: str = Field(
+        "https://oel.example.com/docs",
+        description="Where docs/ is published; every alert's runbook_url is <docs_url>/operations.md#<alert> "
+        "(set it, then python k8s/generate.py --write).",
+    )
+
+    @field_validator("docs_url")
+    @classmethod
+    def _docs_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"expected an http(s):// URL, got {value!r}")
+        return value.rstrip("/")
 
     def for_service(self, default_port: int) -> MetricsSettings:
         """These settings with the port resolved to the service's default when unset."""

@@ -138,6 +138,10 @@ class Processor:
         self.namespaces: set[str] = set()
         """Namespaces whose metric series this worker has created."""
         self._lag_observed_at = 0.0
+        # /livez (liveness_problem): the timers run, the consumer has not crashed, and waiting input is consumed
+        self.loop_beat = metrics.Heartbeat("the processor's event loop (timers)", max_age_s=max(60.0, 20 * self.flush_tick_s))
+        self.stall_s = max(900.0, 2 * p.abandon_after_s)
+        self._progress_at = time.monotonic()
         datadir = settings.paths.state_dir / "processor" / p.app_id
         datadir.mkdir(parents=True, exist_ok=True)
         app = faust.App(
@@ -235,6 +239,7 @@ class Processor:
         """Add a batch of events to their episodes; an open episode's table entry is written once per
         batch (one changelog record however many of its events the batch held), a closed one's tombstone
         once per episode."""
+        self._progress_at = time.monotonic()  # liveness: waiting input is being consumed
         self._consumed.inc(len(events))
         self._last_event.set(time.time())
         max_bytes = self.settings.topics.max_event_bytes
@@ -467,6 +472,7 @@ class Processor:
         """Send a flush record for every batch that has waited ``batch_window_s``."""
         p = self.settings.processor
         now = time.time()
+        self.loop_beat.beat()
         for namespace, batch in list(self.pending.items()):
             if now - batch.since >= p.batch_window_s and not batch.flush_sent:
                 batch.flush_sent = True
@@ -494,11 +500,30 @@ class Processor:
         consumer = getattr(self.app, "consumer", None)
         if consumer is None:
             return
+        waiting = False
         for tp in list(consumer.assignment()):
             committed = consumer._committed_offset.get(tp)  # faust keeps no public accessor for this
             high = consumer.highwater(tp)
             if committed is not None and high is not None:
                 metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, high - committed))
+                waiting = waiting or (tp.topic == self.settings.topics.trajectories and high > committed)
+        if not waiting:
+            self._progress_at = time.monotonic()  # nothing to consume is no stall
+
+    def liveness_problem(self) -> str | None:
+        """For ``/livez``: None while the worker makes progress. Not live: the timers stopped running (a blocked
+        event loop), Faust's consumer crashed, or trajectory events have been waiting for ``stall_s`` with none
+        consumed (a stuck stream). A broker or store that is down is readiness, not liveness."""
+        problem = self.loop_beat.problem()
+        if problem is not None:
+            return problem
+        consumer = getattr(self.app, "consumer", None)
+        if consumer is not None and getattr(consumer, "crashed", False):
+            return "the Kafka consumer crashed"
+        idle = time.monotonic() - self._progress_at
+        if idle > self.stall_s:
+            return f"trajectory events are waiting but none was consumed for {idle:.0f}s (limit {self.stall_s:.0f}s)"
+        return None
 
 
 @dataclass

@@ -52,5 +52,8 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     add_readiness_check("object store", store.unreachable)
     start_metrics_server(s.metrics.for_service(METRICS_PORT), "processor")
     proc = Processor(s, writer)
+    from oel.metrics import add_liveness_check
+
+    add_liveness_check("processor", proc.liveness_problem)
     log.info("processor %s starting on %s", p.app_id, s.kafka.bootstrap_servers)
     make_worker(proc.app, loglevel).execute_from_commandline()

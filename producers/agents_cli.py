@@ -285,6 +285,11 @@ def serve(ctx: click.Context, env_name: str, namespace: str | None, mode: str | 
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
     start_metrics_server(settings.metrics.for_service(9103), "agents")
+    from oel.metrics import Heartbeat, add_liveness_check, add_readiness_check
+
+    beat = Heartbeat("the agent's play loop (one batch)", max_age_s=900.0)  # /livez: a batch that never ends
+    add_liveness_check("agent", beat.problem)
+    add_readiness_check("object store", store.unreachable)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     backend = make_backend(settings, max_batch_size=batch_size)
@@ -297,6 +302,7 @@ def serve(ctx: click.Context, env_name: str, namespace: str | None, mode: str | 
             if start + batch_size > EVAL_SEED_BASE:
                 start = 0  # training seeds wrap around; evaluation seeds are never played
             t0 = time.monotonic()
+            beat.beat()
             episodes = agent.play(train_seeds(batch_size, start=start))
             stats = summarize(episodes, time.monotonic() - t0)
             click.echo(f"batch {batch}: {agent.serving}: pass rate {stats.pass_rate:.0%}, "

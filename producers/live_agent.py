@@ -48,6 +48,7 @@ class LiveAgent:
         agent: AgentConfig = AgentConfig(),
         agent_id: str | None = None,
         adapter_cache: str | Path | None = None,
+        settle_s: float = 30.0,
     ):
         self.namespace = namespace
         self.make_env = make_env
@@ -55,16 +56,23 @@ class LiveAgent:
         self.agent = agent
         self.agent_id = agent_id or f"agent-{uuid.uuid4().hex[:8]}"
         self.loader = AdapterLoader(backend, store, cache_dir=adapter_cache)
+        # OEL_MODEL__ADAPTERS=served: the servers' adapter sync loads versions (Kubernetes); this agent only checks
+        # that its server lists a version before it plays with it, and never loads or unloads one itself.
+        self.served = getattr(settings.model, "adapters", "load") == "served"
+        self.settle_s = settle_s
+        self._first_seen: dict[str, float] = {}
+        self._played: set[str] = set()
         self.recorder = Recorder(settings)
-        self.follower = VersionFollower(namespace, settings, on_change=self.loader).start()
+        self.follower = VersionFollower(namespace, settings, on_change=None if self.served else self.loader).start()
         self.serving = BASE_VERSION
 
     def play(self, seeds: Iterable[int], episode_id: Callable[[Episode], str] | None = None,
              on_episode: Callable[[Episode], None] | None = None) -> list[Episode]:
         """Play one batch of episodes (one per seed) with the version current now, recording each as it ends."""
         pinned = self.follower.pin()
-        if pinned.version is not None and not self.loader.load(pinned.version):
-            log.warning("%s: the adapter of %s is not loadable; playing this batch with %s", self.namespace, pinned.name, self.serving)
+        if pinned.version is not None and not self._usable(pinned.version):
+            log.warning("%s: the adapter of %s is not %s; playing this batch with %s", self.namespace, pinned.name,
+                        "served everywhere yet" if self.served else "loadable", self.serving)
         else:
             self._switch(pinned.name)
         adapter = None if self.serving == BASE_VERSION else self.serving
@@ -82,13 +90,34 @@ class LiveAgent:
 
         return run_episodes(self.backend, self.make_env, seeds, replace(self.agent, adapter=adapter), on_episode=record)
 
+    def _usable(self, version) -> bool:
+        """Whether this batch can play with ``version``. Loading mode: its adapter is (now) loaded. Served mode: the
+        server lists it, and it is one this agent played before (a rollback target) or was first seen at least
+        ``settle_s`` ago, so that the other replicas behind the same Service have loaded it too."""
+        if version.adapter_uri is None:
+            return True
+        if not self.served:
+            return self.loader.load(version)
+        import time
+
+        name = version.version
+        first = self._first_seen.setdefault(name, time.monotonic())
+        try:
+            listed = name in self.backend.list_adapters()
+        except Exception as exc:  # noqa: BLE001 - the server is down or busy: keep the current version
+            log.warning("%s: cannot list the server's adapters: %s", self.namespace, exc)
+            return False
+        return listed and (name in self._played or time.monotonic() - first >= self.settle_s)
+
     def _switch(self, name: str) -> None:
-        """Serve ``name`` from the next batch on; the old adapter is unloaded (no episode uses it any more)."""
+        """Serve ``name`` from the next batch on; the old adapter is unloaded (no episode uses it any more), unless
+        the servers manage adapters themselves (served mode)."""
+        self._played.add(name)
         if name == self.serving:
             return
         old, self.serving = self.serving, name
         log.info("%s: agent %s now plays with %s (was %s)", self.namespace, self.agent_id, name, old)
-        if old != BASE_VERSION and old in self.backend.list_adapters():
+        if not self.served and old != BASE_VERSION and old in self.backend.list_adapters():
             self.backend.unload_adapter(old)
 
     def close(self) -> None:

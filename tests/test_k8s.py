@@ -9,8 +9,11 @@
   against Kubernetes' ObjectMeta schema. What the operators do at admission (CEL rules, defaults,
   webhooks) is not checked here.
 * Consistency: KafkaTopics equal ``oel/topics.py`` under each overlay's OEL_TOPICS__* settings;
-  processor replicas <= partitions; the PrometheusRule holds infra/prometheus/rules; the vLLM admin
-  port is reachable from the learner only; probes, requests/limits, PDBs; no secret values.
+  processor replicas (KEDA) <= partitions; the PrometheusRule holds infra/prometheus/rules; vLLM's admin
+  API is reachable only from its own pod's adapter sync; probes, requests/limits, PDBs; no secret values.
+* Hardening: a ServiceAccount per workload without a token, non-root containers with read-only roots,
+  liveness on progress (/livez), a default-deny NetworkPolicy with the traffic each component needs,
+  per-component KafkaUsers with ACLs under authorization: simple (prod).
 
 Tools: kustomize and kubernetes-validate, installed by infra/local/k8s-tools.sh (idempotent).
 """
@@ -167,7 +170,7 @@ def test_custom_resources_match_their_crd_schemas(overlay):
     name, docs = overlay
     crs = [d for d in docs if not _is_builtin(d)]
     kinds = {d["kind"] for d in crs}
-    assert {"Kafka", "KafkaNodePool", "KafkaTopic", "PodMonitor", "PrometheusRule"} <= kinds
+    assert {"Kafka", "KafkaNodePool", "KafkaTopic", "PodMonitor", "PrometheusRule", "ScaledObject"} <= kinds
     for doc in crs:
         errors = _cr_errors(doc)
         assert not errors, f"{name}: {doc['kind']}/{doc['metadata']['name']}:\n  " + "\n  ".join(errors)
@@ -218,8 +221,29 @@ def test_replicas_do_not_exceed_partitions(overlay):
     cfg = _config(docs)
     processor = _one(docs, "Deployment", "oel-processor")
     learner = _one(docs, "Deployment", "oel-learner")
-    assert 1 <= processor["spec"]["replicas"] <= int(cfg["OEL_TOPICS__TRAJECTORIES_PARTITIONS"]), name
+    assert "replicas" not in processor["spec"], f"{name}: KEDA's HPA owns the processor's replicas"
+    scaler = _one(docs, "ScaledObject", "oel-processor")["spec"]
+    assert scaler["scaleTargetRef"]["name"] == "oel-processor"
+    assert 1 <= scaler["minReplicaCount"] <= scaler["maxReplicaCount"] == int(cfg["OEL_TOPICS__TRAJECTORIES_PARTITIONS"]), name
     assert 1 <= learner["spec"]["replicas"] <= int(cfg["OEL_TOPICS__EXPERIENCE_PARTITIONS"]), name
+
+
+def test_processor_scales_on_its_consumer_lag_read_from_the_brokers(overlay):
+    """KEDA's Kafka scaler on the processor's own consumer group and input topic, over the listener and
+    credentials the overlay's clients use."""
+    name, docs = overlay
+    cfg = _config(docs)
+    [trigger] = _one(docs, "ScaledObject", "oel-processor")["spec"]["triggers"]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "kafka"
+    assert meta["consumerGroup"] == "oel-processor" and meta["topic"] == "oel.trajectories"  # APP_ID, TOPICS__TRAJECTORIES defaults
+    assert meta["bootstrapServers"] == cfg["OEL_KAFKA__BOOTSTRAP_SERVERS"], name
+    assert int(meta["lagThreshold"]) > 0 and meta["allowIdleConsumers"] == "false"
+    if cfg["OEL_KAFKA__SECURITY_PROTOCOL"] != "PLAINTEXT":
+        auth = _one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])["spec"]
+        params = {r["parameter"] for r in auth["secretTargetRef"] + auth.get("configMapTargetRef", [])}
+        assert {"username", "password", "sasl", "tls", "ca"} <= params
+        assert _one(docs, "KafkaUser", "oel-keda")
 
 
 def test_replication_fits_the_brokers(overlay):
@@ -248,36 +272,55 @@ def test_pod_monitors_use_the_local_job_names(overlay):
             jobs |= {r["replacement"] for r in ep.get("relabelings", []) if r.get("targetLabel") == "job"}
             if monitor["metadata"]["name"].startswith("oel-"):
                 assert ep.get("honorLabels") is True, "OEL's namespace label must survive the scrape"
-    assert jobs == {"oel-processor", "oel-learner", "oel-agents", "vllm", "minio"} and jobs <= local_jobs
+    cluster_only = {"kafka", "kafka-exporter"}  # Strimzi's pods: no local counterpart
+    assert jobs == {"oel-processor", "oel-learner", "oel-agents", "oel-adapter-sync", "vllm", "minio"} | cluster_only
+    assert jobs - cluster_only <= local_jobs
 
 
-def test_vllm_serves_lora_with_runtime_loading_on_a_gpu_and_admin_only_for_the_learner(overlay, kustomize):
+def test_vllm_serves_lora_and_each_pod_syncs_its_own_adapters(overlay):
+    """vLLM listens on the pod's loopback only; the pod's adapter-sync container loads promoted versions
+    through it from a volume both mount at the same path; nothing else can reach the admin API; the
+    learner trains and gates on its own GPU and never calls vLLM."""
     _, docs = overlay
     vllm = _one(docs, "Deployment", "vllm")
     pod = vllm["spec"]["template"]["spec"]
-    server = next(c for c in pod["containers"] if c["name"] == "vllm")
-    assert "--enable-lora" in server["args"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    server, sync = containers["vllm"], containers["adapter-sync"]
+    assert "--enable-lora" in server["args"] and "--host=127.0.0.1" in server["args"] and "--port=8000" in server["args"]
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in server["env"]
     assert server["resources"]["limits"]["nvidia.com/gpu"] == "1" and pod["nodeSelector"]["oel.io/gpu"] == "true"
-    learner_pod = _one(docs, "Deployment", "oel-learner")["spec"]["template"]
-    assert learner_pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert learner_pod["spec"]["nodeSelector"]["oel.io/gpu"] == "true"
-
-    [policy] = [p for p in _kinds(docs, "NetworkPolicy") if p["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "vllm"}]
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
-    admin_from = [r["from"] for r in policy["spec"]["ingress"] if any(p["port"] == 8000 for p in r["ports"])]
-    assert admin_from == [[{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "oel-learner"}}}]]
-    assert learner_pod["metadata"]["labels"]["app.kubernetes.io/name"] == "oel-learner"
-    for name in ("oel-processor", "oel-agent"):
-        labels = _one(docs, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
-        assert labels["app.kubernetes.io/name"] != "oel-learner"
-    # Port 8080 (everyone) is nginx, which refuses the adapter admin paths.
+    assert not server.get("ports"), "vLLM's own port is not exposed"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "127.0.0.1:8000/health" in " ".join(server[probe]["exec"]["command"])
+    # the sidecar: this pod's server, a volume shared at the same path, a readiness that means "in sync"
+    assert sync["args"][:3] == ["oel", "adapters", "sync"] and sync["image"] == containers["adapter-sync"]["image"]
+    sync_env = {e["name"]: e.get("value") for e in sync["env"]}
+    assert sync_env["OEL_MODEL__VLLM_URL"] == "http://127.0.0.1:8000" and sync_env["OEL_ADAPTER_SYNC_NAMESPACES"]
+    dir_arg = sync["args"][sync["args"].index("--dir") + 1]
+    mounts = {c: {m["name"]: m for m in containers[c]["volumeMounts"]} for c in ("vllm", "adapter-sync")}
+    assert mounts["vllm"]["adapters"]["mountPath"] == mounts["adapter-sync"]["adapters"]["mountPath"] == dir_arg
+    assert mounts["vllm"]["adapters"].get("readOnly") is True and not mounts["adapter-sync"]["adapters"].get("readOnly")
+    assert any(v["name"] == "adapters" and "emptyDir" in v for v in pod["volumes"])
+    assert sync["readinessProbe"]["httpGet"]["path"] == "/readyz" and sync["livenessProbe"]["httpGet"]["path"] == "/livez"
+    # no Service reaches port 8000; the proxy refuses the admin paths
+    for svc in _kinds(docs, "Service"):
+        assert all(p.get("targetPort") not in (8000, "api") and p["port"] != 8000 for p in svc["spec"]["ports"]), svc["metadata"]["name"]
     conf = next(c for c in docs if c["kind"] == "ConfigMap" and c["metadata"]["name"].startswith("vllm-proxy"))["data"]["nginx.conf"]
     assert re.search(r"location ~ \^/v1/\(load\|unload\)_lora_adapter \{ return 403", conf)
     assert "listen 8080" in conf and "proxy_pass http://127.0.0.1:8000" in conf
     assert _config(docs)["OEL_MODEL__VLLM_URL"] == "http://vllm:8080"
-    learner_env = {e["name"]: e.get("value") for e in learner_pod["spec"]["containers"][0]["env"]}
-    assert learner_env["OEL_MODEL__VLLM_URL"] == "http://vllm-admin:8000"
+    assert _config(docs)["OEL_MODEL__ADAPTERS"] == "served", "agents must not call the admin API the proxy refuses"
+    # the learner: the CUDA image, the in-process backend on its GPU
+    learner = _one(docs, "Deployment", "oel-learner")["spec"]["template"]["spec"]
+    lc = learner["containers"][0]
+    learner_env = {e["name"]: e.get("value") for e in lc["env"]}
+    assert learner_env["OEL_MODEL__BACKEND"] == "transformers" and learner_env["OEL_MODEL__DEVICE"] == "cuda"
+    assert "OEL_MODEL__VLLM_URL" not in learner_env
+    assert lc["image"].endswith("-cuda") and lc["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert learner["nodeSelector"]["oel.io/gpu"] == "true"
+    images = {c["image"] for w in _kinds(docs, "Deployment") for c in w["spec"]["template"]["spec"]["containers"]
+              if c["name"] in ("processor", "agent", "adapter-sync")}
+    assert len(images) == 1 and lc["image"] == images.pop() + "-cuda", "one image, its CUDA variant for the learner"
 
 
 def test_containers_have_resources_and_probes_and_workloads_have_pdbs(overlay):
@@ -331,3 +374,182 @@ def test_images_are_pinned(overlay):
         for c in w["spec"]["template"]["spec"]["containers"]:
             image = c["image"]
             assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
+
+
+# --- hardening (issue production-path) -------------------------------------------------------------
+
+
+def _pods(docs):
+    for w in _kinds(docs, "Deployment") + _kinds(docs, "StatefulSet"):
+        yield w["metadata"]["name"], w["spec"]["template"]
+
+
+def test_every_pod_has_its_own_service_account_without_a_token(overlay):
+    name, docs = overlay
+    accounts = {a["metadata"]["name"]: a for a in _kinds(docs, "ServiceAccount")}
+    assert not _kinds(docs, "RoleBinding") and not _kinds(docs, "ClusterRoleBinding")
+    for workload, tpl in _pods(docs):
+        spec = tpl["spec"]
+        sa = spec.get("serviceAccountName")
+        assert sa in accounts, f"{name}: {workload} runs as {sa!r}, not one of its own ServiceAccounts"
+        assert spec.get("automountServiceAccountToken") is False, f"{name}: {workload} mounts a token"
+        assert accounts[sa].get("automountServiceAccountToken") is False, sa
+
+
+def test_every_container_is_non_root_with_a_read_only_root(overlay):
+    name, docs = overlay
+    for workload, tpl in _pods(docs):
+        spec = tpl["spec"]
+        pod_sc = spec.get("securityContext", {})
+        assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", workload
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c.get("securityContext", {})
+            where = f"{name}: {workload}/{c['name']}"
+            non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+            uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+            assert non_root is True and uid not in (None, 0), where
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("allowPrivilegeEscalation") is False and sc.get("capabilities", {}).get("drop") == ["ALL"], where
+
+
+def test_liveness_means_progress_not_an_open_metrics_port(overlay):
+    """OEL's containers: liveness on /livez (the service's own progress), readiness on /readyz (its broker
+    and store reachable, or, for the adapter sync, the server in sync); /metrics stays up when a consumer
+    is stuck, so no probe of theirs may use it."""
+    name, docs = overlay
+    for workload, tpl in _pods(docs):
+        for c in tpl["spec"]["containers"]:
+            if not c["image"].startswith(("registry.example.com/oel/oel", "oel")):
+                continue
+            where = f"{name}: {workload}/{c['name']}"
+            assert c["livenessProbe"]["httpGet"]["path"] == "/livez", where
+            assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", where
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert c.get(probe, {}).get("httpGet", {}).get("path") != "/metrics", where
+
+
+def _selects(policy: dict, labels: dict) -> bool:
+    sel = policy["spec"]["podSelector"]
+    if not sel:
+        return True
+    if any(labels.get(k) != v for k, v in sel.get("matchLabels", {}).items()):
+        return False
+    for e in sel.get("matchExpressions", []):
+        if e["operator"] == "In" and labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
+def _peers_allowed(policies, labels, direction) -> list[dict]:
+    """Every (peer, ports) rule that lets traffic in or out of pods with ``labels``."""
+    out = []
+    for p in policies:
+        if _selects(p, labels) and direction.capitalize() in p["spec"]["policyTypes"]:
+            for rule in p["spec"].get(direction, []):
+                out.append(rule)
+    return out
+
+
+def _pod_allows(rules, peer_labels: dict | None, port: int, namespace: str | None = None) -> bool:
+    for rule in rules:
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        peers = rule.get("to", rule.get("from"))
+        if peers is None:
+            return True
+        for peer in peers:
+            ns_ok = "namespaceSelector" not in peer or peer["namespaceSelector"].get("matchLabels", {}).get("kubernetes.io/metadata.name") == namespace
+            if "podSelector" in peer:
+                pod_ok = peer_labels is not None and _selects({"spec": {"podSelector": peer["podSelector"]}}, peer_labels)
+            else:
+                pod_ok = namespace is not None
+            if "namespaceSelector" not in peer and namespace is not None:
+                continue
+            if ns_ok and pod_ok:
+                return True
+    return False
+
+
+def test_default_deny_with_exactly_the_traffic_each_component_needs(overlay):
+    name, docs = overlay
+    policies = _kinds(docs, "NetworkPolicy")
+    deny = [p for p in policies if not p["spec"]["podSelector"] and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}, f"{name}: no default deny"
+    labels = {w: tpl["metadata"]["labels"] for w, tpl in _pods(docs)}
+    kafka = {"strimzi.io/cluster": "oel", "strimzi.io/kind": "Kafka"}
+    dns = {"k8s-app": "kube-dns"}
+
+    def out(src, dst, port, ns=None):
+        return _pod_allows(_peers_allowed(policies, labels[src], "egress"), dst, port, ns)
+
+    def into(dst, src, port, ns=None):
+        return _pod_allows(_peers_allowed(policies, labels[dst], "ingress"), src, port, ns)
+
+    needs = {  # (source, destination, port): what each component must be able to do
+        ("oel-processor", "kafka", 9093), ("oel-processor", "minio", 9000), ("oel-processor", "vllm", 8080),
+        ("oel-learner", "kafka", 9093), ("oel-learner", "minio", 9000),
+        ("oel-agent", "kafka", 9093), ("oel-agent", "minio", 9000), ("oel-agent", "vllm", 8080),
+        ("vllm", "kafka", 9093), ("vllm", "minio", 9000),
+        ("minio", "minio", 9000),
+    }
+    forbidden = {("oel-learner", "vllm", 8080), ("oel-agent", "vllm", 8000), ("oel-processor", "vllm", 8000),
+                 ("oel-learner", "vllm", 8000), ("minio", "kafka", 9093), ("vllm", "vllm", 8080), ("oel-agent", "oel-learner", 9102)}
+    for src, dst, port in needs | forbidden:
+        dst_labels = kafka if dst == "kafka" else labels[dst]
+        allowed = out(src, dst_labels, port) and (dst == "kafka" or into(dst, labels[src], port))
+        assert allowed == ((src, dst, port) in needs), f"{name}: {src} -> {dst}:{port} {'blocked' if not allowed else 'allowed'}"
+    for w in labels:  # everyone resolves names; Prometheus scrapes every metrics port
+        assert _pod_allows(_peers_allowed(policies, labels[w], "egress"), dns, 53, "kube-system"), w
+    for w, port in {"oel-processor": 9101, "oel-learner": 9102, "oel-agent": 9103, "vllm": 8080, "minio": 9000}.items():
+        assert into(w, None, port, "monitoring"), f"{name}: monitoring cannot scrape {w}:{port}"
+    assert into("vllm", None, 9104, "monitoring")
+    assert not out("oel-processor", None, 443, "default"), "no OEL service talks to the outside"
+
+
+def test_kafka_metrics_and_exporter_are_on(overlay):
+    _, docs = overlay
+    spec = _kinds(docs, "Kafka")[0]["spec"]
+    assert spec["kafka"]["metricsConfig"]["type"] == "strimziMetricsReporter"
+    assert spec["kafkaExporter"]["groupRegex"] and spec["kafkaExporter"]["topicRegex"]
+
+
+def test_prod_kafka_authorizes_each_component_by_its_own_acls(kustomize):
+    docs = [copy.deepcopy(d) for d in _render(kustomize, "overlays/prod")]
+    kafka = _kinds(docs, "Kafka")[0]["spec"]["kafka"]
+    assert kafka["authorization"] == {"type": "simple"}
+    assert all(listener.get("authentication", {}).get("type") == "scram-sha-512" for listener in kafka["listeners"])
+    users = {u["metadata"]["name"]: u["spec"] for u in _kinds(docs, "KafkaUser")}
+    assert set(users) == {"oel-processor", "oel-learner", "oel-agent", "oel-adapter-sync", "oel-keda"}
+    for user, spec in users.items():
+        assert spec["authorization"]["type"] == "simple" and spec["authorization"]["acls"], user
+        assert not any(a["resource"]["type"] == "topic" and a["resource"].get("name") in ("*", "")
+                       for a in spec["authorization"]["acls"]), user
+
+    def ops(user, rtype, name):
+        out = set()
+        for a in users[user]["authorization"]["acls"]:
+            r = a["resource"]
+            hit = r.get("name") == name if r.get("patternType", "literal") == "literal" else name.startswith(r["name"])
+            if r["type"] == rtype and hit:
+                out |= set(a["operations"])
+        return out
+
+    assert {"Write"} <= ops("oel-agent", "topic", "oel.trajectories") and "Read" not in ops("oel-agent", "topic", "oel.trajectories")
+    assert "Read" in ops("oel-agent", "topic", "oel.model-versions") and "Write" not in ops("oel-agent", "topic", "oel.model-versions")
+    assert not ops("oel-agent", "topic", "oel.experience")
+    assert "Read" in ops("oel-processor", "topic", "oel.trajectories") and "Write" in ops("oel-processor", "topic", "oel.experience")
+    assert "Write" not in ops("oel-processor", "topic", "oel.model-versions")
+    assert "Read" in ops("oel-learner", "topic", "oel.experience") and "Write" in ops("oel-learner", "topic", "oel.model-versions")
+    assert "Write" not in ops("oel-learner", "topic", "oel.trajectories")
+    assert ops("oel-adapter-sync", "topic", "oel.model-versions") == {"Read", "Describe"}
+    assert ops("oel-keda", "group", "oel-processor") == {"Describe"}
+    # each client container authenticates as its own user, with that user's password Secret
+    expected = {("oel-processor", "processor"): "oel-processor", ("oel-learner", "learner"): "oel-learner",
+                ("oel-agent", "agent"): "oel-agent", ("vllm", "adapter-sync"): "oel-adapter-sync"}
+    for (deploy, container), user in expected.items():
+        c = next(c for c in _one(docs, "Deployment", deploy)["spec"]["template"]["spec"]["containers"] if c["name"] == container)
+        env = {e["name"]: e for e in c["env"]}
+        assert env["OEL_KAFKA__SASL_USERNAME"]["value"] == user, (deploy, container)
+        assert env["OEL_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == user, (deploy, container)
+        assert any(m["mountPath"] == "/etc/oel/kafka-ca" for m in c["volumeMounts"]), (deploy, container)

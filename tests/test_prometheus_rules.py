@@ -26,6 +26,14 @@ DASHBOARD = REPO / "infra" / "grafana" / "dashboards" / "oel.json"
 PROMTOOL = "/usr/bin/promtool"
 # Series that Prometheus itself makes, which dashboards and rules may use beside OEL's.
 PROMETHEUS_OWN = {"up", "ALERTS", "ALERTS_FOR_STATE"}
+# Series of other programs the dashboard and the rules rely on (names as vLLM 0.32's v1 metrics and MinIO's
+# v2 cluster metrics expose them).
+EXTERNAL = {
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:request_success_total",
+    "vllm:e2e_request_latency_seconds_bucket", "vllm:time_to_first_token_seconds_bucket", "vllm:kv_cache_usage_perc",
+    "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+    "minio_cluster_nodes_offline_total",
+}
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
                    "offset", "inf", "nan", "Inf", "NaN", "atan2"}
 
@@ -73,7 +81,9 @@ def test_the_issue_alerts_exist_and_each_has_a_unit_test_and_a_runbook():
     ops = (REPO / "docs" / "operations.md").read_text().lower()
     for alert in _alerts():
         assert alert["labels"]["severity"] in {"info", "warning", "critical"}
-        anchor = alert["annotations"]["runbook_url"].split("#")[1]
+        url = alert["annotations"]["runbook_url"]
+        assert re.fullmatch(r"https?://[^/\s]+/\S*operations\.md#[a-z0-9-]+", url), f"{alert['alert']}: runbook_url is no URL: {url}"
+        anchor = url.split("#")[1]
         assert re.search(rf"^#+ .*{anchor}|<a id=\"{anchor}\"", ops, re.M) or f"### {anchor}" in ops, f"no section for {anchor}"
 
 
@@ -128,23 +138,35 @@ def test_dashboard_json_is_what_the_generator_makes():
     assert _dashboard() == json.loads(json.dumps(generate.build())), "run python infra/grafana/generate.py --write"
 
 
-def test_dashboard_covers_rounds_and_pipeline_and_uses_the_provisioned_datasource():
+def test_dashboard_covers_rounds_pipeline_and_inference_through_a_datasource_variable():
     d = _dashboard()
-    assert [p["title"] for p in d["panels"] if p["type"] == "row"] == ["Learning rounds", "Pipeline health"]
+    assert [p["title"] for p in d["panels"] if p["type"] == "row"] == ["Learning rounds", "Pipeline health", "Inference (vLLM)"]
     assert len(_panel_queries()) >= 30
     ds = yaml.safe_load((REPO / "infra/grafana/provisioning/datasources/oel-prometheus.yml").read_text())["datasources"][0]
+    [var] = [v for v in d["templating"]["list"] if v["type"] == "datasource"]
+    assert var["query"] == "prometheus" and var["current"]["value"] == ds["uid"]  # the provisioned one by default
     for panel in d["panels"]:
         if panel["type"] != "row":
-            assert panel["datasource"]["uid"] == ds["uid"]
+            assert panel["datasource"]["uid"] == "${%s}" % var["name"]
+            assert all(t["datasource"]["uid"] == "${%s}" % var["name"] for t in panel["targets"])
+    for v in d["templating"]["list"]:
+        if v["type"] == "query":
+            assert v["datasource"]["uid"] == "${%s}" % var["name"]
+    inference = " ".join(e for title, e in _panel_queries() if "vllm:" in e or "oel-adapter-sync" in e)
+    for series in ("vllm:num_requests_running", "vllm:e2e_request_latency_seconds_bucket", "vllm:kv_cache_usage_perc",
+                   "oel_adapters_served", "oel_adapter_loads_total"):
+        assert series in inference, series
     provider = yaml.safe_load((REPO / "infra/grafana/provisioning/dashboards/oel.yml").read_text())["providers"][0]
     assert provider["type"] == "file" and provider["options"]["path"]
 
 
 def test_dashboard_and_rules_name_only_oel_metrics():
-    allowed = metrics.exposed_names() | PROMETHEUS_OWN
+    allowed = metrics.exposed_names() | PROMETHEUS_OWN | EXTERNAL
     exprs = [(t, e) for t, e in _panel_queries()]
     exprs += [("annotation " + a["name"], a["expr"]) for a in _dashboard()["annotations"]["list"]]
     for var in _dashboard()["templating"]["list"]:
+        if var["type"] != "query":
+            continue
         m = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", var["query"]["query"])
         assert m, var
         exprs.append(("variable " + var["name"], m.group(1)))

@@ -56,6 +56,8 @@ def test_environment_overrides_nested_fields(clean_env):
         ("OEL_S3__BUCKET", "Bad_Bucket", "S3 bucket name"),
         ("OEL_MODEL__BACKEND", "tensorrt", "'transformers' or 'vllm'"),
         ("OEL_MODEL__PATH", "/nonexistent/model", "config.json"),
+        ("OEL_MODEL__DEVICE", "gpu", "should match pattern"),
+        ("OEL_MODEL__DEVICE", "cuda:x", "should match pattern"),
         ("OEL_KAFKA__SECURITY_PROTOCOL", "SASL_SSL", "OEL_KAFKA__SASL_MECHANISM"),
     ],
 )

@@ -28,6 +28,10 @@ class OPCDConfig:
     """Weights dtype. ``None``: for LoRA, bfloat16 where the machine computes it natively
     (:func:`oel.model.hf_backend.resolve_dtype`), else float32; float32 for a full fine-tune (AdamW updates
     of ~1e-6 vanish in bfloat16 weights)."""
+    device: str | None = None
+    """Where the student, the teacher, sampling and the loss run: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``
+    (``OEL_MODEL__DEVICE``; :func:`oel.model.hf_backend.resolve_device`). ``None``: the device of a model passed
+    to the trainer, else ``auto`` (a GPU when torch sees one)."""
     finetune: Literal["lora", "full"] = "lora"
     """Train a LoRA adapter (default) or every weight."""
     init_adapter: str | Path | None = None
@@ -172,7 +176,14 @@ class OPCDConfig:
             return "float32"
         from oel.model.hf_backend import resolve_dtype
 
-        return resolve_dtype("auto")
+        return resolve_dtype("auto", self.effective_device)
+
+    @property
+    def effective_device(self) -> str:
+        """``device`` resolved (``None`` and ``auto``: ``cuda:0`` when torch sees a GPU, else ``cpu``)."""
+        from oel.model.hf_backend import resolve_device
+
+        return resolve_device(self.device or "auto")
 
     @property
     def effective_lora_alpha(self) -> float:
@@ -193,6 +204,7 @@ class OPCDConfig:
         values: dict[str, Any] = dict(
             model_path=settings.model.path,
             dtype=None if settings.model.dtype == "auto" else settings.model.dtype,
+            device=getattr(settings.model, "device", "auto"),
             steps=learner.steps,
             batch_size=learner.batch_size,
             learning_rate=learner.learning_rate,

@@ -262,7 +262,6 @@ class OPCDTrainer:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.rng = random.Random(config.seed)
-        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.template = ExperienceTemplate(config.experience_position)
         t0 = time.monotonic()
         if model is None or tokenizer is None:
@@ -273,6 +272,11 @@ class OPCDTrainer:
             model = model or AutoModelForCausalLM.from_pretrained(str(self.model_path), dtype=_dtype(config.effective_dtype))
         else:
             self.model_path = Path(config.model_path) if config.model_path is not None else None
+        # Student, teacher (the same module or its copy), sampling and loss all run on one device (OEL_MODEL__DEVICE).
+        self.device = torch.device(config.effective_device if config.device is not None or model is None
+                                   else next(model.parameters()).device)
+        model.to(self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.tokenizer = tokenizer
         self.eos_ids = self._eos_ids(model)
         pad = tokenizer.pad_token_id
@@ -552,6 +556,7 @@ class OPCDTrainer:
         try:
             n = len(prompts)
             ids, mask = pad_left(prompts, self.pad_id)
+            ids, mask = ids.to(self.device), mask.to(self.device)
             width = ids.shape[1]
             cache = DynamicCache(config=self._causal_lm("student").config)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -568,7 +573,7 @@ class OPCDTrainer:
                 ids, pos = ids[:, -1:], pos[:, -1:]
             logits = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                         use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
-            eos = torch.tensor(self.eos_ids, dtype=torch.long)
+            eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
             responses: list[list[int]] = [[] for _ in range(n)]
             reasons = ["length"] * n
             active = list(range(n))
@@ -586,12 +591,12 @@ class OPCDTrainer:
                 if not keep or step == cfg.max_new_tokens - 1:
                     break
                 if len(keep) < len(active):
-                    sel = torch.tensor(keep, dtype=torch.long)
+                    sel = torch.tensor(keep, dtype=torch.long, device=self.device)
                     cache.batch_select_indices(sel)
                     mask = mask[sel]
                     nxt = nxt[sel]
                     active = [active[k] for k in keep]
-                mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
+                mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
                 position = mask.sum(-1, keepdim=True) - 1
                 logits = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
                             use_cache=True).logits[:, -1, :].float()
@@ -765,7 +770,7 @@ class OPCDTrainer:
         cache = DynamicCache(ddp_cache_data=list(prompts.kv))
         with torch.set_grad_enabled(backward):
             hidden = student.get_decoder()(
-                input_ids=tail_ids.to(device), attention_mask=torch.cat([prompts.mask, tail_mask], dim=1).to(device),
+                input_ids=tail_ids.to(device), attention_mask=torch.cat([prompts.mask.to(device), tail_mask.to(device)], dim=1),
                 position_ids=(starts + torch.arange(tail_width)[None]).to(device), past_key_values=cache, use_cache=True,
             ).last_hidden_state
         return [hidden[i, : len(r.response_ids)] for i, r in enumerate(batch)]

@@ -92,12 +92,44 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(name: str) -> str:
-    """A dtype setting as a torch dtype name: ``auto`` = bfloat16 where it is native (:func:`native_bf16`),
-    else float32; any other name is returned as given."""
+def resolve_dtype(name: str, device: str | torch.device | None = None) -> str:
+    """A dtype setting as a torch dtype name: ``auto`` = bfloat16 where it is native (on a CUDA ``device``;
+    without one, :func:`native_bf16`), else float32; any other name is returned as given."""
     if name != "auto":
         return name
+    if device is not None:
+        if torch.device(device).type == "cuda":
+            return "bfloat16"
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "float32"
+        return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
     return "bfloat16" if native_bf16() else "float32"
+
+
+def resolve_device(name: str = "auto") -> str:
+    """The ``OEL_MODEL__DEVICE`` setting as a torch device: ``auto`` = ``cuda:0`` when torch sees a GPU, else
+    ``cpu``; ``cuda`` = ``cuda:0``. A GPU that is not there is an error naming the setting (raised at start-up,
+    not at the first generation)."""
+    if name == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if not name.startswith("cuda"):
+        raise BackendError(f"OEL_MODEL__DEVICE: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    index = int(name.split(":", 1)[1]) if ":" in name else 0
+    if not torch.cuda.is_available():
+        raise BackendError(f"OEL_MODEL__DEVICE={name}: torch sees no CUDA GPU (torch {torch.__version__}, "
+                           f"CUDA build {torch.version.cuda or 'none'}); use cpu or auto")
+    if index >= torch.cuda.device_count():
+        raise BackendError(f"OEL_MODEL__DEVICE={name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return f"cuda:{index}"
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of a model's (first) parameters."""
+    return next(model.parameters()).device
 
 
 def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +172,8 @@ def score_tokens(
         responses = response_token_ids[start : start + batch_size]
         rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
         ids, mask = pad_left(rows, pad_id)
+        device = model_device(model)
+        ids, mask = ids.to(device), mask.to(device)
         keep = max(len(r) for r in responses) + 1
         logits = model(
             input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False, logits_to_keep=keep
@@ -152,7 +186,7 @@ def score_tokens(
             n = len(r)
             # the logits at column keep-1-n .. keep-2 predict the response tokens 0 .. n-1
             sl = logp[i, keep - 1 - n : keep - 1]
-            out.append(sl.gather(-1, torch.tensor(list(r), dtype=torch.long)[:, None])[:, 0].tolist())
+            out.append(sl.gather(-1, torch.tensor(list(r), dtype=torch.long, device=device)[:, None])[:, 0].tolist())
     return out
 
 
@@ -197,7 +231,8 @@ class HFBackend(Backend):
         """The backend for ``settings.model`` (the default model is prepared on first use)."""
         from oel.model.prepare import resolve_model_path
 
-        return cls(resolve_model_path(settings), dtype=resolve_dtype(settings.model.dtype), **kwargs)
+        device = kwargs.pop("device", None) or resolve_device(getattr(settings.model, "device", "auto"))
+        return cls(resolve_model_path(settings), dtype=resolve_dtype(settings.model.dtype, device), device=device, **kwargs)
 
     def _eos_ids(self) -> list[int]:
         ids: list[int] = []
@@ -390,7 +425,7 @@ class HFBackend(Backend):
     def _generators(self, params: SamplingParams, rows: list[int]) -> list[torch.Generator | None]:
         if params.seed is None:
             return [None] * len(rows)
-        return [torch.Generator(device="cpu").manual_seed(int(params.seed) + r) for r in rows]
+        return [torch.Generator(device=self.device).manual_seed(int(params.seed) + r) for r in rows]
 
     def _sample(self, logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator | None]) -> torch.Tensor:
         """One next token per row from float32 logits (rows, vocab)."""
