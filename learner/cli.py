@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from oel.settings import KB_TOKEN_BUDGET
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +55,7 @@ def run(ctx: click.Context) -> None:
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Longer prefixes are left out (never truncated).")
 @click.option("--experience-budget", type=click.IntRange(min=16), default=None,
-              help="Experience token budget; the oldest items over it are dropped and reported [default: 2048].")
+              help=f"Experience token budget; the oldest items over it are dropped and reported [default: {KB_TOKEN_BUDGET}].")
 @click.option("--lora-rank", type=click.IntRange(min=1), default=None, help="LoRA rank [default: 16].")
 @click.option("--full", "full_finetune", is_flag=True, help="Full fine-tune instead of LoRA (float32 weights, a frozen teacher copy).")
 @click.option("--experience-position", type=click.Choice(["first_user", "last_user"]), default="first_user", show_default=True,

@@ -12,7 +12,7 @@ One process plays every part, in rounds:
 3. **the learner** applies the trigger policy and runs an OPCD round with the evaluation gate
    (:class:`learner.consolidator.Consolidator`, :class:`learner.rounds.RoundRunner`); an accepted
    version is promoted, i.e. published as a :class:`~oel.schemas.ModelVersion`;
-4. **the agents follow** the model-versions topic (:class:`producers.versions.VersionState`) and load
+4. **the agents follow** the model-versions topic (:class:`oel.versions.VersionState`) and load
    the new adapter before their next episodes.
 
 The services' transports are replaced by an in-process bus (:class:`oel.bus.InProcessBus`, same wire
@@ -53,10 +53,9 @@ from oel.schemas import (
 )
 from oel.settings import Settings
 from oel.store import LocalStore, ObjectStore
+from oel.versions import BASE_VERSION, VersionState
 
 log = logging.getLogger(__name__)
-
-BASE_VERSION = "base"
 
 
 @dataclass(frozen=True)
@@ -315,7 +314,6 @@ class DemoLoop(LearningLoop):
     ):
         super().__init__(settings, config, store or LocalStore(Path(config.out_dir) / "store"), backend, progress)
         from oel.model.factory import token_counter
-        from producers.versions import VersionState
 
         self.bus = InProcessBus()
         self.registry = ModelRegistry(self.store, publisher=self._publish_version)

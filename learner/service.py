@@ -39,12 +39,9 @@ from oel.logs import client_logger
 from oel.schemas import ExperienceUpdate, InvalidMessage, decode
 from oel.settings import Settings
 from oel.store import ObjectStore
-from oel.topics import producer_max_bytes
+from oel.topics import dead_letter, producer_max_bytes
 
 log = logging.getLogger(__name__)
-
-ERROR_HEADER = "oel.error"
-SOURCE_HEADER = "oel.source"
 
 
 class LearnerService:
@@ -150,12 +147,9 @@ class LearnerService:
                 **self.settings.kafka.client_config(), "enable.idempotence": True, "acks": "all",
                 "message.max.bytes": producer_max_bytes(self.settings.topics),
             })
-        headers = [(ERROR_HEADER, reason.encode()), (SOURCE_HEADER, f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode())]
-        self._dlq.produce(f"{self.topic}.dlq", msg.value(), msg.key(), headers=headers)
+        dlq, headers = dead_letter(msg.topic(), msg.partition(), msg.offset(), reason)
+        self._dlq.produce(dlq, msg.value(), msg.key(), headers=headers)
         self._dlq.flush(15)
-        kind = "not_json" if reason.startswith("not valid JSON") else "too_large" if "over the limit" in reason else "schema"
-        metrics.count_dead_letter(self.topic, kind)
-        log.warning("learner: %s[%d]@%d to the DLQ: %s", msg.topic(), msg.partition(), msg.offset(), reason)
 
     # --- rounds ---------------------------------------------------------------------------------
 

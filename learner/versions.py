@@ -19,12 +19,12 @@ why adapter files live under a digest of their content: a retry writes a new fol
 and never conflicts with it.
 
 **Publishing.** A :class:`~oel.schemas.ModelVersion` event goes to the compacted ``oel.model-versions``
-topic through :mod:`producers.versions` (the protocol lives there). Candidates are *not* published:
+topic (the protocol: :mod:`oel.versions`; the publisher: :func:`oel.ops.versions.publish_version`). Candidates are *not* published:
 on a compacted topic the last message per namespace is what a late follower sees, and a candidate
 would hide the promoted version from it. :meth:`ModelRegistry.promote` records ``promoted`` and
 publishes it; :meth:`ModelRegistry.rollback` records ``rolled_back`` for the current version and
 ``promoted`` again for the version rolled back to, then publishes both via
-the messages of :func:`producers.versions.rollback_events`.
+the messages of :func:`oel.versions.rollback_events`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from oel.schemas import NAMESPACE_PATTERN, ModelVersion, VersionStatus
 from oel.store import ImmutableObjectConflict, ObjectNotFound, ObjectStore
+from oel.versions import rollback_events
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ VersionPublisher = Callable[[ModelVersion], None]
 class ModelRegistry:
     """Model versions of every namespace in one object store (see the module docstring).
 
-    ``publisher`` replaces the Kafka publisher (:func:`producers.versions.publish_version` with the
+    ``publisher`` replaces the Kafka publisher (:func:`oel.ops.versions.publish_version` with the
     settings and topic given to :meth:`promote`/:meth:`rollback`), e.g. with the in-process bus of
     ``oel demo``."""
 
@@ -183,7 +184,7 @@ class ModelRegistry:
         if self.publisher is not None:
             self.publisher(event)
         else:
-            from producers.versions import publish_version
+            from oel.ops.versions import publish_version
 
             publish_version(event, settings, topic=topic)
 
@@ -314,7 +315,7 @@ class ModelRegistry:
                 continue
         raise RegistryError(f"could not record status {status.value} of {namespace}/{version}: too many concurrent writers")
 
-    # --- publishing (producers.versions holds the topic's protocol) --------------------------
+    # --- publishing (oel.versions holds the topic's protocol) --------------------------------
 
     def promote(self, namespace: str, version: str, settings=None, *, topic: str | None = None, reason: str | None = None) -> ModelVersion:
         """Record ``promoted`` and publish the version as the namespace's current one."""
@@ -346,7 +347,6 @@ class ModelRegistry:
         """Roll the namespace's current version back: to ``to`` if given, else to its parent if that was a
         good (promoted) version, else to the newest other good version; with none, to the base model.
         Returns (the rolled-back event, the republished event or None for the base model)."""
-        from producers.versions import rollback_events
 
         bad = self.current(namespace)
         if bad is None:

@@ -170,6 +170,7 @@ def smoke(ctx: click.Context) -> None:
     from oel.schemas import EventKind, TrajectoryEvent, decode
     from oel.store import S3Store
     from oel.topics import topic_specs
+    from oel.versions import BASE_VERSION
 
     s = settings_of(ctx)
     t0 = time.monotonic()
@@ -178,7 +179,7 @@ def smoke(ctx: click.Context) -> None:
 
     episode = f"smoke-{uuid.uuid4().hex[:8]}"
     event = TrajectoryEvent(
-        namespace="smoke", episode_id=episode, agent_id="oel-smoke", model_version="base", seq=0, kind=EventKind.start
+        namespace="smoke", episode_id=episode, agent_id="oel-smoke", model_version=BASE_VERSION, seq=0, kind=EventKind.start
     )
     producer = Producer({**s.kafka.client_config(), "enable.idempotence": True, "acks": "all"})
     delivered: list = []

@@ -26,6 +26,7 @@ from oel.extraction import ExtractionConfig, PromptVariant, answer_items, build_
 from oel.grounded import DEFAULT_TRUSTED_FEEDBACK, GroundedConfig, grounded_items, trusted_sources
 from oel.model.backend import Backend, BackendError, SamplingParams
 from oel.schemas import ExperienceUpdate
+from oel.settings import KB_TOKEN_BUDGET
 from oel.store import ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ class WriterConfig:
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
     max_new_tokens: int = 256
     temperature: float = 0.7
-    token_budget: int = 2048
-    """Experience beyond this many tokens is dropped, oldest first (paper: 8192; 2048 for small models)."""
+    token_budget: int = KB_TOKEN_BUDGET
+    """Experience beyond this many tokens is dropped, oldest first."""
     trusted_feedback: str = DEFAULT_TRUSTED_FEEDBACK
     """Namespaces (comma-separated globs) whose environment feedback is trusted (:func:`oel.grounded.trusted_sources`)."""
     grounded: GroundedConfig = field(default_factory=GroundedConfig)

@@ -31,6 +31,10 @@ from pydantic_settings import (
 
 ENV_PREFIX = "OEL_"
 ENV_DELIMITER = "__"
+KB_TOKEN_BUDGET = 2048
+"""Default token budget of a KB snapshot and of the teacher's experience block; beyond it the oldest
+items are dropped (the paper: 8192, and 2048 for small models)."""
+
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
 
 
@@ -230,7 +234,7 @@ class ProcessorSettings(Section):
     include_previous: bool = Field(True, description="Show the current KB in the extraction prompt.")
     max_new_tokens: int = Field(256, ge=8, le=8192, description="Longest extraction answer.")
     temperature: float = Field(0.7, ge=0, le=5, description="Extraction sampling temperature (seeded per batch).")
-    token_budget: int = Field(2048, ge=16, description="KB snapshot budget in tokens; oldest items are dropped beyond it.")
+    token_budget: int = Field(KB_TOKEN_BUDGET, ge=16, description="KB snapshot budget in tokens; oldest items are dropped beyond it.")
 
 
 class LearnerSettings(Section):
@@ -264,7 +268,7 @@ class LearnerSettings(Section):
     stop_agreement: float | None = Field(
         0.9, gt=0, le=1, description="Stop a round early once a check's agreement reaches this (0..1); unset = run every step."
     )
-    experience_token_budget: int = Field(2048, ge=16, description="Experience beyond this is cut, oldest items first.")
+    experience_token_budget: int = Field(KB_TOKEN_BUDGET, ge=16, description="Experience beyond this is cut, oldest items first.")
     lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank of the student adapter.")
     experience_sets: int = Field(
         1, ge=1, le=100, description="Newest KB snapshots the teacher draws experience from, one per sample (the paper's K runs); 1 = the whole current KB."

@@ -48,7 +48,7 @@ from oel.model.backend import BackendError
 from oel.schemas import InvalidMessage, TrajectoryEvent, decode
 from oel.settings import KafkaSettings, Settings
 from oel.store import StoreUnavailable
-from oel.topics import TopicSpec, dlq_name, episode_record_bytes, producer_max_bytes
+from oel.topics import TopicSpec, dead_letter, dlq_name, episode_record_bytes, producer_max_bytes
 from processors.redelivery import DeliveryGuard
 
 log = logging.getLogger(__name__)
@@ -58,18 +58,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StoreUnavailable, BackendEr
 
 REDELIVERY_CHECK_S = 2.0
 """Period of the check for records read but never delivered (two checks in a row confirm one)."""
-
-ERROR_HEADER = "oel.error"
-SOURCE_HEADER = "oel.source"
-
-
-def dlq_reason_label(reason: str) -> str:
-    """The bounded metric label of a DLQ reason."""
-    if reason.startswith("not valid JSON") or reason.startswith("empty"):
-        return "not_json"
-    if "limit" in reason:
-        return "too_large"
-    return "schema"
 
 
 def broker_settings(kafka: KafkaSettings) -> dict[str, Any]:
@@ -211,10 +199,8 @@ class Processor:
         the reason; ``label``: the metric's reason label (by default derived from ``reason``)."""
         msg = event.message
         dlq = self.episodes_dlq if msg.topic == self.settings.topics.episodes else self.dlq
-        headers = [(ERROR_HEADER, reason.encode()), (SOURCE_HEADER, f"{msg.topic}/{msg.partition}/{msg.offset}".encode())]
+        _, headers = dead_letter(msg.topic, msg.partition, msg.offset, reason, label)
         await dlq.send(key=msg.key, value=msg.value, headers=headers)
-        metrics.count_dead_letter(msg.topic, label or dlq_reason_label(reason))
-        log.warning("dead-lettered %s/%d@%d: %s", msg.topic, msg.partition, msg.offset, reason)
 
     async def _assemble(self, stream: faust.StreamT) -> None:
         guard = self.guards[0]

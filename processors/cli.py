@@ -29,6 +29,7 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     from oel.ops.topics import admin_client, ensure_topics, kafka_readiness
     from oel.store import S3Store
     from oel.topics import topic_specs
+    from oel.versions import BASE_VERSION
     from processors.app import Processor, internal_topic_specs, make_worker
 
     s = settings_of(ctx)
@@ -40,7 +41,7 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     writer = KnowledgeWriter(
         store,
         backend,
-        model_version="base",
+        model_version=BASE_VERSION,
         config=WriterConfig.from_settings(s),
         count_tokens=token_counter(backend),
     )

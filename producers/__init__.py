@@ -28,7 +28,7 @@ _EXPORTS = {
         "RecorderStats",
         "UndeliveredEvents",
     ),
-    "producers.versions": ("VersionFollower", "VersionFollowerError", "publish_version", "rollback"),
+    "producers.versions": ("VersionFollower", "VersionFollowerError"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
         RecorderStats,
         UndeliveredEvents,
     )
-    from producers.versions import VersionFollower, VersionFollowerError, publish_version, rollback  # noqa: F401
+    from producers.versions import VersionFollower, VersionFollowerError  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -92,14 +92,13 @@ from oel.schemas import (
 from oel.logs import client_logger
 from oel.settings import Settings, load_settings
 from oel.topics import producer_max_bytes
+from oel.versions import BASE_VERSION
 
 log = logging.getLogger(__name__)
 
 ABANDONED_PREFIX = "abandoned: "
 """Outcome prefix of an episode the agent did not finish (an exception, or no ``end()`` call)."""
 
-BASE_VERSION = "base"
-"""The ``model_version`` recorded while a namespace has no promoted version (the base model)."""
 
 _POLL_INTERVAL_S = 0.01
 """Longest wait of the poll thread for delivery reports: bounds how long close() waits for the thread."""

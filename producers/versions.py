@@ -10,22 +10,9 @@ it in a background thread::
             backend.use_adapter(ep.version)          # fixed for the whole episode
             ...
 
-Rules, in message order (the last one decides):
-
-* ``promoted``: this version becomes current;
-* ``rolled_back`` / ``rejected`` of the *current* version: fall back to its ``parent_version`` if that
-  was seen promoted and is not itself bad, else to the newest good promoted version seen, else to
-  the base model (``current()`` is None; agents record :data:`~producers.recorder.BASE_VERSION`);
-  of any other version: nothing changes (a rejected candidate never served);
-* ``candidate``: ignored (not serving yet);
-* a tombstone (null value): the namespace has no version; the base model.
-
-Publishers: because compaction keeps only the last message per namespace, the last message must be
-the version to serve. :func:`rollback` therefore publishes ``rolled_back`` for the bad version and
-then republishes the previous good version as ``promoted``, which simply wins — also for followers
-that start after compaction. A ``rejected`` message published after the promoted one would hide it
-from followers started later; publish rejections elsewhere, or republish the promoted version after
-them (:func:`publish_version`).
+What the messages mean (promoted, rolled back, rejected, candidate, tombstone) is the protocol of
+:mod:`oel.versions` (:class:`~oel.versions.VersionState`); the learner publishes them
+(:func:`oel.ops.versions.publish_version`, :meth:`learner.versions.ModelRegistry.rollback`).
 
 Agents ask for the version only at episode boundaries (:meth:`VersionFollower.pin`, called by
 :meth:`~producers.recorder.Recorder.episode`); a version that arrives mid-episode is used from the next
@@ -42,12 +29,13 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from oel import metrics
 from oel.schemas import InvalidMessage, ModelVersion, VersionStatus, decode
 from oel.settings import Settings, load_settings
-from producers.recorder import BASE_VERSION, PinnedVersion
+from oel.versions import BASE_VERSION, VersionState, VersionTopicError
+from producers.recorder import PinnedVersion
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +46,8 @@ VersionChange = Callable[[ModelVersion | None, ModelVersion | None], None]
 """Called as ``(old, new)`` on the follower's thread when the current version changes."""
 
 
-class VersionFollowerError(RuntimeError):
-    """The model-versions topic could not be read (missing topic, broker down at start)."""
+VersionFollowerError = VersionTopicError
+"""The model-versions topic could not be read (missing topic, broker down at start)."""
 
 
 class VersionFollower:
@@ -254,7 +242,7 @@ class VersionFollower:
         self._apply(version)
 
     def _apply(self, version: ModelVersion | None) -> None:
-        """One message, in topic order: update the current version per the rules in the module docstring."""
+        """One message, in topic order: update the current version per the protocol (:class:`VersionState`)."""
         with self._cond:
             self._messages += 1
             old, new = self._state.apply(version)
@@ -272,112 +260,3 @@ class VersionFollower:
                     self.on_change(old, new)
                 except Exception:  # noqa: BLE001 - a bad hook must not stop the follower
                     log.exception("%s: on_change hook failed", self.namespace)
-
-
-class VersionState:
-    """The rules of the module docstring as plain state: feed it a namespace's messages in topic order
-    (:meth:`apply`); :attr:`current` is the version to serve (None = the base model). The Kafka
-    :class:`VersionFollower` and the in-process demo both use it."""
-
-    def __init__(self, namespace: str):
-        self.namespace = namespace
-        self.current: ModelVersion | None = None
-        self._promoted: list[ModelVersion] = []  # every promoted message seen, in order
-        self._bad: set[str] = set()  # versions rolled back or rejected (until promoted again)
-
-    def apply(self, version: ModelVersion | None) -> tuple[ModelVersion | None, ModelVersion | None]:
-        """Take one message (None = a tombstone); returns (old current, new current)."""
-        old = self.current
-        if version is None:
-            new = None
-        elif version.status is VersionStatus.promoted:
-            self._bad.discard(version.version)
-            self._promoted.append(version)
-            new = version
-        elif version.status in (VersionStatus.rolled_back, VersionStatus.rejected):
-            self._bad.add(version.version)
-            new = self._fallback(version) if old is not None and old.version == version.version else old
-        else:  # candidate: not serving yet
-            new = old
-        self.current = new
-        return old, new
-
-    def _fallback(self, bad: ModelVersion) -> ModelVersion | None:
-        good = [v for v in self._promoted if v.version not in self._bad]
-        for v in reversed(good):
-            if v.version == bad.parent_version:
-                return v
-        if good:
-            return good[-1]
-        log.warning(
-            "%s: version %s was %s and no earlier good version is known; falling back to the base model",
-            self.namespace, bad.version, bad.status.value,
-        )
-        return None
-
-
-# --- publishing (the learner's side; here so the protocol lives in one place) -------------------------
-
-
-def publish_version(
-    version: ModelVersion,
-    settings: Settings | None = None,
-    *,
-    topic: str | None = None,
-    producer: Producer | None = None,
-    timeout_s: float = 15.0,
-) -> None:
-    """Publish one ModelVersion on the compacted topic (key = namespace) and wait for the broker's ack."""
-    settings = settings or load_settings()
-    own = producer is None
-    producer = producer or Producer({**settings.kafka.client_config(), "enable.idempotence": True, "acks": "all"})
-    result: list = []
-    producer.produce(
-        topic or settings.topics.model_versions,
-        version.to_bytes(),
-        version.namespace,
-        on_delivery=lambda err, msg: result.append(err),
-    )
-    producer.flush(timeout_s)
-    if not result or result[0] is not None:
-        why = result[0].str() if result else f"no acknowledgement within {timeout_s:g}s"
-        raise VersionFollowerError(f"could not publish {version.namespace}/{version.version}: {why}")
-    if own:
-        del producer
-    metrics.MODEL_VERSIONS_PUBLISHED.labels(namespace=version.namespace).inc()
-
-
-def rollback(
-    bad: ModelVersion,
-    to: ModelVersion,
-    reason: str,
-    settings: Settings | None = None,
-    *,
-    topic: str | None = None,
-) -> ModelVersion:
-    """Roll ``bad`` back to the earlier good version ``to``: publish ``bad`` as rolled_back, then
-    republish ``to`` as promoted (a fresh message, so it is the last one and wins after compaction).
-    Returns the republished version."""
-    rolled, again = rollback_events(bad, to, reason)
-    settings = settings or load_settings()
-    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True, "acks": "all"})
-    publish_version(rolled, settings, topic=topic, producer=producer)
-    publish_version(again, settings, topic=topic, producer=producer)
-    return again
-
-
-def rollback_events(bad: ModelVersion, to: ModelVersion, reason: str) -> tuple[ModelVersion, ModelVersion]:
-    """The two messages of a rollback, in publishing order: ``bad`` as rolled_back, then ``to`` as promoted."""
-    if bad.namespace != to.namespace:
-        raise ValueError(f"cannot roll {bad.namespace} back to a version of {to.namespace}")
-    if bad.version == to.version:
-        raise ValueError(f"cannot roll {bad.version} back to itself")
-    rolled = bad.model_copy(update={"status": VersionStatus.rolled_back, "reason": reason, "ts": _now()})
-    again = to.model_copy(update={"status": VersionStatus.promoted, "reason": f"rollback of {bad.version}: {reason}", "ts": _now()})
-    return rolled, again
-
-
-def _now():
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)

@@ -26,7 +26,8 @@ from oel import metrics
 from oel.episodes import CompletedEpisode
 from oel.settings import load_settings
 from oel.topics import dlq_name
-from processors.app import ERROR_HEADER, SOURCE_HEADER, Processor
+from oel.topics import ERROR_HEADER, SOURCE_HEADER
+from processors.app import Processor
 from tests.test_processor import episode_events
 
 

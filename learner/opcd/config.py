@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from oel.settings import KB_TOKEN_BUDGET
+
 
 @dataclass
 class OPCDConfig:
@@ -102,7 +104,7 @@ class OPCDConfig:
     """Shared parts shorter than this are not worth caching and are recomputed with the rest."""
 
     # --- experience --------------------------------------------------------------------------
-    experience_token_budget: int = 2048
+    experience_token_budget: int = KB_TOKEN_BUDGET
     """Most tokens of experience in the teacher prompt; a larger set loses its oldest items (reported)."""
     experience_position: Literal["first_user", "last_user"] = "first_user"
     """Which user message of a prefix gets the experience block."""
