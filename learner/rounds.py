@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from learner.checks import GateDecision
 from learner.knowledge_gate import KnowledgeGate
 from learner.policy import RoundTrigger
 from learner.versions import ModelRegistry, VersionManifest, VersionRecord
@@ -59,18 +60,6 @@ log = logging.getLogger(__name__)
 
 class RoundError(RuntimeError):
     """A round that cannot run (no training prefixes, a KB snapshot missing, ...); it is retried later."""
-
-
-@dataclass(frozen=True)
-class GateDecision:
-    """What the evaluation gate decided. ``reason``: a sentence for people (recorded as the status
-    reason); ``eval``: the numbers measured (stored in the manifest); ``kind``: for a rejection, the
-    bounded metric label (one of :data:`oel.metrics.REJECT_REASONS`)."""
-
-    accepted: bool
-    reason: str | None = None
-    eval: dict[str, float] = field(default_factory=dict)
-    kind: str | None = None
 
 
 EvaluationGate = Callable[[VersionRecord, Path], GateDecision]

@@ -11,8 +11,14 @@ from click.testing import CliRunner
 from oel.cli import cli
 
 
+def _subcommand(group: click.Group, name: str) -> click.Command:
+    """A group's subcommand, resolved as click does (the root group imports its commands lazily)."""
+    return group.get_command(click.Context(group), name)
+
+
 def _all_commands(group: click.Group, path=()):
-    for name, cmd in group.commands.items():
+    for name in group.list_commands(click.Context(group)):
+        cmd = _subcommand(group, name)
         yield (*path, name)
         if isinstance(cmd, click.Group):
             yield from _all_commands(cmd, (*path, name))
@@ -28,7 +34,7 @@ def test_help_at_every_level():
         assert "Usage:" in result.output
         cmd = cli
         for name in path:
-            cmd = cmd.commands[name]
+            cmd = _subcommand(cmd, name)
         assert cmd.help, f"`oel {' '.join(path)}` has no help text"
 
 
@@ -37,6 +43,16 @@ def test_smoke_against_the_real_stack(kafka, s3_store):
     assert result.exit_code == 0, result.output
     assert "read it back" in result.output and "identical" in result.output
     assert "re-wrote (no-op)" in result.output
+
+
+def test_the_command_imports_no_service_package_until_a_command_needs_it():
+    code = (
+        "import sys, oel.cli\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('learner', 'processors', 'producers'))\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_core_imports_no_kafka_or_faust():
