@@ -43,17 +43,17 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    from learner.evaluation import EvalSpec, evaluate_policy
-    from learner.ood import ood_score
+    from evaluation.evaluator import EvalSpec, evaluate_policy
+    from evaluation.ood import ood_score
     from learner.opcd import OPCDConfig, OPCDTrainer
-    from learner.demo import episode_events
+    from recipes.demo import episode_events
     from oel.envs import make_env, train_seeds
     from oel.episodes import add_event, close
     from oel.grounded import grounded_items, trusted_sources
     from oel.model.hf_backend import HFBackend
     from oel.model.prepare import resolve_model_path
     from oel.settings import load_settings
-    from producers.agents import AgentConfig, run_episodes
+    from oel.rollout import AgentConfig, run_episodes
 
     settings = load_settings()
     backend = HFBackend.from_settings(settings, max_batch_size=16)

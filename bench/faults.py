@@ -112,7 +112,7 @@ def run(env: dict, state: Path, processor: Processor, args: argparse.Namespace) 
     from oel.schemas import ExperienceUpdate
     from oel.settings import load_settings
     from oel.store import S3Store
-    from producers import loadgen
+    from reference import loadgen
     from producers.recorder import Recorder
 
     settings = load_settings()

@@ -2,13 +2,13 @@
 
 :class:`HeldOutGate` implements :data:`learner.rounds.EvaluationGate` (``(candidate record, adapter
 folder) -> GateDecision``). Two checks, both against references measured once and cached
-(:class:`learner.evaluation.EvalCache`):
+(:class:`evaluation.evaluator.EvalCache`):
 
 1. **held-out pass rate** (when the namespace has a reference environment, see
-   :func:`learner.evaluation.env_for_namespace`): the candidate's pass rate on the held-out seeds,
+   :func:`evaluation.evaluator.env_for_namespace`): the candidate's pass rate on the held-out seeds,
    *without experience in context*, must not fall more than ``learner.gate_pass_rate_tolerance``
    below its parent version's (the base model's for a first version);
-2. **out-of-distribution instruction following** (:mod:`learner.ood`, always): the candidate's score
+2. **out-of-distribution instruction following** (:mod:`evaluation.ood`, always): the candidate's score
    must not fall more than ``learner.gate_ood_tolerance`` below the **base model's** (a drift that
    accumulates over rounds is caught, not just the step from the parent).
 
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from learner.checks import Checks, GateDecision, at_least, pct
-from learner.evaluation import EvalSpec, Evaluator, adapter_files_of, env_for_namespace, version_subject
-from learner.ood import OOD_PROMPTS, OODPrompt
+from evaluation.evaluator import EvalSpec, Evaluator, adapter_files_of, env_for_namespace, version_subject
+from evaluation.ood import OOD_PROMPTS, OODPrompt
 from learner.versions import ModelRegistry, VersionRecord
 from oel import metrics
 from oel.model.backend import Backend

@@ -7,10 +7,10 @@ measures the round's KB snapshot *in context* on the model the teacher will be (
 round trains a fresh adapter from it), without training:
 
 1. **held-out pass rate** (when the namespace has a reference environment,
-   :func:`learner.evaluation.env_for_namespace`): with the KB in context against without it, on the same
+   :func:`evaluation.evaluator.env_for_namespace`): with the KB in context against without it, on the same
    held-out seeds as the evaluation gate; the KB must add at least ``learner.knowledge_gate_margin``;
 2. **out-of-distribution instruction following** (only for a namespace with no reference environment,
-   where it is all that can be checked): the OOD prompts (:mod:`learner.ood`) with the KB in context must
+   where it is all that can be checked): the OOD prompts (:mod:`evaluation.ood`) with the KB in context must
    not score more than ``learner.gate_ood_tolerance`` below the base model without it. It catches a KB that
    derails the model in general (an instruction to answer in another language, to refuse, to add a link),
    not one that is merely useless for the namespace's tasks. Where the held-out check runs, this one does
@@ -20,7 +20,7 @@ round trains a fresh adapter from it), without training:
 
 A KB that fails is not consolidated: the round is recorded as ``skipped`` with the numbers and the
 reason (no adapter), and the learner waits for new knowledge. It is also the last line of defence
-against poisoned knowledge. The numbers are cached with the gate's (:class:`learner.evaluation.EvalCache`),
+against poisoned knowledge. The numbers are cached with the gate's (:class:`evaluation.evaluator.EvalCache`),
 so the ``oel eval`` table reuses them.
 
 Metric label of a skipped round (``oel_rounds_skipped_total{reason}``): ``no_gain``, ``ood`` or
@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from learner.checks import Checks, at_least, pct
-from learner.evaluation import EvalSpec, Evaluator, env_for_namespace
+from evaluation.evaluator import EvalSpec, Evaluator, env_for_namespace
 from oel.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -177,7 +177,7 @@ class RoundRunner:
         if knowledge_gate == GATE_FROM_SETTINGS:
             knowledge_gate = None
             if settings.learner.knowledge_gate_enabled:
-                from learner.evaluation import Evaluator
+                from evaluation.evaluator import Evaluator
                 from oel.model.factory import make_backend
 
                 evaluator = getattr(self.gate, "evaluator", None) or Evaluator.from_settings(

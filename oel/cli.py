@@ -28,15 +28,23 @@ STACK_SCRIPT = REPO_ROOT / "infra" / "local" / "stack.sh"
 
 COMMANDS: dict[str, str] = {
     "model": "oel.model.cli:model",
-    "agents": "producers.agents_cli:agents",
+    "agents": "reference.agents_cli:agents",
     "processor": "processors.cli:processor",
-    "loadgen": "producers.cli:loadgen",
+    "loadgen": "reference.loadgen_cli:loadgen",
     "learner": "learner.cli:learner",
     "models": "learner.models_cli:models",
-    "eval": "learner.eval_cli:eval_command",
-    "demo": "learner.demo_cli:demo",
+    "eval": "evaluation.cli:eval_command",
+    "demo": "recipes.demo_cli:demo",
 }
 """The commands of the service packages: name -> ``module:attribute`` of their click command."""
+
+SUBCOMMANDS: dict[str, tuple[str, ...]] = {"agents": ("recipes.compare:compare",)}
+"""Commands added to a group of :data:`COMMANDS` that live in another package (the experiments of ``recipes``)."""
+
+
+def _load(spec: str) -> click.Command:
+    module, attribute = spec.split(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 class LazyGroup(click.Group):
@@ -47,8 +55,11 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in self.commands and name in COMMANDS:
-            module, attribute = COMMANDS[name].split(":")
-            self.add_command(getattr(importlib.import_module(module), attribute), name)
+            command = _load(COMMANDS[name])
+            for spec in SUBCOMMANDS.get(name, ()):
+                sub = _load(spec)
+                command.add_command(sub, sub.name)
+            self.add_command(command, name)
         return super().get_command(ctx, name)
 
 

@@ -1,9 +1,9 @@
-"""The agent side of OEL: the trajectory recorder SDK, model-version following, the load generator.
+"""The agent SDK: the trajectory recorder, model-version following and adapter loading.
 
 ``from producers import Recorder, VersionFollower`` is all an agent needs; see
-:mod:`producers.recorder` (the recorder and its episodes) and :mod:`producers.versions` (following
-``oel.model-versions``). The names are imported on first use, so importing ``producers.cli`` (done by
-``oel --help``) does not load the Kafka client.
+:mod:`producers.recorder` (the recorder and its episodes), :mod:`producers.versions` (following
+``oel.model-versions``) and :mod:`producers.adapters` (loading a version's adapter). The names are
+imported on first use, so importing this package does not load the Kafka client.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "producers.adapters": ("AdapterLoader",),
     "producers.recorder": (
         "ABANDONED_PREFIX",
         "BASE_VERSION",
@@ -34,6 +35,7 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from producers.adapters import AdapterLoader  # noqa: F401
     from producers.recorder import (  # noqa: F401
         ABANDONED_PREFIX,
         BASE_VERSION,

@@ -72,7 +72,7 @@ from oel import metrics
 from oel.model.factory import make_backend
 from oel.settings import load_settings
 from oel.store import S3Store
-from producers import loadgen
+from reference import loadgen
 from producers.adapters import AdapterLoader
 from producers.recorder import Recorder
 from producers.versions import VersionFollower

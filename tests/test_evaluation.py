@@ -7,11 +7,11 @@ from datetime import UTC, datetime
 import pytest
 from click.testing import CliRunner
 
-from learner.evaluation import EvalCache, EvalSpec, Evaluator, env_for_namespace, evaluate_policy
-from learner.ood import OOD_MAX_NEW_TOKENS, OOD_PROMPTS, check_response, prompts_fingerprint
+from evaluation.evaluator import EvalCache, EvalSpec, Evaluator, env_for_namespace, evaluate_policy
+from evaluation.ood import OOD_MAX_NEW_TOKENS, OOD_PROMPTS, check_response, prompts_fingerprint
 from oel.settings import load_settings
 from oel.store import LocalStore
-from producers.agents import ActionMode
+from oel.rollout import ActionMode
 
 PROMPTS = {p.id: p for p in OOD_PROMPTS}
 

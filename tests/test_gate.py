@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from learner.gate import ACCEPTED, HeldOutGate, decide
-from learner.ood import OOD_PROMPTS
+from evaluation.ood import OOD_PROMPTS
 from learner.policy import RoundTrigger, round_id
 from learner.rounds import RoundRunner
 from learner.versions import ModelRegistry, VersionManifest, VersionRecord

@@ -109,13 +109,13 @@ def test_model_items_may_quote_trusted_feedback_but_not_untrusted_text_or_the_pr
 def test_grounded_extraction_of_real_episodes_states_the_rule():
     """The default model plays real house-rules episodes; the environment's feedback is trusted, and the
     grounded variant turns it into the rule (for two different rules), with no model call."""
-    from learner.demo import episode_events
+    from recipes.demo import episode_events
     from oel.envs import make_env, train_seeds
     from oel.envs.house_rules import GREETING, THANKS_WITHIN
     from oel.episodes import add_event, close
     from oel.model.hf_backend import HFBackend
     from oel.settings import load_settings
-    from producers.agents import AgentConfig, run_episodes
+    from oel.rollout import AgentConfig, run_episodes
 
     backend = HFBackend.from_settings(load_settings(), max_batch_size=6)
     for rule, says in (("greeting", GREETING), ("thanks-first", f"first {THANKS_WITHIN} words")):

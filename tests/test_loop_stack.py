@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from learner.demo import DemoConfig
-from learner.demo_stack import StackLoop
+from recipes.demo import DemoConfig
+from recipes.demo_stack import StackLoop
 from learner.versions import ModelRegistry
 from oel.schemas import VersionStatus
 from oel.settings import load_settings

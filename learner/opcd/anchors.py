@@ -8,7 +8,7 @@ teacher sees *no* experience: it is the frozen round-start model itself, so the 
 student back to its old behaviour on general requests while the task prefixes pull it to the
 experience.
 
-Written for this project; deliberately disjoint from the OOD check's prompts (:mod:`learner.ood`), so
+Written for this project; deliberately disjoint from the OOD check's prompts (:mod:`evaluation.ood`), so
 the gate still measures drift on prompts the learner never trained on.
 """
 

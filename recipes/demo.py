@@ -4,7 +4,7 @@ One process plays every part, in rounds:
 
 1. **agents play** a batch of training episodes on a reference environment (house rules by default;
    FrozenLake or Sokoban selectable) with the namespace's current model version
-   (:func:`producers.agents.run_episodes`) and publish them as :class:`~oel.schemas.TrajectoryEvent`
+   (:func:`oel.rollout.run_episodes`) and publish them as :class:`~oel.schemas.TrajectoryEvent`
    messages;
 2. **the processor** assembles episodes from those events (:mod:`oel.episodes`), stores them as
    training data and lets the model extract experience items into the KB
@@ -133,7 +133,7 @@ class RoundReport:
 
 
 def episode_events(episode, namespace: str, episode_id: str, agent_id: str, model_version: str) -> list[TrajectoryEvent]:
-    """An agent's episode (:class:`producers.agents.Episode`) as the events the recorder SDK would send:
+    """An agent's episode (:class:`oel.rollout.Episode`) as the events the recorder SDK would send:
     start, one step per turn, end (``success`` only for metrics, as everywhere)."""
     base = dict(namespace=namespace, episode_id=episode_id, agent_id=agent_id, model_version=model_version)
     events = [TrajectoryEvent(**base, event_id=f"{episode_id}.0", seq=0, kind=EventKind.start,
@@ -152,7 +152,7 @@ class LearningLoop:
 
     Subclasses say how episodes are published (:meth:`publish_episode`, or all of :meth:`play`), how the processor and the
     learner get their turn (:meth:`process`, :meth:`learn`) and how agents learn of a new version
-    (:meth:`follow`): :class:`DemoLoop` does all of it in this process; :class:`learner.demo_stack.StackLoop`
+    (:meth:`follow`): :class:`DemoLoop` does all of it in this process; :class:`recipes.demo_stack.StackLoop`
     on the real services."""
 
     def __init__(self, settings: Settings, config: DemoConfig, store: ObjectStore, backend: Backend | None,
@@ -197,7 +197,7 @@ class LearningLoop:
         """Agents play this round's training episodes and publish their events; (episodes, events sent,
         the version they played with)."""
         from oel.envs import make_env, train_seeds
-        from producers.agents import AgentConfig, run_episodes
+        from oel.rollout import AgentConfig, run_episodes
 
         cfg = self.config
         seeds = train_seeds(cfg.episodes, start=cfg.seed + (round_no - 1) * cfg.episodes)
@@ -210,7 +210,7 @@ class LearningLoop:
             nonlocal sent
             sent += self.publish_episode(ep, self.episode_id(round_no, ep.seed), f"demo-agent-{ep.seed % 4}", version)
 
-        with _bar(len(seeds), f"round {round_no}: agents play ({version})") as bar:
+        with progress_bar(len(seeds), f"round {round_no}: agents play ({version})") as bar:
             episodes = run_episodes(self.backend, lambda: make_env(cfg.env, **cfg.env_options), seeds, agent, experience=experience,
                                     on_episode=lambda ep: (publish(ep), bar.update(1)))
         return episodes, sent, version
@@ -263,10 +263,10 @@ class LearningLoop:
         return self.reports
 
     def final_table(self):
-        """The ``oel eval`` table of the namespace (:func:`learner.eval_table.eval_table`), saved under the
+        """The ``oel eval`` table of the namespace (:func:`evaluation.table.eval_table`), saved under the
         output folder (markdown, PNG, JSON; :attr:`table_paths`); None when no round ran."""
-        from learner.eval_table import eval_table
-        from learner.evaluation import EvalSpec, Evaluator
+        from evaluation.table import eval_table
+        from evaluation.evaluator import EvalSpec, Evaluator
 
         if not self.registry.list(self.config.ns):
             self.progress("no round ran (the KB never got an item), so there is no table to show")
@@ -433,16 +433,16 @@ def _demo_settings(settings: Settings, config: DemoConfig) -> Settings:
     return settings.model_copy(update={"learner": learner, "processor": processor})
 
 
-class _bar:
+class progress_bar:
     """A tqdm progress bar (to stderr), closed on exit."""
 
     def __init__(self, total: int, desc: str):
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, desc=desc, unit="ep", leave=True)
+        self.progress_bar = tqdm(total=total, desc=desc, unit="ep", leave=True)
 
     def __enter__(self):
-        return self._bar
+        return self.progress_bar
 
     def __exit__(self, *exc) -> None:
-        self._bar.close()
+        self.progress_bar.close()

@@ -26,7 +26,7 @@ from oel.model.backend import Backend
 from oel.settings import Settings
 from oel.store import ObjectStore
 from producers.adapters import AdapterLoader
-from producers.agents import AgentConfig, Episode, run_episodes
+from oel.rollout import AgentConfig, Episode, run_episodes
 from producers.recorder import BASE_VERSION, Recorder
 from producers.versions import VersionFollower
 

@@ -38,7 +38,7 @@ def loadgen(ctx: click.Context, rate, duration_s, episodes, replay, record, name
     exits 1 if any event was not delivered.
     """
     from oel.cli_context import settings_of
-    from producers import loadgen as lg
+    from reference import loadgen as lg
     from producers.recorder import Recorder, UndeliveredEvents
 
     if duration_s is None and episodes is None:
