@@ -46,7 +46,7 @@ def main() -> None:
     from evaluation.evaluator import EvalSpec, evaluate_policy
     from evaluation.ood import ood_score
     from learner.opcd import OPCDConfig, OPCDTrainer
-    from recipes.demo import episode_events
+    from reference.live_agent import episode_events
     from oel.envs import make_env, train_seeds
     from oel.episodes import add_event, close
     from oel.grounded import grounded_items, trusted_sources

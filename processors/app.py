@@ -41,11 +41,10 @@ import faust
 from faust.streams import _current_event  # the context variable behind faust.current_event()
 
 from oel import metrics
-from oel.episodes import AddResult, CompletedEpisode, EpisodeBuffer, EpisodeStatus, add_event, close
+from oel.episodes import Action, ClosedEpisode, CompletedEpisode, EpisodeBuffer, EpisodeStatus, assemble, close
 from oel.kb import KBState
 from oel.knowledge import KnowledgeWriter
 from oel.model.backend import BackendError
-from oel.schemas import InvalidMessage, TrajectoryEvent, decode
 from oel.settings import KafkaSettings, Settings
 from oel.store import StoreUnavailable
 from oel.topics import TopicSpec, dead_letter, dlq_name, episode_record_bytes, producer_max_bytes
@@ -223,52 +222,39 @@ class Processor:
         once per episode."""
         self._consumed.inc(len(events))
         self._last_event.set(time.time())
-        max_bytes = self.settings.topics.max_event_bytes
-        max_episode_bytes = self.settings.topics.max_episode_bytes
+        t = self.settings.topics
         touched: dict[str, tuple[faust.EventT, EpisodeBuffer]] = {}  # open episode -> its last event here, its buffer
         now = time.time()
         for event in events:
             msg = event.message
-            try:
-                ev = decode(msg.value, TrajectoryEvent, max_bytes=max_bytes)
-            except InvalidMessage as exc:
-                await self._dead_letter(event, exc.reason)
-                continue
-            key = msg.key.decode(errors="replace") if msg.key is not None else None
-            if key != ev.episode_id:
-                await self._dead_letter(event, f"record key {key!r} is not the episode id {ev.episode_id!r}")
-                continue
-            buffer = self.open.get(ev.episode_id)
-            if buffer is None:
-                entry = self.episodes.get(ev.episode_id)
-                if entry is not None and "closed_at" in entry:
-                    if entry.get("truncated"):  # not a late duplicate: an event the closed episode never had
-                        await self._dead_letter(event, f"episode {ev.episode_id!r} was closed at its size limit")
-                    else:
-                        log.debug("event %s for closed episode %s ignored", ev.event_id, ev.episode_id)
-                    continue
-                buffer = EpisodeBuffer.model_validate(entry["buffer"]) if entry else None
-            buffer, result = add_event(buffer, ev, now, size=len(msg.value), max_bytes=max_episode_bytes)
-            if result is AddResult.too_large:
-                limit = f"over the episode limit of {max_episode_bytes} bytes (OEL_TOPICS__MAX_EPISODE_BYTES)"
-                await self._dead_letter(event, f"episode {ev.episode_id!r} would be {buffer.size_bytes + len(msg.value)} bytes, {limit}")
-                self.open.pop(ev.episode_id, None)
-                touched.pop(ev.episode_id, None)
+            step = assemble(msg.key, msg.value, self._lookup, now, max_event_bytes=t.max_event_bytes, max_episode_bytes=t.max_episode_bytes)
+            if step.action is Action.dead_letter:
+                await self._dead_letter(event, step.reason)
+            elif step.action is Action.keep_open:
+                self.open[step.event.episode_id] = step.buffer
+                touched[step.event.episode_id] = (event, step.buffer)
+            elif step.action in (Action.close, Action.close_truncated):
+                if step.action is Action.close_truncated:
+                    await self._dead_letter(event, step.reason)
+                self.open.pop(step.event.episode_id, None)
+                touched.pop(step.event.episode_id, None)
                 as_current(event)
-                await self._finish(buffer, abandoned=True, reason=f"closed at event {ev.seq}: {limit}")
-            elif result is AddResult.conflict:
-                await self._dead_letter(event, f"namespace {ev.namespace!r} differs from the episode's {buffer.namespace!r}")
-            elif result is AddResult.complete:
-                self.open.pop(ev.episode_id, None)
-                touched.pop(ev.episode_id, None)
-                as_current(event)
-                await self._finish(buffer, abandoned=False)
-            elif result is AddResult.accepted:
-                self.open[ev.episode_id] = buffer
-                touched[ev.episode_id] = (event, buffer)
+                await self._finish(step.buffer, abandoned=step.action is Action.close_truncated, reason=step.close_reason)
         for episode_id, (event, buffer) in touched.items():
             as_current(event)
             self.episodes[episode_id] = {"partition": event.message.partition, "buffer": buffer.model_dump(mode="json")}
+
+    def _lookup(self, episode_id: str) -> EpisodeBuffer | ClosedEpisode | None:
+        """An episode's open buffer (in memory, else from the table), its tombstone, or None."""
+        buffer = self.open.get(episode_id)
+        if buffer is not None:
+            return buffer
+        entry = self.episodes.get(episode_id)
+        if entry is None:
+            return None
+        if "closed_at" in entry:
+            return ClosedEpisode(truncated=bool(entry.get("truncated")))
+        return EpisodeBuffer.model_validate(entry["buffer"])
 
     async def _finish(self, buffer: EpisodeBuffer, *, abandoned: bool, reason: str | None = None) -> None:
         """Close an episode: hand it to extraction (which stores it), leave a tombstone (inside a stream).

@@ -363,7 +363,9 @@ class Recorder:
     ``topic`` overrides ``settings.topics.trajectories``. ``producer_config`` entries are passed to
     confluent-kafka last (tests, tuning); ``when_full`` and ``block_timeout_s`` override the
     settings' back-pressure policy. ``tap``, if given, is called with every accepted event's JSON
-    bytes (recording, debugging). See the module docstring for the guarantees.
+    bytes (recording, debugging). ``producer`` replaces the Kafka producer with any object that has
+    confluent-kafka ``Producer``'s ``produce``/``poll``/``flush``/``purge``/``len`` (the in-process bus of
+    ``oel demo``, :class:`oel.bus.BusProducer`). See the module docstring for the guarantees.
     """
 
     def __init__(
@@ -375,6 +377,7 @@ class Recorder:
         when_full: Literal["block", "raise"] | None = None,
         block_timeout_s: float | None = None,
         tap: Callable[[bytes], None] | None = None,
+        producer: Any | None = None,
     ):
         self.settings = settings or load_settings()
         rs = self.settings.recorder
@@ -391,7 +394,7 @@ class Recorder:
             "logger": _ClientLog(self),
             **(producer_config or {}),
         }
-        self._producer = Producer(self.config)
+        self._producer = producer if producer is not None else Producer(self.config)
         self._lock = threading.Lock()
         self._space = threading.Condition(threading.Lock())
         self._waiting = 0

@@ -35,25 +35,18 @@ from learner.consolidator import Consolidator
 from learner.policy import TriggerPolicy
 from learner.rounds import RoundRunner
 from learner.versions import ModelRegistry, VersionRecord
-from oel.bus import InProcessBus
-from oel.episodes import AddResult, CompletedEpisode, EpisodeBuffer, add_event, close
+from oel.bus import BusProducer, InProcessBus
+from oel.episodes import Action, ClosedEpisode, CompletedEpisode, EpisodeBuffer, assemble, close
 from oel.kb import KBState
 from oel.knowledge import KnowledgeWriter, WriterConfig
 from oel.model.backend import Backend
-from oel.schemas import (
-    EndPayload,
-    EventKind,
-    ExperienceUpdate,
-    InvalidMessage,
-    ModelVersion,
-    StartPayload,
-    StepPayload,
-    TrajectoryEvent,
-    decode,
-)
+from oel.schemas import ExperienceUpdate, ModelVersion, decode
 from oel.settings import Settings
 from oel.store import LocalStore, ObjectStore
+from oel.topics import dead_letter
 from oel.versions import BASE_VERSION, VersionState
+from producers.recorder import Recorder
+from reference.live_agent import record_episode
 
 log = logging.getLogger(__name__)
 
@@ -130,21 +123,6 @@ class RoundReport:
     reason: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def episode_events(episode, namespace: str, episode_id: str, agent_id: str, model_version: str) -> list[TrajectoryEvent]:
-    """An agent's episode (:class:`oel.rollout.Episode`) as the events the recorder SDK would send:
-    start, one step per turn, end (``success`` only for metrics, as everywhere)."""
-    base = dict(namespace=namespace, episode_id=episode_id, agent_id=agent_id, model_version=model_version)
-    events = [TrajectoryEvent(**base, event_id=f"{episode_id}.0", seq=0, kind=EventKind.start,
-                              start=StartPayload(task=episode.first_prompt, metadata=episode.metadata))]
-    for i, turn in enumerate(episode.turns, start=1):
-        events.append(TrajectoryEvent(**base, event_id=f"{episode_id}.{i}", seq=i, kind=EventKind.step, step=StepPayload(
-            prompt=turn.prompt, response=turn.response, action=turn.action, feedback=turn.feedback)))
-    n = len(episode.turns) + 1
-    events.append(TrajectoryEvent(**base, event_id=f"{episode_id}.{n}", seq=n, kind=EventKind.end,
-                                  end=EndPayload(outcome=episode.outcome, success=episode.passed)))
-    return events
 
 
 class LearningLoop:
@@ -328,35 +306,36 @@ class DemoLoop(LearningLoop):
                                       count_tokens=token_counter(self.backend))
         self.kb_state = KBState(namespace=config.ns)
         self._opcd_bar = None
-        self.buffers: dict[str, EpisodeBuffer] = {}
+        self.buffers: dict[str, EpisodeBuffer | ClosedEpisode] = {}
+        """Open episodes' buffers, and the tombstones of closed ones (as in the processor's table)."""
+        self.recorder = Recorder(self.settings, topic=self.TRAJECTORIES, producer=BusProducer(self.bus))
         from producers.adapters import AdapterLoader
 
         self.loader = AdapterLoader(self.backend, self.store, cache_dir=self.out_dir / "adapters")
 
     def publish_episode(self, episode, episode_id: str, agent_id: str, version: str) -> int:
-        events = episode_events(episode, self.config.ns, episode_id, agent_id, version)
-        for event in events:
-            self.bus.publish(self.TRAJECTORIES, episode_id, event.to_bytes())
-        return len(events)
+        """Record the episode with the agents' recorder SDK, whose producer is the in-process bus."""
+        return record_episode(self.recorder, episode, self.config.ns, agent_id, version, episode_id=episode_id)
 
     def process(self) -> tuple[ExperienceUpdate | None, int]:
-        """Assemble episodes from the new events (invalid ones to the DLQ topic), store them, extract, append."""
+        """Assemble episodes from the new events with the processor's assembler (invalid ones to the DLQ
+        topic), store them, extract, append."""
         completed: list[CompletedEpisode] = []
         invalid = 0
+        t = self.settings.topics
         for msg in self.bus.read(self.TRAJECTORIES, "processor"):
-            try:
-                event = decode(msg.value, TrajectoryEvent, max_bytes=self.settings.topics.max_event_bytes)
-            except InvalidMessage as exc:
-                self.bus.publish(self.TRAJECTORIES + ".dlq", msg.key, msg.value)
-                log.warning("demo processor: event at offset %d to the DLQ: %s", msg.offset, exc.reason)
+            key = msg.key.encode() if msg.key is not None else None
+            step = assemble(key, msg.value, self.buffers.get, time.time(),
+                            max_event_bytes=t.max_event_bytes, max_episode_bytes=t.max_episode_bytes)
+            if step.action in (Action.dead_letter, Action.close_truncated):
+                dlq, _ = dead_letter(msg.topic, 0, msg.offset, step.reason)
+                self.bus.publish(dlq, msg.key, msg.value)
                 invalid += 1
-                continue
-            buffer, result = add_event(self.buffers.get(event.episode_id), event, time.time())
-            if result is AddResult.complete:
-                self.buffers.pop(event.episode_id, None)
-                completed.append(close(buffer, abandoned=False))
-            elif result is AddResult.accepted:
-                self.buffers[event.episode_id] = buffer
+            if step.action is Action.keep_open:
+                self.buffers[step.event.episode_id] = step.buffer
+            elif step.action in (Action.close, Action.close_truncated):
+                self.buffers[step.event.episode_id] = ClosedEpisode(truncated=step.action is Action.close_truncated)
+                completed.append(close(step.buffer, abandoned=step.action is Action.close_truncated, reason=step.close_reason))
         if not completed:
             return None, invalid
         self.progress(f"  processor: {len(completed)} episodes -> extraction ({self.writer.config.extraction.variant.value})")

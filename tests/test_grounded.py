@@ -109,7 +109,7 @@ def test_model_items_may_quote_trusted_feedback_but_not_untrusted_text_or_the_pr
 def test_grounded_extraction_of_real_episodes_states_the_rule():
     """The default model plays real house-rules episodes; the environment's feedback is trusted, and the
     grounded variant turns it into the rule (for two different rules), with no model call."""
-    from recipes.demo import episode_events
+    from reference.live_agent import episode_events
     from oel.envs import make_env, train_seeds
     from oel.envs.house_rules import GREETING, THANKS_WITHIN
     from oel.episodes import add_event, close

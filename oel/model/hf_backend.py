@@ -44,7 +44,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,56 @@ def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
             ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
             mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def decode_batch(
+    lm: Any,
+    cache: Any,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    choose: Callable[[torch.Tensor, list[int], int], list[int]],
+    finished: Callable[[int, list[int]], str | None],
+) -> tuple[list[list[int]], list[str]]:
+    """The batched decoding loop of generation (:class:`HFBackend`) and of OPCD sampling.
+
+    Starts from ``logits`` (float, one row per prompt) after the left-padded prompts (attention ``mask``)
+    have been run through ``lm`` into ``cache`` (a transformers ``DynamicCache``). Each step,
+    ``choose(logits, active rows, step)`` picks one token per active row and ``finished(row, response)``
+    returns a finish reason (or None to go on); finished rows are pruned from the KV cache so later steps
+    compute only the live ones. Returns the response ids and finish reasons (``length`` when
+    ``max_new_tokens`` ran out) in input order.
+    """
+    device = mask.device
+    n = logits.shape[0]
+    responses: list[list[int]] = [[] for _ in range(n)]
+    reasons = ["length"] * n
+    active = list(range(n))  # original row indices still decoding, in cache order
+    for step in range(max_new_tokens):
+        nxt = choose(logits, active, step)
+        keep: list[int] = []
+        for pos, row in enumerate(active):
+            responses[row].append(int(nxt[pos]))
+            reason = finished(row, responses[row])
+            if reason is None:
+                keep.append(pos)
+            else:
+                reasons[row] = reason
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):
+            sel = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.batch_select_indices(sel)
+            mask = mask[sel]
+            nxt = [nxt[p] for p in keep]
+            active = [active[p] for p in keep]
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
+        step_ids = torch.tensor(nxt, dtype=torch.long, device=device)[:, None]
+        position = mask.sum(-1, keepdim=True) - 1
+        logits = lm(
+            input_ids=step_ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+        ).logits[:, -1, :].float()
+    return responses, reasons
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -430,40 +480,23 @@ class HFBackend(Backend):
             use_cache=True, logits_to_keep=1,
         ).logits[:, -1, :].float()
         eos = set(self.eos_ids)
-        responses: list[list[int]] = [[] for _ in range(n)]
         texts: list[str | None] = [None] * n
-        reasons: list[str] = ["length"] * n
-        active = list(range(n))  # original row indices still decoding, in cache order
-        for step in range(params.max_new_tokens):
-            nxt = self._sample(logits, params, [gens[i] for i in active]).tolist()
-            keep: list[int] = []
-            for pos, i in enumerate(active):
-                tok = int(nxt[pos])
-                responses[i].append(tok)
-                if tok in eos:
-                    reasons[i] = "stop"
-                    continue
-                if params.stop:
-                    text = self.decode(responses[i])
-                    cut = self._stop_at(text, params.stop)
-                    if cut >= 0:
-                        texts[i], reasons[i] = text[:cut], "stop"
-                        continue
-                keep.append(pos)
-            if not keep or step == params.max_new_tokens - 1:
-                break
-            if len(keep) < len(active):
-                sel = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(sel)
-                mask = mask[sel]
-                nxt = [nxt[p] for p in keep]
-                active = [active[p] for p in keep]
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
-            step_ids = torch.tensor(nxt, dtype=torch.long, device=self.device)[:, None]
-            position = (mask.sum(-1, keepdim=True) - 1)
-            logits = runner(
-                input_ids=step_ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
-            ).logits[:, -1, :].float()
+
+        def finished(row: int, response: list[int]) -> str | None:
+            if response[-1] in eos:
+                return "stop"
+            if params.stop:
+                text = self.decode(response)
+                cut = self._stop_at(text, params.stop)
+                if cut >= 0:
+                    texts[row] = text[:cut]
+                    return "stop"
+            return None
+
+        responses, reasons = decode_batch(
+            runner, cache, logits, mask, params.max_new_tokens,
+            lambda logits, active, step: self._sample(logits, params, [gens[i] for i in active]).tolist(), finished,
+        )
         return [
             (responses[i], texts[i] if texts[i] is not None else self.decode(responses[i]), reasons[i]) for i in range(n)
         ]
