@@ -22,8 +22,8 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from oel import kb
 from oel.episodes import CompletedEpisode
-from oel.extraction import ExtractionConfig, PromptVariant, answer_items, build_prompt, item_id
-from oel.grounded import DEFAULT_TRUSTED_FEEDBACK, GroundedConfig, grounded_items, trusted_sources
+from oel.extraction import ExtractionConfig, PromptVariant, build_prompt, item_id
+from oel.grounded import DEFAULT_TRUSTED_FEEDBACK, GroundedConfig, answer_items, grounded_items, trusted_sources
 from oel.model.backend import Backend, BackendError, SamplingParams
 from oel.schemas import ExperienceUpdate
 from oel.settings import KB_TOKEN_BUDGET

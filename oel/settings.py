@@ -35,6 +35,10 @@ KB_TOKEN_BUDGET = 2048
 """Default token budget of a KB snapshot and of the teacher's experience block; beyond it the oldest
 items are dropped (the paper: 8192, and 2048 for small models)."""
 
+TRUSTED_FEEDBACK = "house-rules*,frozenlake*,sokoban*"
+"""Namespaces whose environment feedback is trusted by default: the reference environments', whose feedback
+is written by the project's own graders."""
+
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
 
 
@@ -227,7 +231,7 @@ class ProcessorSettings(Section):
         "unstructured (the paper's prompts); auto = grounded for the bundled default model, structured for OEL_MODEL__PATH.",
     )
     trusted_feedback: str = Field(
-        "house-rules*,frozenlake*,sokoban*",
+        TRUSTED_FEEDBACK,
         description="Namespaces (comma-separated glob patterns) whose environment feedback is trusted; user and agent text never are. Empty = none.",
     )
     grounded_min_episodes: int = Field(2, ge=1, le=1024, description="Grounded variant: a statement must recur in this many episodes of a batch.")

@@ -193,7 +193,8 @@ class StackLoop(LearningLoop):
     def _would_add_items(self, episode_ids: set[str]) -> bool:
         """Whether the stored extraction answers of these episodes hold an item the processor keeps."""
         from oel.episodes import CompletedEpisode, episode_key
-        from oel.extraction import PromptVariant, answer_items
+        from oel.extraction import PromptVariant
+        from oel.grounded import answer_items
         from oel.knowledge import WriterConfig
 
         ns = self.config.ns

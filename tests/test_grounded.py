@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 import pytest
 
 from oel.episodes import CompletedEpisode, EpisodeStatus
-from oel.extraction import PromptVariant, answer_items, validate_items
+from oel.extraction import PromptVariant, validate_items
 from oel.grounded import (
+    answer_items,
     GroundedConfig,
     Source,
     episode_pieces,
