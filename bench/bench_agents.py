@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from oel.envs import eval_seeds, make_env  # noqa: E402
-from oel.settings import load_settings  # noqa: E402
 from oel.rollout import AgentConfig, run_episodes, summarize  # noqa: E402
+from oel.settings import load_settings  # noqa: E402
 
 
 def main() -> None:

@@ -112,8 +112,8 @@ def run(env: dict, state: Path, processor: Processor, args: argparse.Namespace) 
     from oel.schemas import ExperienceUpdate
     from oel.settings import load_settings
     from oel.store import S3Store
-    from reference import loadgen
     from producers.recorder import Recorder
+    from reference import loadgen
 
     settings = load_settings()
     store = S3Store(settings.s3)

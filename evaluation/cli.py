@@ -37,11 +37,11 @@ def eval_command(ctx: click.Context, namespace: str, env_name: str | None, episo
     out-of-distribution instruction-following score (the gate's check), next to the base model's. Prints the table and writes
     it as markdown, JSON and a PNG plot.
     """
-    from evaluation.table import eval_table
     from evaluation.evaluator import EvalSpec, Evaluator, env_for_namespace
+    from evaluation.table import eval_table
     from oel.model.factory import make_backend
-    from oel.store import LocalStore, S3Store, StoreError
     from oel.rollout import ActionMode
+    from oel.store import LocalStore, S3Store, StoreError
 
     settings = settings_of(ctx)
     env = env_name or env_for_namespace(namespace, settings)

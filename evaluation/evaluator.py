@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 from evaluation.ood import OOD_MAX_NEW_TOKENS, OOD_PROMPTS, OODPrompt, ood_score, prompts_fingerprint
 from oel.envs import ENV_NAMES, eval_seeds, make_env
 from oel.model.backend import Backend
+from oel.rollout import ActionMode, AgentConfig, Episode, run_episodes, summarize
 from oel.settings import Settings
 from oel.store import ImmutableObjectConflict, ObjectNotFound, ObjectStore
-from oel.rollout import ActionMode, AgentConfig, Episode, run_episodes, summarize
 
 if TYPE_CHECKING:  # pragma: no cover
     from learner.versions import ModelRegistry

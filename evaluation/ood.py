@@ -159,7 +159,6 @@ def _checkers() -> tuple[Any, Any]:
     """if-verifiable's instruction registry and evaluator (imported on first use: the package pulls in
     ``datasets``, which takes a few seconds to import)."""
     import langdetect
-
     from if_verifiable.common import evaluate_instructions
     from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+
 @dataclass(frozen=True)
 class GateDecision:
     """What the evaluation gate decided. ``reason``: a sentence for people (recorded as the status

@@ -27,9 +27,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from learner.checks import Checks, GateDecision, at_least, pct
 from evaluation.evaluator import EvalSpec, Evaluator, adapter_files_of, env_for_namespace, version_subject
 from evaluation.ood import OOD_PROMPTS, OODPrompt
+from learner.checks import Checks, GateDecision, at_least, pct
 from learner.versions import ModelRegistry, VersionRecord
 from oel import metrics
 from oel.model.backend import Backend

@@ -33,8 +33,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from learner.checks import Checks, at_least, pct
 from evaluation.evaluator import EvalSpec, Evaluator, env_for_namespace
+from learner.checks import Checks, at_least, pct
 from oel.settings import Settings
 
 log = logging.getLogger(__name__)

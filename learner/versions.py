@@ -77,7 +77,14 @@ class VersionManifest(BaseModel):
     )
     round_config: dict[str, Any] = Field(default_factory=dict, description="The OPCD configuration of the round.")
     training: dict[str, Any] = Field(default_factory=dict, description="What training measured (losses, tokens, time).")
-    eval: dict[str, float] = Field(default_factory=dict, description="The gates' numbers and decisions: the knowledge gate's (knowledge_*: the KB in context vs none, learner.knowledge_gate) and the evaluation gate's (learner.gate: held-out pass rate and response length against the reference, OOD score against the base model); empty for a version made without gates.")
+    eval: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "The gates' numbers and decisions: the knowledge gate's (knowledge_*: the KB in context vs none, "
+            "learner.knowledge_gate) and the evaluation gate's (learner.gate: held-out pass rate and response length "
+            "against the reference, OOD score against the base model); empty for a version made without gates."
+        ),
+    )
     status: VersionStatus = Field(VersionStatus.candidate, description="The status it was created with.")
     created_at: datetime = Field(default_factory=_now)
 

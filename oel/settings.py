@@ -20,7 +20,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from oel.logs import client_logger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -28,6 +27,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from oel.logs import client_logger
 
 ENV_PREFIX = "OEL_"
 ENV_DELIMITER = "__"

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "producers.adapters": ("AdapterLoader",),
+    "oel.versions": ("BASE_VERSION",),
     "producers.recorder": (
         "ABANDONED_PREFIX",
-        "BASE_VERSION",
         "AsyncEpisode",
         "BufferFull",
         "CloseReport",
@@ -35,10 +35,10 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from oel.versions import BASE_VERSION  # noqa: F401
     from producers.adapters import AdapterLoader  # noqa: F401
     from producers.recorder import (  # noqa: F401
         ABANDONED_PREFIX,
-        BASE_VERSION,
         AsyncEpisode,
         BufferFull,
         CloseReport,

@@ -78,6 +78,7 @@ from pydantic_core import PydanticSerializationError
 from pydantic_core import to_json as _to_json
 
 from oel import metrics
+from oel.logs import client_logger
 from oel.schemas import (
     ID_MAX_CHARS,
     ID_PATTERN,
@@ -89,10 +90,8 @@ from oel.schemas import (
     TrajectoryEvent,
     describe_validation_error,
 )
-from oel.logs import client_logger
 from oel.settings import Settings, load_settings
 from oel.topics import producer_max_bytes
-from oel.versions import BASE_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +208,7 @@ class PinnedVersion:
     """What one episode runs with, fixed when it starts: the model version and (in-context mode) the KB.
 
     ``version`` is None while the namespace has no promoted version (the base model; ``name`` is then
-    :data:`BASE_VERSION`) or when a plain version name was given. ``kb`` is whatever the follower's KB
+    :data:`oel.versions.BASE_VERSION`) or when a plain version name was given. ``kb`` is whatever the follower's KB
     hook returned, or None.
     """
 

@@ -86,7 +86,7 @@ def compare(ctx: click.Context, env_name: str, episodes: int, modes: tuple[str, 
         bar = tqdm(total=len(specs), unit="ep", desc=f"{env_name} {mode}", dynamic_ncols=True)
         t0 = time.monotonic()
         try:
-            eps = run_specs(backend, specs, config, on_episode=lambda ep: bar.update(1))
+            eps = run_specs(backend, specs, config, on_episode=lambda ep, bar=bar: bar.update(1))
         finally:
             bar.close()
         seconds = time.monotonic() - t0

@@ -243,8 +243,8 @@ class LearningLoop:
     def final_table(self):
         """The ``oel eval`` table of the namespace (:func:`evaluation.table.eval_table`), saved under the
         output folder (markdown, PNG, JSON; :attr:`table_paths`); None when no round ran."""
-        from evaluation.table import eval_table
         from evaluation.evaluator import EvalSpec, Evaluator
+        from evaluation.table import eval_table
 
         if not self.registry.list(self.config.ns):
             self.progress("no round ran (the KB never got an item), so there is no table to show")

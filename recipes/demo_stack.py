@@ -25,14 +25,14 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from oel.versions import BASE_VERSION
-from recipes.demo import DemoConfig, LearningLoop, progress_bar
 from learner.versions import ModelRegistry, VersionRecord
 from oel.kb import extraction_key, latest_snapshot
 from oel.model.backend import Backend
 from oel.schemas import ExperienceUpdate, InvalidMessage, decode
 from oel.settings import Settings
 from oel.store import S3Store
+from oel.versions import BASE_VERSION
+from recipes.demo import DemoConfig, LearningLoop, progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -173,8 +173,8 @@ def serve(ctx: click.Context, env_name: str, namespace: str | None, mode: str | 
     from oel.envs.base import EVAL_SEED_BASE
     from oel.metrics import start_metrics_server
     from oel.model.factory import make_backend
-    from oel.store import S3Store, StoreError
     from oel.rollout import AgentConfig, summarize
+    from oel.store import S3Store, StoreError
     from reference.live_agent import LiveAgent
 
     settings = settings_of(ctx)

@@ -23,12 +23,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from oel.model.backend import Backend
+from oel.rollout import AgentConfig, Episode, run_episodes
 from oel.schemas import TrajectoryEvent, decode
 from oel.settings import Settings
 from oel.store import ObjectStore
+from oel.versions import BASE_VERSION
 from producers.adapters import AdapterLoader
-from oel.rollout import AgentConfig, Episode, run_episodes
-from producers.recorder import BASE_VERSION, Recorder
+from producers.recorder import Recorder
 from producers.versions import VersionFollower
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class LiveAgent:
         backend: Backend,
         store: ObjectStore,
         *,
-        agent: AgentConfig = AgentConfig(),
+        agent: AgentConfig = AgentConfig(),  # noqa: B008 - frozen, so sharing the default is safe
         agent_id: str | None = None,
         adapter_cache: str | Path | None = None,
     ):

@@ -38,8 +38,8 @@ def loadgen(ctx: click.Context, rate, duration_s, episodes, replay, record, name
     exits 1 if any event was not delivered.
     """
     from oel.cli_context import settings_of
-    from reference import loadgen as lg
     from producers.recorder import Recorder, UndeliveredEvents
+    from reference import loadgen as lg
 
     if duration_s is None and episodes is None:
         duration_s = 10.0

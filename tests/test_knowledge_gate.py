@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from learner.knowledge_gate import ACCEPTED, KnowledgeGate, decide
 from evaluation.ood import OOD_PROMPTS
+from learner.knowledge_gate import ACCEPTED, KnowledgeGate, decide
 from learner.policy import RoundTrigger, round_id
 from learner.rounds import RoundRunner
 from learner.versions import ModelRegistry

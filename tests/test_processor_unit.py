@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,8 +24,7 @@ from faust.types.tuples import RecordMetadata
 from oel import metrics
 from oel.episodes import CompletedEpisode
 from oel.settings import load_settings
-from oel.topics import dlq_name
-from oel.topics import ERROR_HEADER, SOURCE_HEADER
+from oel.topics import ERROR_HEADER, SOURCE_HEADER, dlq_name
 from processors.app import Processor
 from tests.test_processor import episode_events
 

@@ -10,9 +10,9 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from oel.ops.topics import admin_client, ensure_topics
+from oel.ops.versions import publish_version
 from oel.schemas import ModelVersion, TrajectoryEvent, VersionStatus, decode
 from oel.settings import Settings
-from oel.ops.versions import publish_version
 from oel.topics import TopicSpec
 from oel.versions import rollback_events
 from producers import BASE_VERSION, Recorder, VersionFollower, VersionFollowerError

@@ -188,7 +188,7 @@ class OPCDConfig:
         return d
 
     @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> "OPCDConfig":
+    def from_settings(cls, settings: Any, **overrides: Any) -> OPCDConfig:
         """The trainer's configuration from the service settings (``Settings.learner`` and ``Settings.model``),
         with keyword overrides on top."""
         learner = settings.learner

@@ -51,16 +51,17 @@ The prompts are never truncated: prefixes whose student prompt is longer than
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 import json
 import logging
 import math
 import random
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
