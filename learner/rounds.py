@@ -15,7 +15,7 @@ A round, given a :class:`~learner.policy.RoundTrigger`:
    model**, whose frozen copy with the KB in context is the teacher, and saves the adapter. The parent
    version is the lineage (and the evaluation gate's reference), not the starting point: the KB only
    grows, so the whole KB distilled into the base model holds what the parent learned, and a teacher
-   chained on the parent's adapter measured worse (a second round collapsed to 0/16 on the default model);
+   chained on the parent's adapter measured worse (bench/README.md);
 5. runs the **evaluation gate** (:class:`learner.gate.HeldOutGate` unless ``learner.gate_enabled`` is
    off or another gate is passed) on the saved adapter: held-out pass rate without experience against
    the parent's, OOD instruction following against the base model's. Its numbers and its decision go

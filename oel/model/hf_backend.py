@@ -50,8 +50,7 @@ from pathlib import Path
 from typing import Any
 
 # libgomp (torch's OpenMP) busy-waits by default; on CPU cores shared with other processes that makes
-# every parallel region stall (measured on 2 shared cores: a decode step took 1.5-4.9 s instead of
-# 0.15 s). Passive waiting fixes it. This only takes effect if torch was not imported before: set
+# every parallel region stall (bench/README.md). Passive waiting fixes it. This only takes effect if torch was not imported before: set
 # OMP_WAIT_POLICY=PASSIVE in the environment to be sure; an explicit setting is never overridden.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -81,8 +80,8 @@ class _Adapter:
 
 def native_bf16() -> bool:
     """Whether this machine computes in bfloat16 natively: a CUDA GPU, or a CPU with AVX512-BF16 or AMX
-    (Linux ``/proc/cpuinfo`` flags). Elsewhere torch emulates bf16 matmuls: on an AVX2-only CPU batched
-    generation of the default model measured 2.8x slower in bfloat16 than in float32 (bench/README.md)."""
+    (Linux ``/proc/cpuinfo`` flags). Elsewhere torch emulates bf16 matmuls, which made batched generation
+    several times slower than float32 (bench/README.md)."""
     if torch.cuda.is_available():
         return True
     try:
