@@ -34,7 +34,7 @@ from learner.versions import ModelRegistry, VersionRecord
 from oel import metrics
 from oel.model.backend import Backend
 from oel.model.factory import make_backend
-from oel.settings import Settings
+from oel.settings import FROM_SETTINGS, FromSettings, Settings
 from oel.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def decide(ev: Mapping[str, float]) -> GateDecision:
 class HeldOutGate:
     """The evaluation gate (module docstring). ``backend`` runs the evaluations (default: one made from
     the settings on first use, :func:`oel.model.factory.make_backend`); ``env`` overrides the
-    environment choice (an environment name, or None = OOD check only; default ``...``:
+    environment choice (an environment name, or None = OOD check only; default ``FROM_SETTINGS``:
     :func:`env_for_namespace`); ``spec_overrides``
     go to :meth:`EvalSpec.from_settings` (e.g. ``episodes``)."""
 
@@ -84,7 +84,7 @@ class HeldOutGate:
         *,
         backend: Backend | None = None,
         registry: ModelRegistry | None = None,
-        env: Any = ...,
+        env: str | None | FromSettings = FROM_SETTINGS,
         spec_overrides: Mapping[str, Any] | None = None,
         ood_prompts: Sequence[OODPrompt] = OOD_PROMPTS,
     ):
@@ -98,7 +98,7 @@ class HeldOutGate:
         self.ood_tolerance = settings.learner.gate_ood_tolerance
 
     def env_for(self, namespace: str) -> str | None:
-        return env_for_namespace(namespace, self.settings) if self._env is ... else self._env  # type: ignore[return-value]
+        return env_for_namespace(namespace, self.settings) if self._env is FROM_SETTINGS else self._env
 
     def spec_for(self, env: str) -> EvalSpec:
         return EvalSpec.from_settings(self.settings, env, **self.spec_overrides)

@@ -52,7 +52,7 @@ from oel import metrics
 from oel.episodes import CompletedEpisode
 from oel.kb import ExperienceItem, item_key, load_snapshot
 from oel.schemas import ModelVersion, VersionStatus
-from oel.settings import Settings
+from oel.settings import FROM_SETTINGS, FromSettings, Settings
 from oel.store import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ EvaluationGate = Callable[[VersionRecord, Path], GateDecision]
 project's. A gate may also have ``decision_from_eval(manifest eval) -> GateDecision | None`` to replay a
 decision it recorded in a manifest (then :meth:`RoundRunner.finish` does not evaluate again)."""
 
-GATE_FROM_SETTINGS = "settings"
+GATE_FROM_SETTINGS = FROM_SETTINGS
 """Default of :class:`RoundRunner`'s ``gate``: :class:`learner.gate.HeldOutGate` when
 ``learner.gate_enabled`` (the default), else none."""
 
@@ -155,8 +155,8 @@ class RoundRunner:
         *,
         registry: ModelRegistry | None = None,
         trainer_factory: Callable[..., Any] | None = None,
-        gate: EvaluationGate | None | str = GATE_FROM_SETTINGS,
-        knowledge_gate: KnowledgeGate | None | str = GATE_FROM_SETTINGS,
+        gate: EvaluationGate | None | FromSettings = GATE_FROM_SETTINGS,
+        knowledge_gate: KnowledgeGate | None | FromSettings = GATE_FROM_SETTINGS,
         backend: Any = None,
         auto_promote: bool | None = None,
         topic: str | None = None,
@@ -167,14 +167,14 @@ class RoundRunner:
         self.settings = settings
         self.registry = registry or ModelRegistry(store)
         self.trainer_factory = trainer_factory
-        if gate == GATE_FROM_SETTINGS:
+        if gate is GATE_FROM_SETTINGS:
             gate = None
             if settings.learner.gate_enabled:
                 from learner.gate import HeldOutGate
 
                 gate = HeldOutGate(store, settings, backend=backend, registry=self.registry)
         self.gate: EvaluationGate | None = gate  # type: ignore[assignment]
-        if knowledge_gate == GATE_FROM_SETTINGS:
+        if knowledge_gate is GATE_FROM_SETTINGS:
             knowledge_gate = None
             if settings.learner.knowledge_gate_enabled:
                 from evaluation.evaluator import Evaluator

@@ -39,6 +39,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from oel.schemas import NAMESPACE_PATTERN, ModelVersion, VersionStatus
+from oel.settings import Settings
 from oel.store import ImmutableObjectConflict, ObjectNotFound, ObjectStore
 from oel.versions import rollback_events
 
@@ -187,7 +188,7 @@ class ModelRegistry:
         self.store = store
         self.publisher = publisher
 
-    def _publish(self, event: ModelVersion, settings, topic: str | None) -> None:
+    def _publish(self, event: ModelVersion, settings: Settings | None, topic: str | None) -> None:
         if self.publisher is not None:
             self.publisher(event)
         else:
@@ -324,7 +325,7 @@ class ModelRegistry:
 
     # --- publishing (oel.versions holds the topic's protocol) --------------------------------
 
-    def promote(self, namespace: str, version: str, settings=None, *, topic: str | None = None, reason: str | None = None) -> ModelVersion:
+    def promote(self, namespace: str, version: str, settings: Settings | None = None, *, topic: str | None = None, reason: str | None = None) -> ModelVersion:
         """Record ``promoted`` and publish the version as the namespace's current one."""
         record = self.get(namespace, version)
         if record.status is VersionStatus.rejected:
@@ -347,7 +348,7 @@ class ModelRegistry:
         namespace: str,
         to: str | None = None,
         reason: str = "manual rollback",
-        settings=None,
+        settings: Settings | None = None,
         *,
         topic: str | None = None,
     ) -> tuple[ModelVersion, ModelVersion | None]:

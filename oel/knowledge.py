@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -26,7 +25,7 @@ from oel.extraction import ExtractionConfig, PromptVariant, build_prompt, item_i
 from oel.grounded import DEFAULT_TRUSTED_FEEDBACK, GroundedConfig, answer_items, grounded_items, trusted_sources
 from oel.model.backend import Backend, BackendError, SamplingParams
 from oel.schemas import ExperienceUpdate
-from oel.settings import KB_TOKEN_BUDGET
+from oel.settings import KB_TOKEN_BUDGET, Settings
 from oel.store import ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ class WriterConfig:
     backoff_s: float = 0.5
 
     @classmethod
-    def from_settings(cls, settings: Any) -> WriterConfig:
+    def from_settings(cls, settings: Settings) -> WriterConfig:
         """The configuration the settings describe (``processor``: variant, previous experience, length,
         budget, trust; ``model``: which model, for the ``auto`` variant)."""
         processor = settings.processor
@@ -66,7 +65,7 @@ class WriterConfig:
         return trusted_sources(namespace, self.trusted_feedback)
 
 
-def resolve_variant(settings: Any) -> PromptVariant:
+def resolve_variant(settings: Settings) -> PromptVariant:
     """The extraction variant of ``processor.extraction_variant``; ``auto`` = ``grounded`` for the bundled
     default model (too small to abstract a lesson: its own extractions measured as noise), ``structured``
     (the paper's) for a model given by ``model.path``."""

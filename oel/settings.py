@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,14 @@ from oel.logs import client_logger
 
 ENV_PREFIX = "OEL_"
 ENV_DELIMITER = "__"
+class FromSettings(Enum):
+    """The default of an argument that is built from the settings unless given (None often means "none")."""
+
+    FROM_SETTINGS = "from settings"
+
+
+FROM_SETTINGS = FromSettings.FROM_SETTINGS
+
 KB_TOKEN_BUDGET = 2048
 """Default token budget of a KB snapshot and of the teacher's experience block; beyond it the oldest
 items are dropped (the paper: 8192, and 2048 for small models)."""

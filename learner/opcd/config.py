@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from oel.settings import KB_TOKEN_BUDGET
+from oel.settings import KB_TOKEN_BUDGET, Settings
 
 
 @dataclass
@@ -188,7 +188,7 @@ class OPCDConfig:
         return d
 
     @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> OPCDConfig:
+    def from_settings(cls, settings: Settings, **overrides: Any) -> OPCDConfig:
         """The trainer's configuration from the service settings (``Settings.learner`` and ``Settings.model``),
         with keyword overrides on top."""
         learner = settings.learner

@@ -66,6 +66,7 @@ from oel.model.backend import (
     SamplingParams,
 )
 from oel.model.chat import encode_chat
+from oel.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class HFBackend(Backend):
         log.info("loaded %s (%s, %s) in %.1f s", self.model_path, dtype, self.device, time.monotonic() - t0)
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> HFBackend:
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> HFBackend:
         """The backend for ``settings.model`` (the default model is prepared on first use)."""
         from oel.model.prepare import resolve_model_path
 
