@@ -29,7 +29,6 @@ working state (open buffers, KB states, pending batches) is dropped when partiti
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import weakref
@@ -48,6 +47,7 @@ from oel.model.backend import BackendError
 from oel.settings import KafkaSettings, Settings
 from oel.store import StoreUnavailable
 from oel.topics import TopicSpec, dead_letter, dlq_name, episode_record_bytes, producer_max_bytes
+from processors.records import BatchFlush, ControlCommand, parse_episodes_record
 from processors.redelivery import DeliveryGuard
 
 log = logging.getLogger(__name__)
@@ -275,18 +275,19 @@ class Processor:
 
     async def _control(self, stream: faust.StreamT) -> None:
         p = self.settings.processor
-        async for command in stream:
+        async for value in stream:
+            command = ControlCommand.model_validate(value)
             async with self.episodes_lock:
-                episode_id = command["episode_id"]
+                episode_id = command.episode_id
                 entry = self.episodes.get(episode_id)
                 if entry is None:
                     continue
-                if command["op"] == "abandon" and "buffer" in entry:
+                if command.op == "abandon" and "buffer" in entry:
                     buffer = self.open.get(episode_id) or EpisodeBuffer.model_validate(entry["buffer"])
                     if time.time() - buffer.received_at >= p.abandon_after_s:  # still idle when the command arrives
                         self.open.pop(episode_id, None)
                         await self._finish(buffer, abandoned=True)
-                elif command["op"] == "purge" and "closed_at" in entry:
+                elif command.op == "purge" and "closed_at" in entry:
                     del self.episodes[episode_id]
 
     # --- stage 2: extraction -----------------------------------------------------------------
@@ -340,12 +341,11 @@ class Processor:
         namespace = event.message.key.decode()
         value = event.message.value
         batch = self.pending.get(namespace)
-        if value.startswith(b'{"flush"'):
-            first = json.loads(value)["flush"]
-            if batch is not None and batch.episodes[0].episode_id == first:
+        episode = parse_episodes_record(value)
+        if isinstance(episode, BatchFlush):
+            if batch is not None and batch.episodes[0].episode_id == episode.flush:
                 return await self._run_batch(namespace) + [event]
             return [event]
-        episode = CompletedEpisode.model_validate_json(value)
         state = self._kb_state(namespace)
         if episode.episode_id in state.applied_episodes:
             return [event]  # a replayed or duplicated episode
@@ -428,11 +428,11 @@ class Processor:
                 continue
             if "buffer" in entry and now - entry["buffer"]["received_at"] >= p.abandon_after_s:
                 await self.control.send(
-                    key=episode_id.encode(), value={"op": "abandon", "episode_id": episode_id}, partition=entry["partition"]
+                    key=episode_id.encode(), value=ControlCommand(op="abandon", episode_id=episode_id).model_dump(), partition=entry["partition"]
                 )
             elif "closed_at" in entry and now - entry["closed_at"] >= max(4 * p.abandon_after_s, 3600):
                 await self.control.send(
-                    key=episode_id.encode(), value={"op": "purge", "episode_id": episode_id}, partition=entry["partition"]
+                    key=episode_id.encode(), value=ControlCommand(op="purge", episode_id=episode_id).model_dump(), partition=entry["partition"]
                 )
 
     async def _flush_tick(self) -> None:
@@ -443,7 +443,7 @@ class Processor:
             if now - batch.since >= p.batch_window_s and not batch.flush_sent:
                 batch.flush_sent = True
                 first = batch.episodes[0].episode_id
-                await self.episodes_topic.send(key=namespace.encode(), value=json.dumps({"flush": first}).encode())
+                await self.episodes_topic.send(key=namespace.encode(), value=BatchFlush(flush=first).to_bytes())
         if now - self._lag_observed_at >= 1.0:
             self._lag_observed_at = now
             self._observe_lag()
