@@ -47,7 +47,15 @@ from oel.model.backend import BackendError
 from oel.settings import KafkaSettings, Settings
 from oel.store import StoreUnavailable
 from oel.topics import TopicSpec, dead_letter, dlq_name, episode_record_bytes, producer_max_bytes
-from processors.records import BatchFlush, ControlCommand, parse_episodes_record
+from processors.records import (
+    BatchFlush,
+    ClosedEntry,
+    ControlCommand,
+    EpisodeEntry,
+    KbEntry,
+    OpenEntry,
+    parse_episodes_record,
+)
 from processors.redelivery import DeliveryGuard
 
 log = logging.getLogger(__name__)
@@ -242,14 +250,14 @@ class Processor:
                 await self._finish(step.buffer, abandoned=step.action is Action.close_truncated, reason=step.close_reason)
         for episode_id, (event, buffer) in touched.items():
             as_current(event)
-            self.episodes[episode_id] = {"partition": event.message.partition, "buffer": buffer.model_dump(mode="json")}
+            self.episodes[episode_id] = OpenEntry(partition=event.message.partition, buffer=buffer.model_dump(mode="json"))
 
     def _lookup(self, episode_id: str) -> EpisodeBuffer | ClosedEpisode | None:
         """An episode's open buffer (in memory, else from the table), its tombstone, or None."""
         buffer = self.open.get(episode_id)
         if buffer is not None:
             return buffer
-        entry = self.episodes.get(episode_id)
+        entry: EpisodeEntry | None = self.episodes.get(episode_id)
         if entry is None:
             return None
         if "closed_at" in entry:
@@ -265,7 +273,7 @@ class Processor:
         self._meet(episode.namespace)
         await self.episodes_topic.send(key=episode.namespace.encode(), value=episode.model_dump_json().encode())
         partition = event_partition()
-        tombstone: dict[str, Any] = {"partition": partition, "closed_at": time.time()}
+        tombstone = ClosedEntry(partition=partition, closed_at=time.time())
         if reason is not None:
             tombstone["truncated"] = True
         self.episodes[buffer.episode_id] = tombstone
@@ -279,7 +287,7 @@ class Processor:
             command = ControlCommand.model_validate(value)
             async with self.episodes_lock:
                 episode_id = command.episode_id
-                entry = self.episodes.get(episode_id)
+                entry: EpisodeEntry | None = self.episodes.get(episode_id)
                 if entry is None:
                     continue
                 if command.op == "abandon" and "buffer" in entry:
@@ -322,7 +330,7 @@ class Processor:
     def _kb_state(self, namespace: str) -> KBState:
         state = self.kb_states.get(namespace)
         if state is None:
-            entry = self.kb.get(namespace)
+            entry: KbEntry | None = self.kb.get(namespace)
             state = KBState.model_validate(entry["state"]) if entry else KBState(namespace=namespace)
             self.kb_states[namespace] = state
             self._meet(namespace)
@@ -381,7 +389,7 @@ class Processor:
                 except Exception as one:
                     await self._dead_letter(event, f"extraction failed: {type(one).__name__}: {one}"[:2000], label="extraction")
         metrics.EXTRACTION_DURATION.labels(namespace=namespace).observe(time.monotonic() - t0)
-        self.kb[namespace] = {"state": state.model_dump(mode="json")}
+        self.kb[namespace] = KbEntry(state=state.model_dump(mode="json"))
         self.kb_states[namespace] = state
         self.pending.pop(namespace, None)  # (already gone if partitions were revoked meanwhile)
         return batch.events
@@ -423,7 +431,8 @@ class Processor:
         """Send abandon/purge commands; never changes a table itself."""
         p = self.settings.processor
         now = time.time()
-        for episode_id, entry in list(self.episodes.items()):
+        entries: list[tuple[str, EpisodeEntry | None]] = list(self.episodes.items())
+        for episode_id, entry in entries:
             if entry is None:
                 continue
             if "buffer" in entry and now - entry["buffer"]["received_at"] >= p.abandon_after_s:

@@ -1,12 +1,14 @@
-"""The processor's internal messages, typed.
+"""The processor's internal messages and table entries, typed.
 
-They are pydantic models whose JSON is what the processor has always written (``{"flush": ...}``,
-``{"op": ..., "episode_id": ...}``), so records already in the topics are read back unchanged.
+Messages are pydantic models whose JSON is what the processor has always written (``{"flush": ...}``,
+``{"op": ..., "episode_id": ...}``), so records already in the topics are read back unchanged. Table
+entries are TypedDicts: Faust stores them as JSON, and the abandonment timer reads every open entry on each
+tick, so they stay plain dicts (no validation) with their shape declared here.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
@@ -45,3 +47,30 @@ class ControlCommand(BaseModel):
 
     op: Literal["abandon", "purge"]
     episode_id: str
+
+
+class OpenEntry(TypedDict):
+    """``episodes`` table, an open episode: the partition its events arrive on and its buffer
+    (``EpisodeBuffer.model_dump(mode="json")``)."""
+
+    partition: int
+    buffer: dict[str, Any]
+
+
+class ClosedEntry(TypedDict):
+    """``episodes`` table, a closed episode's tombstone (a late duplicate cannot reopen it);
+    ``truncated`` when it was closed at its size limit."""
+
+    partition: int
+    closed_at: float
+    truncated: NotRequired[bool]
+
+
+EpisodeEntry = OpenEntry | ClosedEntry
+"""A value of the ``episodes`` table (key = episode id)."""
+
+
+class KbEntry(TypedDict):
+    """``kb`` table (key = namespace): the namespace's KB state (``KBState.model_dump(mode="json")``)."""
+
+    state: dict[str, Any]
