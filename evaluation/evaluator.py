@@ -34,7 +34,7 @@ from evaluation.ood import OOD_MAX_NEW_TOKENS, OOD_PROMPTS, OODPrompt, ood_score
 from oel.envs import ENV_NAMES, eval_seeds, make_env
 from oel.model.backend import Backend
 from oel.rollout import ActionMode, AgentConfig, Episode, run_episodes, summarize
-from oel.settings import Settings
+from oel.settings import LearnerSettings, Settings, default_of
 from oel.store import ImmutableObjectConflict, ObjectNotFound, ObjectStore
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,7 +58,7 @@ class EvalSpec:
     generation call."""
 
     env: str
-    episodes: int = 16
+    episodes: int = default_of(LearnerSettings, "eval_episodes")
     mode: ActionMode | None = None
     max_new_tokens: int | None = None
     max_turns: int | None = None

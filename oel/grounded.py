@@ -32,7 +32,7 @@ from enum import Enum
 from oel.episodes import CompletedEpisode
 from oel.extraction import MAX_ITEM_CHARS, MIN_ITEM_CHARS, PromptVariant, Rejected, normalise_item, parse_items, sanitise, validate_items
 from oel.forgery import COPY_WORDS, forged_reason
-from oel.settings import TRUSTED_FEEDBACK
+from oel.settings import TRUSTED_FEEDBACK, ProcessorSettings, default_of
 
 
 class Source(str, Enum):
@@ -187,7 +187,7 @@ class GroundedItem:
 class GroundedConfig:
     """How the grounded variant picks items."""
 
-    min_episodes: int = 2
+    min_episodes: int = default_of(ProcessorSettings, "grounded_min_episodes")
     """A statement must come from the trusted feedback of at least this many episodes of the batch."""
     max_items: int = 2
     """Most items per batch (the paper's extraction asks for 1-2 per episode), the most frequent first."""

@@ -25,7 +25,7 @@ from oel.extraction import ExtractionConfig, PromptVariant, build_prompt, item_i
 from oel.grounded import DEFAULT_TRUSTED_FEEDBACK, GroundedConfig, answer_items, grounded_items, trusted_sources
 from oel.model.backend import Backend, BackendError, SamplingParams
 from oel.schemas import ExperienceUpdate
-from oel.settings import KB_TOKEN_BUDGET, Settings
+from oel.settings import KB_TOKEN_BUDGET, ProcessorSettings, Settings, default_of
 from oel.store import ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,8 @@ class WriterConfig:
     """How extraction is run and how big the KB may grow."""
 
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
-    max_new_tokens: int = 256
-    temperature: float = 0.7
+    max_new_tokens: int = default_of(ProcessorSettings, "max_new_tokens")
+    temperature: float = default_of(ProcessorSettings, "temperature")
     token_budget: int = KB_TOKEN_BUDGET
     """Experience beyond this many tokens is dropped, oldest first."""
     trusted_feedback: str = DEFAULT_TRUSTED_FEEDBACK

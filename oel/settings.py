@@ -70,6 +70,12 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def default_of(section: type[BaseModel], name: str) -> Any:
+    """The default of setting ``name`` in ``section``: what a config built without settings falls back to,
+    so that each default is declared once (in the settings)."""
+    return section.model_fields[name].get_default(call_default_factory=True)
+
+
 class PathSettings(Section):
     """Local directories."""
 
