@@ -248,6 +248,8 @@ class Processor:
                 touched.pop(step.event.episode_id, None)
                 as_current(event)
                 await self._finish(step.buffer, abandoned=step.action is Action.close_truncated, reason=step.close_reason)
+            else:  # ignore
+                log.debug("event %s of episode %s ignored (a duplicate, or its episode is closed)", step.event.event_id, step.event.episode_id)
         for episode_id, (event, buffer) in touched.items():
             as_current(event)
             self.episodes[episode_id] = OpenEntry(partition=event.message.partition, buffer=buffer.model_dump(mode="json"))
