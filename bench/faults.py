@@ -1,18 +1,21 @@
-"""Fault suite: kill -9 the processor under load, restart the broker and the object store, and count.
+"""Fault suite: kill -9 the processor and the learner under load, restart the broker and the object store, and count.
 
 Runs on a private local stack (its own ports and state directory, started and stopped here), so the
 broker and MinIO it restarts are its own. Agents are `oel loadgen`'s synthetic episodes sent through the
 Recorder at a steady rate; the processor runs the grounded extraction of a trusted namespace (no model
 call, so a kill lands in the streaming path, not in a 5-second generation).
 
-For each scenario it prints: episodes sent; episodes that reached the store (``trajectories/<ns>/<id>``);
+For each fault it prints: episodes sent; episodes that reached the store (``trajectories/<ns>/<id>``);
 lost (sent, never stored after the drain); duplicated (an episode in the sources of two KB updates); and
 seconds to recover after each fault: from the fault until the first episode started after it is stored
 (compare with the baseline, the median time from an episode's start to its stored trajectory).
 
     .venv/bin/python bench/faults.py --kills 10 --out bench/results/faults.json
 
-Not run here: kill -9 of the learner (no learner in this suite yet; rounds take minutes on this CPU).
+The learner consolidates into a tiny random model (two OPCD steps, no gates, every version promoted), so a
+round takes seconds and kills land in every phase of it; for it the suite prints versions published twice,
+rounds trained twice (two versions of one round), KB updates never consolidated, and seconds from a kill
+until the first KB update seen after it is in a published version.
 """
 from __future__ import annotations
 
@@ -28,9 +31,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # tests.support: the tiny model
 PORT_VARS = ("OEL_STACK_KAFKA_PORT", "OEL_STACK_KAFKA_CONTROLLER_PORT", "OEL_STACK_MINIO_PORT",
              "OEL_STACK_MINIO_CONSOLE_PORT", "OEL_STACK_PROMETHEUS_PORT")
 NS = "house-rules-faults"  # trusted by default: grounded items from the loadgen reviewer's rules
@@ -51,23 +57,26 @@ def sh(env: dict, *args: str) -> None:
     subprocess.run(args, env=env, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-class Processor:
-    """One processor worker process, killed with SIGKILL and restarted with the same instance id."""
+class Service:
+    """One service process (``oel <command>``), killed with SIGKILL and restarted with the same instance id."""
 
-    def __init__(self, env: dict, log: Path):
-        self.env = {**env, "OEL_PROCESSOR__EXTRACTION_VARIANT": "grounded", "OEL_PROCESSOR__BATCH_SIZE": "8",
-                    "OEL_PROCESSOR__BATCH_WINDOW_S": "2", "OEL_PROCESSOR__ABANDON_AFTER_S": "120",
-                    "OEL_PROCESSOR__INSTANCE_ID": "faults-worker", "OEL_METRICS__PORT": "0"}
-        self.log = log
+    def __init__(self, command: list[str], env: dict, log: Path):
+        self.command, self.env, self.log = command, env, log
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "oel.cli", "processor", "--loglevel", "warning"],
+            self.proc = subprocess.Popen([sys.executable, "-m", "oel.cli", *self.command],
                                          env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def check_alive(self) -> None:
+        """Raise if the process ended by itself (a configuration error, a crash): the suite would measure nothing."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"oel {' '.join(self.command)} exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
 
     def kill(self) -> None:
         assert self.proc is not None
+        self.check_alive()
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
 
@@ -80,9 +89,33 @@ class Processor:
                 self.proc.kill()
 
 
+def processor(env: dict, state: Path) -> Service:
+    """A worker with static membership, running the grounded extraction (no model call)."""
+    return Service(["processor", "--loglevel", "warning"], {
+        **env, "OEL_PROCESSOR__EXTRACTION_VARIANT": "grounded", "OEL_PROCESSOR__BATCH_SIZE": "8",
+        "OEL_PROCESSOR__BATCH_WINDOW_S": "2", "OEL_PROCESSOR__ABANDON_AFTER_S": "120",
+        "OEL_PROCESSOR__INSTANCE_ID": "faults-worker", "OEL_METRICS__PORT": "0"}, state / "processor.log")
+
+
+def learner(env: dict, state: Path) -> Service:
+    """A learner with static membership that consolidates every KB update at once into a tiny model (two OPCD
+    steps, no gates, auto-promotion): rounds of seconds, so that kills land in every phase of a round."""
+    from tests.support.tiny_model import save_tiny_model
+
+    model = save_tiny_model(state / "tiny-model")
+    return Service(["learner", "run"], {
+        **env, "OEL_MODEL__PATH": str(model), "OEL_LEARNER__MIN_NEW_ITEMS": "1", "OEL_LEARNER__COOLDOWN_S": "0",
+        "OEL_LEARNER__STEPS": "2", "OEL_LEARNER__BATCH_SIZE": "2", "OMP_NUM_THREADS": "1", "OEL_LEARNER__MAX_NEW_TOKENS": "6",
+        "OEL_LEARNER__WARMUP_STEPS": "0", "OEL_LEARNER__CHECK_EVERY": "0", "OEL_LEARNER__AUTO_PROMOTE": "true",
+        "OEL_LEARNER__GATE_ENABLED": "false", "OEL_LEARNER__KNOWLEDGE_GATE_ENABLED": "false",
+        "OEL_LEARNER__INSTANCE_ID": "faults-learner", "OEL_METRICS__PORT": "0"}, state / "learner.log")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=10, help="kill -9 of the processor (default 10)")
+    ap.add_argument("--learner-kills", type=int, default=5, help="kill -9 of the learner (default 5)")
+    ap.add_argument("--seed", type=int, default=7, help="seed of the fault order and timing (default 7)")
     ap.add_argument("--rate", type=float, default=20.0, help="events/s sent (default 20)")
     ap.add_argument("--every-s", type=float, default=15.0, help="seconds between faults (default 15)")
     ap.add_argument("--drain-s", type=float, default=180.0, help="how long to wait for the last episodes (default 180)")
@@ -96,11 +129,12 @@ def main() -> None:
     print(f"private stack in {state} ...", flush=True)
     sh(env, sys.executable, "-m", "oel.cli", "stack", "up")
     sh(env, sys.executable, "-m", "oel.cli", "topics", "create")
-    processor = Processor(env, state / "processor.log")
+    services = {"processor": processor(env, state), "learner": learner(env, state)}
     try:
-        results = run(env, state, processor, args)
+        results = run(env, services, args)
     finally:
-        processor.stop()
+        for service in services.values():
+            service.stop()
         subprocess.run([sys.executable, "-m", "oel.cli", "stack", "down"], env=env, cwd=REPO, capture_output=True)
     print_table(results)
     if args.out:
@@ -108,8 +142,8 @@ def main() -> None:
         print(f"wrote {args.out}")
 
 
-def run(env: dict, state: Path, processor: Processor, args: argparse.Namespace) -> list[dict]:
-    from oel.schemas import ExperienceUpdate
+def run(env: dict, services: dict[str, Service], args: argparse.Namespace) -> list[dict]:
+    from oel.schemas import ExperienceUpdate, ModelVersion
     from oel.settings import load_settings
     from oel.store import S3Store
     from producers.recorder import Recorder
@@ -118,17 +152,19 @@ def run(env: dict, state: Path, processor: Processor, args: argparse.Namespace) 
     settings = load_settings()
     store = S3Store(settings.s3)
     store.ensure_bucket()
-    processor.start()
+    for service in services.values():
+        service.start()
 
     stored_at: dict[str, float] = {}
-    updates: list[ExperienceUpdate] = []
+    updates: list[tuple[float, ExperienceUpdate]] = []  # (seen at, update), in log order
+    versions: list[tuple[float, ModelVersion]] = []
     stop = threading.Event()
 
-    def watch() -> None:  # the store and the experience topic, twice a second
+    def watch() -> None:  # the store, the experience topic and the versions topic, twice a second
         from confluent_kafka import Consumer
 
         consumer = Consumer({**settings.kafka.client_config(), "group.id": f"faults-{time.time_ns()}", "auto.offset.reset": "earliest"})
-        consumer.subscribe([settings.topics.experience])
+        consumer.subscribe([settings.topics.experience, settings.topics.model_versions])
         while not stop.is_set():
             try:
                 for key in store.list(f"trajectories/{NS}/"):
@@ -137,7 +173,10 @@ def run(env: dict, state: Path, processor: Processor, args: argparse.Namespace) 
                 pass
             msg = consumer.poll(0.5)
             if msg is not None and msg.error() is None:
-                updates.append(ExperienceUpdate.model_validate_json(msg.value()))
+                if msg.topic() == settings.topics.experience:
+                    updates.append((time.monotonic(), ExperienceUpdate.model_validate_json(msg.value())))
+                else:
+                    versions.append((time.monotonic(), ModelVersion.model_validate_json(msg.value())))
         consumer.close()
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -151,21 +190,28 @@ def run(env: dict, state: Path, processor: Processor, args: argparse.Namespace) 
             started_at[event["episode_id"]] = time.monotonic()
 
     recorder = Recorder(settings, tap=tap)
-    faults = ["processor kill -9"] * args.kills + ["broker restart", "object store restart"]
-    duration = args.every_s * (len(faults) + 1) + 60  # restarts take time too: episodes keep coming after the last
+    rng = random.Random(args.seed)
+    kills = ["processor kill -9"] * args.kills + ["learner kill -9"] * args.learner_kills
+    rng.shuffle(kills)
+    faults = [*kills, "broker restart", "object store restart"]
+    gaps = [args.every_s * rng.uniform(1.0, 1.5) for _ in faults]  # at random points of the services' work, one at a time
+    duration = sum(gaps) + 120  # restarts take time too: episodes keep coming after the last fault
     sender = threading.Thread(target=lambda: loadgen.run(
         recorder, loadgen.synthetic_episodes(random.Random(7), [NS], max_turns=3), rate=args.rate,
         duration_s=duration, concurrency=8), daemon=True)
     sender.start()
     rows: dict[str, dict] = {}
     pending: list[tuple[str, float]] = []
-    for fault in faults:
-        time.sleep(args.every_s)
+    for fault, gap in zip(faults, gaps, strict=True):
+        time.sleep(gap)
+        for service in services.values():
+            service.check_alive()
         t = time.monotonic()
         print(f"{fault} at {t:.0f}", flush=True)
-        if fault == "processor kill -9":
-            processor.kill()
-            processor.start()
+        if fault.endswith("kill -9"):
+            service = services[fault.split()[0]]
+            service.kill()
+            service.start()
         elif fault == "broker restart":
             sh(env, "bash", "infra/local/kafka.sh", "down")
             sh(env, "bash", "infra/local/kafka.sh", "up")
@@ -176,28 +222,59 @@ def run(env: dict, state: Path, processor: Processor, args: argparse.Namespace) 
     sender.join()
     recorder.close()
     sent = set(started_at)
+    kb_index: dict[str, int] = {}  # KB version -> its position among the namespace's KB versions
+    first_seen: dict[str, float] = {}  # KB version -> when its first update was seen
+
+    def index_updates() -> None:
+        for at, u in list(updates):
+            kb_index.setdefault(u.kb_version, len(kb_index))
+            first_seen.setdefault(u.kb_version, at)
+
+    def consolidated_at(index: int, after: float = 0.0) -> float | None:
+        """When the first promoted version holding the index-th KB version (or a later one) was published."""
+        seen = [at for at, v in versions if v.status.value == "promoted" and at >= after
+                and kb_index.get(v.kb_version or "", -1) >= index]
+        return min(seen) if seen else None
+
     deadline = time.monotonic() + args.drain_s
-    while time.monotonic() < deadline and not sent <= set(stored_at):
+    while time.monotonic() < deadline and not (index_updates() or sent <= set(stored_at) and kb_index
+                                               and consolidated_at(len(kb_index) - 1) is not None):
         time.sleep(1)
     stop.set()
     watcher.join(10)
+    index_updates()
 
-    # recovery: from the fault until the first episode started after it is in the store; the same
-    # latency without a fault (start to stored, median over all episodes) is the baseline to compare with
+    # recovery: from the fault until the first episode started after it is in the store (the learner: until
+    # the first KB version new since the kill is in a published model version); the same latencies without a fault
+    # (medians over all episodes and updates) are the baselines to compare with
     for fault, t in pending:
-        after = [stored_at[e] for e, s in started_at.items() if s > t and e in stored_at]
+        if fault == "learner kill -9":
+            later = [kb_index[kb] for kb, at in first_seen.items() if at > t]  # KB versions new since the kill
+            done = consolidated_at(min(later), after=t) if later else None
+            recovery = done - t if done is not None else None
+        else:
+            after = [stored_at[e] for e, s in started_at.items() if s > t and e in stored_at]
+            recovery = min(after) - t if after else None
         row = rows.setdefault(fault, {"fault": fault, "count": 0, "recovery_s": []})
         row["count"] += 1
-        row["recovery_s"].append(round(min(after) - t, 1) if after else None)
+        row["recovery_s"].append(round(recovery, 1) if recovery is not None else None)
     latency = [stored_at[e] - s for e, s in started_at.items() if e in stored_at]
+    consolidation = [done - first_seen[kb] for kb, i in kb_index.items() if (done := consolidated_at(i)) is not None]
     sources: dict[str, int] = {}
-    for u in updates:
+    for _, u in updates:
         for e in u.source_episode_ids:
             sources[e] = sources.get(e, 0) + 1
+    published = Counter((v.version, v.status.value) for _, v in versions)
+    rounds = Counter(round_id for round_id, _ in {(v.round_id, v.version) for _, v in versions})
+    last = max((kb_index.get(v.kb_version or "", -1) for _, v in versions if v.status.value == "promoted"), default=-1)
     reached = sent & set(stored_at)
     summary = {"fault": "all (one run)", "sent": len(sent), "reached_store": len(reached), "lost": len(sent - reached),
-               "duplicated": sum(1 for n in sources.values() if n > 1), "kb_updates": len(updates),
-               "latency_s_median": round(statistics.median(latency), 1) if latency else None}
+               "duplicated": sum(1 for n in sources.values() if n > 1), "kb_updates": len(updates), "kb_versions": len(kb_index),
+               "latency_s_median": round(statistics.median(latency), 1) if latency else None,
+               "versions": len({v for v, _ in published}), "published_twice": sum(1 for n in published.values() if n > 1),
+               "rounds_trained_twice": sum(1 for n in rounds.values() if n > 1),
+               "kb_versions_never_consolidated": len(kb_index) - 1 - last,
+               "consolidation_s_median": round(statistics.median(consolidation), 1) if consolidation else None}
     return [summary, *rows.values()]
 
 
@@ -205,7 +282,10 @@ def print_table(results: list[dict]) -> None:
     summary, *faults = results
     print(f"\nsent {summary['sent']} episodes; reached the store {summary['reached_store']}; lost {summary['lost']}; "
           f"duplicated in KB updates {summary['duplicated']} ({summary['kb_updates']} updates)")
-    print(f"an episode's start to its stored trajectory, median over all: {summary['latency_s_median']} s (the baseline)")
+    print(f"{summary['kb_versions']} KB versions; {summary['versions']} model versions published; published twice {summary['published_twice']}; rounds trained twice "
+          f"{summary['rounds_trained_twice']}; KB versions never consolidated {summary['kb_versions_never_consolidated']}")
+    print(f"baselines (medians over all): an episode's start to its stored trajectory {summary['latency_s_median']} s; "
+          f"a new KB version to its published model version {summary['consolidation_s_median']} s")
     print(f"{'fault':<24}{'times':>6}{'recovery s (median)':>22}{'max':>8}")
     for row in faults:
         rec = [r for r in row["recovery_s"] if r is not None]

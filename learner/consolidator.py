@@ -27,7 +27,7 @@ from learner.policy import RoundTrigger, TriggerPolicy
 from learner.rounds import RoundOutcome, RoundRunner
 from learner.versions import ModelRegistry
 from oel import metrics
-from oel.schemas import ExperienceUpdate
+from oel.schemas import ExperienceUpdate, ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,10 @@ class Consolidator:
         *,
         clock: Callable[[], float] = time.time,
         retry_s: float = FAILED_ROUND_RETRY_S,
+        published: Callable[[str], ModelVersion | None] | None = None,
     ):
         self.runner = runner
+        self.published = published
         self.registry: ModelRegistry = runner.registry
         self.policy = policy
         self.clock = clock
@@ -68,8 +70,9 @@ class Consolidator:
         if latest is not None:
             m = latest.manifest
             if not latest.history:
-                # A crash right after the manifest: the round's remaining steps (gate, promotion) run now.
-                self.runner.finish(latest)
+                # A crash right after the manifest: the round's remaining steps (gate, promotion) run now,
+                # knowing what was published already (the crash may have come between publishing and recording).
+                self.runner.finish(latest, self.published(namespace) if self.published is not None else None)
             self.policy.restore(namespace, parent_version=self.parent(namespace), consolidated_kb_version=m.kb_version,
                                 last_round_at=m.created_at.timestamp())
         self._restored.add(namespace)

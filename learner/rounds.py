@@ -295,10 +295,11 @@ class RoundRunner:
             record, _ = self.registry.save_version(manifest, adapter_dir)
             return record, training
 
-    def finish(self, record: VersionRecord) -> ModelVersion | None:
+    def finish(self, record: VersionRecord, published: ModelVersion | None = None) -> ModelVersion | None:
         """The steps after the manifest: the gate's decision (recorded in the manifest, else taken now),
         then promotion if configured. Idempotent; the service also calls it at start-up for a candidate
-        left by a crash right after its manifest."""
+        left by a crash right after its manifest, with ``published``, the namespace's current version on the
+        topic (see :meth:`ModelRegistry.promote`)."""
         m = record.manifest
         if record.status is not VersionStatus.candidate:
             return None  # decided already (promoted, rejected, skipped or rolled back by hand): leave it
@@ -321,7 +322,7 @@ class RoundRunner:
                 return None
         if not self.auto_promote:
             return None
-        event = self.registry.promote(m.namespace, m.version, self.settings, topic=self.topic,
+        event = self.registry.promote(m.namespace, m.version, self.settings, topic=self.topic, published=published,
                                       reason="auto-promoted (no evaluation gate)" if decision is None else (decision.reason or "passed the evaluation gate"))
         metrics.ROUNDS_FINISHED.labels(namespace=m.namespace).inc()
         metrics.set_current_version(m.namespace, m.version)

@@ -13,7 +13,8 @@ One loop in one thread (confluent-kafka consumer, group ``learner.group_id``, no
   registry (newest version, its KB version and time) restores what was consolidated. After a crash
   mid-round the trigger's updates are read again: if the round's manifest was written, they count as
   consolidated and the version's remaining steps (gate, promotion) run at start-up; if not, the round
-  runs again under the same id. Either way one round gives one version.
+  runs again under the same id. Either way one round gives one version, and it is published once: the
+  start-up step reads the versions topic first, in case the crash came between publishing and recording.
 
 Partitions are keyed by namespace, so each namespace has one learner. On a rebalance (eager protocol:
 everything is revoked) the in-memory state is dropped; the committed offsets make the new owner
@@ -36,7 +37,7 @@ from learner.rounds import RoundOutcome, RoundRunner
 from learner.versions import ModelRegistry
 from oel import metrics
 from oel.logs import client_logger
-from oel.schemas import ExperienceUpdate, InvalidMessage, decode
+from oel.schemas import ExperienceUpdate, InvalidMessage, ModelVersion, decode
 from oel.settings import Settings
 from oel.store import ObjectStore
 from oel.topics import dead_letter, producer_max_bytes
@@ -65,6 +66,7 @@ class LearnerService:
             runner or RoundRunner(store, settings, registry=ModelRegistry(store)),
             policy or TriggerPolicy.from_settings(settings.learner),
             clock=clock,
+            published=self._published,
         )
         self.registry = self.core.registry
         self.runner = self.core.runner
@@ -76,6 +78,11 @@ class LearnerService:
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "max.poll.interval.ms": 3_600_000,
+            # failover: a dead learner's partitions move after session_timeout_s (librdkafka's default is 45 s);
+            # with an instance id a restarted learner takes them back at once
+            "session.timeout.ms": int(settings.learner.session_timeout_s * 1000),
+            "heartbeat.interval.ms": int(min(3.0, settings.learner.session_timeout_s / 3) * 1000),
+            **({"group.instance.id": settings.learner.instance_id} if settings.learner.instance_id else {}),
             "logger": client_logger("learner.service.librdkafka"),
             **(consumer_config or {}),
         }
@@ -85,6 +92,14 @@ class LearnerService:
         self._stop = threading.Event()
         self._consumer: Consumer | None = None
         self._dlq: Producer | None = None
+
+    def _published(self, namespace: str) -> ModelVersion | None:
+        """The namespace's current version on the versions topic (read to its end)."""
+        from producers.versions import VersionFollower
+
+        topic = self.runner.topic or self.settings.topics.model_versions
+        with VersionFollower(namespace, self.settings, topic=topic) as follower:
+            return follower.current()
 
     @property
     def policy(self) -> TriggerPolicy:

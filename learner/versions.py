@@ -325,8 +325,11 @@ class ModelRegistry:
 
     # --- publishing (oel.versions holds the topic's protocol) --------------------------------
 
-    def promote(self, namespace: str, version: str, settings: Settings | None = None, *, topic: str | None = None, reason: str | None = None) -> ModelVersion:
-        """Record ``promoted`` and publish the version as the namespace's current one."""
+    def promote(self, namespace: str, version: str, settings: Settings | None = None, *, topic: str | None = None, reason: str | None = None,
+                published: ModelVersion | None = None) -> ModelVersion:
+        """Record ``promoted`` and publish the version as the namespace's current one. ``published`` is what the
+        topic says is current now, when known: if it is already this version, promoted (a crash between
+        publishing and recording), only the record is written, so a version is never published twice."""
         record = self.get(namespace, version)
         if record.status is VersionStatus.rejected:
             raise RegistryError(f"{namespace}/{version} was rejected ({record.reason}); it cannot be promoted")
@@ -334,6 +337,10 @@ class ModelRegistry:
             raise RegistryError(f"{namespace}/{version} trained no adapter (skipped: {record.reason}); there is nothing to promote")
         # Publish first, record second: if recording fails, running the command again publishes the
         # same thing again (harmless) and records it, so the topic and the registry converge.
+        if published is not None and published.version == version and published.status is VersionStatus.promoted:
+            log.info("%s/%s is published already; recording its promotion", namespace, version)
+            self.record_status(namespace, version, VersionStatus.promoted, reason)
+            return published
         event = record.to_event(VersionStatus.promoted, reason)
         self._publish(event, settings, topic)
         self.record_status(namespace, version, VersionStatus.promoted, reason)

@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "models": "learner.models_cli:models",
     "eval": "evaluation.cli:eval_command",
     "demo": "recipes.demo_cli:demo",
+    "gateway": "gateway.cli:gateway",
 }
 """The commands of the service packages: name -> ``module:attribute`` of their click command."""
 

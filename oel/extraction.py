@@ -93,9 +93,12 @@ def render_trajectory(episode: CompletedEpisode, max_turn_chars: int = 1500) -> 
     if episode.start and episode.start.task:
         lines.append(f"Task: {sanitise(_clip(episode.start.task, max_turn_chars))}")
     for i, step in enumerate(episode.steps, 1):
-        seen = step.prompt[-1].content if step.prompt else ""
-        lines.append(f"Turn {i} input: {sanitise(_clip(seen, max_turn_chars))}")
+        last = step.prompt[-1]
+        source = "" if last.role == "user" else f" ({last.role})"  # a tool's result, or a system message
+        lines.append(f"Turn {i} input{source}: {sanitise(_clip(last.content, max_turn_chars))}")
         lines.append(f"Turn {i} output: {sanitise(_clip(step.response, max_turn_chars))}")
+        for call in step.tool_calls or ():
+            lines.append(f"Turn {i} tool call: {sanitise(_clip(call.text, max_turn_chars))}")
         if step.feedback:
             lines.append(f"Turn {i} feedback: {sanitise(_clip(step.feedback, max_turn_chars))}")
     lines.append(f"Final result: {sanitise(_clip(episode.end.outcome, max_turn_chars))}")

@@ -76,6 +76,10 @@ def episode_pieces(episode: CompletedEpisode) -> list[TextPiece]:
             seen.add(text)
         pieces.append(TextPiece(Source.agent, "step.response", n, step.response))
         seen.add(step.response.strip())
+        if step.tool_calls:
+            calls = "\n".join(c.text for c in step.tool_calls)
+            pieces.append(TextPiece(Source.agent, "step.tool_calls", n, calls))
+            seen.add(calls.strip())
         if step.feedback:
             pieces.append(TextPiece(Source.environment, "step.feedback", n, step.feedback))
             seen.add(step.feedback.strip())

@@ -32,6 +32,8 @@ learner                 rounds, OPCD steps, training throughput, evaluation, the
                         published, consumer lag of ``oel.experience``
 agents (producers)      recorder events sent / failed / pending (Recorder), current version and
                         rollbacks (VersionFollower), adapter loads (producers.adapters.AdapterLoader)
+gateway                 requests by route and outcome, the gateway's own time per call, steps
+                        recorded, open episodes (plus the recorder's and adapter loads')
 ======================  ==========================================================================
 
 This module is part of the core: it imports no Kafka or Faust client.
@@ -377,6 +379,42 @@ ADAPTER_LOADS = Counter(
     ["namespace", "outcome"],
     registry=REGISTRY,
 )
+
+# --- the recording gateway (oel gateway) ----------------------------------------------------------
+
+GATEWAY_ROUTES = ("chat", "completions", "models", "feedback", "end", "traces")
+GATEWAY_OUTCOMES = ("ok", "bad_request", "upstream_error", "upstream_unreachable", "unknown_episode")
+_GATEWAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, float("inf"))
+
+GATEWAY_REQUESTS = Counter(
+    "oel_gateway_requests_total",
+    "Requests the gateway answered, by route (" + ", ".join(GATEWAY_ROUTES) + ") and outcome (" + ", ".join(GATEWAY_OUTCOMES) + ").",
+    ["route", "outcome"],
+    registry=REGISTRY,
+)
+GATEWAY_OVERHEAD = Histogram(
+    "oel_gateway_overhead_seconds",
+    "Time a model call spent in the gateway itself: the whole call less the waits for the upstream server and the client.",
+    ["route"],
+    buckets=_GATEWAY_BUCKETS,
+    registry=REGISTRY,
+)
+GATEWAY_STEPS = Counter(
+    "oel_gateway_steps_recorded_total",
+    "Answered calls the gateway recorded as steps of an episode.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+GATEWAY_OPEN_EPISODES = Gauge(
+    "oel_gateway_open_episodes",
+    "Episodes the gateway holds open (ended by a call to /end, or after OEL_GATEWAY__IDLE_END_S).",
+    registry=REGISTRY,
+)
+
+
+def count_gateway_request(route: str, outcome: str) -> None:
+    GATEWAY_REQUESTS.labels(route=_bounded(route, GATEWAY_ROUTES), outcome=_bounded(outcome, GATEWAY_OUTCOMES)).inc()
+
 
 # --- every process ----------------------------------------------------------------------------
 

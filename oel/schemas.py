@@ -51,13 +51,55 @@ class EventKind(str, Enum):
     end = "end"
 
 
-class ChatMessage(BaseModel):
-    """One message of a chat conversation, in the role/content form every chat template accepts."""
+def _absent(value: object) -> bool:
+    return value is None
+
+
+class ToolFunction(BaseModel):
+    """The function a tool call names, with its arguments as the model wrote them (JSON text, unparsed)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    role: Literal["system", "user", "assistant"]
+    name: str = Field(min_length=1, max_length=200)
+    arguments: str = ""
+
+
+class ToolCall(BaseModel):
+    """One tool call of an assistant message, as in the OpenAI chat API."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=200)
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+    @property
+    def text(self) -> str:
+        """The call as one line of text, ``name(arguments)``."""
+        return f"{self.function.name}({self.function.arguments})"
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat conversation, in the role/content form every chat template accepts.
+
+    Tool use as in the OpenAI chat API: an assistant message may carry ``tool_calls``; a ``tool`` message
+    answers one of them by ``tool_call_id``. Both fields are left out of the JSON when absent, so a
+    plain message is written exactly as before they existed (events of schema version 1 stay valid)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[ToolCall] | None = Field(None, min_length=1, exclude_if=_absent, description="Assistant messages only.")
+    tool_call_id: str | None = Field(None, min_length=1, max_length=200, exclude_if=_absent, description="Tool messages only: the call answered.")
+
+    @model_validator(mode="after")
+    def _tool_fields_match_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message can carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs a tool_call_id, and only a tool message has one")
+        return self
 
 
 class StartPayload(BaseModel):
@@ -76,6 +118,9 @@ class StepPayload(BaseModel):
 
     prompt: list[ChatMessage] = Field(min_length=1, description="The conversation the model saw (a training prefix).")
     response: str = Field(description="The model's raw response text.")
+    tool_calls: list[ToolCall] | None = Field(
+        None, min_length=1, exclude_if=_absent, description="The tool calls of the model's response, if it made any (left out when absent)."
+    )
     action: str | None = Field(None, description="The action parsed from the response, if any.")
     feedback: str | None = Field(None, description="The environment's or user's text feedback to this turn.")
 

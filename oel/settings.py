@@ -224,23 +224,28 @@ class ModelSettings(Section):
         return value
 
 
-class ProcessorSettings(Section):
+class GroupMembership(Section):
+    """How a service's Kafka consumer group notices a dead member (shared by the processor and the learner)."""
+
+    session_timeout_s: float = Field(
+        10.0, ge=6, le=300,
+        description="A member that sends no heartbeat for this long is out of the group and its partitions move "
+        "(Kafka's group.min.session.timeout.ms is 6 s by default).",
+    )
+    instance_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]{1,200}$",
+        description="Static group membership: a restarted member with the same id takes its partitions back at once, "
+        "without a rebalance. Give each replica its own stable id (a StatefulSet pod name); unset = dynamic membership.",
+    )
+
+
+class ProcessorSettings(GroupMembership):
     """Episode assembly and extraction in the Faust processor."""
 
     app_id: str = Field("oel-processor", description="Faust app id: the consumer group and the prefix of its internal topics.")
     abandon_after_s: float = Field(300.0, gt=0, description="An episode with no event for this long is closed as abandoned.")
     batch_size: int = Field(8, ge=1, le=1024, description="Episodes of one namespace extracted together.")
     batch_window_s: float = Field(30.0, gt=0, description="A partial batch is extracted after waiting this long.")
-    session_timeout_s: float = Field(
-        10.0, ge=6, le=300,
-        description="A worker that sends no heartbeat for this long is out of the group and its partitions move "
-        "(Kafka's group.min.session.timeout.ms is 6 s by default).",
-    )
-    instance_id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9._-]{1,200}$",
-        description="Static group membership: a restarted worker with the same id takes its partitions back at once, "
-        "without a rebalance. Give each worker its own stable id (a StatefulSet pod name); unset = dynamic membership.",
-    )
     extraction_variant: Literal["auto", "grounded", "structured", "unstructured"] = Field(
         "auto",
         description="Extraction variant: grounded (rule statements from trusted feedback, no model call), structured or "
@@ -257,7 +262,7 @@ class ProcessorSettings(Section):
     token_budget: int = Field(KB_TOKEN_BUDGET, ge=16, description="KB snapshot budget in tokens; oldest items are dropped beyond it.")
 
 
-class LearnerSettings(Section):
+class LearnerSettings(GroupMembership):
     """When a consolidation round starts and how it trains (OPCD)."""
 
     min_new_items: int = Field(1, ge=1, description="New KB items since the last round that trigger a round (the grounded variant adds few, exact items; raise it for the paper's variants).")
@@ -376,6 +381,25 @@ class RecorderSettings(Section):
     close_timeout_s: float = Field(30.0, ge=0, le=3600, description="Longest close() flushes; what is left is reported as lost.")
 
 
+class GatewaySettings(Section):
+    """The recording gateway (`oel gateway`): an OpenAI-compatible front of the model server that records
+    every call as a step of an episode."""
+
+    host: str = Field("127.0.0.1", description="Address the gateway listens on (0.0.0.0 in a container).")
+    port: int = Field(8090, ge=1, le=65535, description="Port of the OpenAI-compatible API (and /metrics, /healthz).")
+    upstream_url: str | None = Field(
+        None, description="Base URL of the OpenAI-compatible server answered from; unset = OEL_MODEL__VLLM_URL."
+    )
+    upstream_timeout_s: float = Field(600.0, gt=0, le=86_400, description="Longest wait for the upstream server's next bytes.")
+    idle_end_s: float = Field(
+        300.0, gt=0, le=86_400,
+        description="An episode with no call, feedback or end for this long is ended by the gateway (outcome says so; success unknown).",
+    )
+    default_agent_id: str = Field("gateway", pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$",
+                                  description="Agent id of calls that name none (no X-OEL-Agent-Id header, metadata or user field).")
+    max_request_bytes: int = Field(4_194_304, ge=1024, le=1_073_741_824, description="Largest request body accepted.")
+
+
 class Settings(BaseSettings):
     """Everything a service needs to know, read once at start-up."""
 
@@ -395,6 +419,7 @@ class Settings(BaseSettings):
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     recorder: RecorderSettings = Field(default_factory=RecorderSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     @classmethod
     def settings_customise_sources(

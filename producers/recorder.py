@@ -87,6 +87,7 @@ from oel.schemas import (
     ModelVersion,
     StartPayload,
     StepPayload,
+    ToolCall,
     TrajectoryEvent,
     describe_validation_error,
 )
@@ -866,12 +867,13 @@ class _EpisodeBase:
             self.recorder._count_invalid()
             raise InvalidEvent(f"invalid {kind} event of episode {self.episode_id}: {exc}") from None
 
-    def _step_json(self, prompt: Any, response: Any, action: Any, feedback: Any) -> bytes:
-        value = _fast_step(prompt, response, action, feedback)
+    def _step_json(self, prompt: Any, response: Any, action: Any, feedback: Any, tool_calls: Any = None) -> bytes:
+        value = _fast_step(prompt, response, action, feedback) if tool_calls is None else None
         if value is None:
             if isinstance(prompt, ChatMessage):
                 prompt = [prompt]
-            value = self._slow(StepPayload, "step", prompt=prompt, response=response, action=action, feedback=feedback)
+            value = self._slow(StepPayload, "step", prompt=prompt, response=response, tool_calls=tool_calls,
+                               action=action, feedback=feedback)
         return value
 
     def _end_json(self, outcome: Any, success: Any) -> bytes:
@@ -998,10 +1000,13 @@ class Episode(_EpisodeBase):
         response: str,
         action: str | None = None,
         feedback: str | None = None,
+        tool_calls: Sequence[ToolCall | Mapping[str, Any]] | None = None,
     ) -> int:
         """Record one turn: the conversation the model saw (a string = one user message, or chat
-        messages), its raw response, the action parsed from it, and the text feedback it got."""
-        payload = _fast_step(prompt, response, action, feedback) or self._step_json(prompt, response, action, feedback)
+        messages, tool calls and results included), its raw response and the tool calls it made, the action
+        parsed from it, and the text feedback it got."""
+        payload = ((_fast_step(prompt, response, action, feedback) if tool_calls is None else None)
+                   or self._step_json(prompt, response, action, feedback, tool_calls))
         if self.ended:
             self._check_open("record a step")
         if not self.started:
@@ -1077,9 +1082,10 @@ class AsyncEpisode(_EpisodeBase):
         response: str,
         action: str | None = None,
         feedback: str | None = None,
+        tool_calls: Sequence[ToolCall | Mapping[str, Any]] | None = None,
     ) -> int:
         """Record one turn (see :meth:`Episode.step`)."""
-        payload = self._step_json(prompt, response, action, feedback)
+        payload = self._step_json(prompt, response, action, feedback, tool_calls)
         self._check_open("record a step")
         if not self.started:
             await self._send(_START, self._start_json)

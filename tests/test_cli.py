@@ -54,7 +54,7 @@ def _loaded_after(imports: str, roots: tuple[str, ...]) -> list[str]:
 
 
 def test_the_command_imports_no_service_package_until_a_command_needs_it():
-    assert _loaded_after("oel.cli", ("learner", "processors", "producers", "evaluation", "reference", "recipes")) == []
+    assert _loaded_after("oel.cli", ("learner", "processors", "producers", "evaluation", "reference", "recipes", "gateway")) == []
 
 
 def test_core_imports_no_kafka_or_faust():

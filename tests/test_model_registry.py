@@ -301,21 +301,32 @@ from oel.store import S3Store
 settings = load_settings()
 store = S3Store(settings.s3)
 registry = ModelRegistry(store)
-save = registry.save_version
+moment = sys.argv[2]
+if moment == "after the manifest":  # before promotion, before the offsets are committed
+    save = registry.save_version
 
-def save_then_die(*args, **kwargs):
-    out = save(*args, **kwargs)          # the manifest is written: the worst moment to die
-    os.kill(os.getpid(), signal.SIGKILL)  # before promotion, before the offsets are committed
-    return out
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
 
-registry.save_version = save_then_die
+    registry.save_version = save_then_die
+else:  # "after publishing": the version is on the topic, its promotion not recorded in the registry
+    record_status = registry.record_status
+
+    def die_before_promoted(namespace, version, status, reason=None):
+        if status.value == "promoted":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return record_status(namespace, version, status, reason)
+
+    registry.record_status = die_before_promoted
 runner = RoundRunner(store, settings, registry=registry, config_overrides=json.loads(sys.argv[1]))
 # The broker's minimum session timeout, so that the restarted learner need not wait 45 s for this member to expire.
 LearnerService(settings, store, runner=runner, consumer_config={"session.timeout.ms": 6000}).run(poll_s=0.2)
 """
 
 
-def test_kill_9_after_the_manifest_then_restart_publishes_exactly_one_version(s3_store, ns, tiny_model_dir, kafka, unique, tmp_path):
+@pytest.mark.parametrize("moment", ["after the manifest", "after publishing"])
+def test_kill_9_then_restart_publishes_exactly_one_version(moment, s3_store, ns, tiny_model_dir, kafka, unique, tmp_path):
     import os
     import subprocess
     import sys
@@ -342,7 +353,7 @@ def test_kill_9_after_the_manifest_then_restart_publishes_exactly_one_version(s3
 
     script = tmp_path / "crashing_learner.py"
     script.write_text(_CRASHING_LEARNER)
-    proc = subprocess.run([sys.executable, str(script), json.dumps(_FAST)], env=env, cwd=str(tmp_path.parent),
+    proc = subprocess.run([sys.executable, str(script), json.dumps(_FAST), moment], env=env, cwd=str(tmp_path.parent),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
     reg = ModelRegistry(s3_store)

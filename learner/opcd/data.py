@@ -66,8 +66,8 @@ def parse_conversation(obj: Any) -> Conversation:
     if not isinstance(obj, list) or not obj:
         raise DataError("expected a non-empty list of messages")
     conv = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in obj]
-    if conv[-1].role != "user":
-        raise DataError(f"a training prefix must end with a user message (the model answers next), got {conv[-1].role!r}")
+    if conv[-1].role not in ("user", "tool"):
+        raise DataError(f"a training prefix must end with a user or tool message (the model answers next), got {conv[-1].role!r}")
     return conv
 
 

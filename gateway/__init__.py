@@ -1,0 +1,1 @@
+"""The recording gateway (`oel gateway`): OpenAI-compatible calls in, steps of episodes out (see gateway.app)."""
