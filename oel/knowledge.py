@@ -96,7 +96,7 @@ class KnowledgeWriter:
     def __init__(
         self,
         store: ObjectStore,
-        backend: Backend,
+        backend: Backend | None,
         model_version: str,
         config: WriterConfig | None = None,
         count_tokens: kb.TokenCounter = kb.approx_tokens,
@@ -165,6 +165,8 @@ class KnowledgeWriter:
             prompts = [build_prompt(ep, previous, cfg.extraction) for ep in todo]
             seed = int(hashlib.sha256(",".join(ep.episode_id for ep in todo).encode()).hexdigest()[:8], 16)
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
+            if self.backend is None:
+                raise RuntimeError(f"the {cfg.extraction.variant.value} variant needs a model, and this writer has none")
             t0 = time.monotonic()
             outputs = self._retrying()(self.backend.generate, prompts, params)
             seconds = time.monotonic() - t0

@@ -23,9 +23,10 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     OEL_S3__*; metrics on OEL_METRICS__PORT (default 9101).
     """
     from oel.cli_context import settings_of
+    from oel.extraction import PromptVariant
     from oel.knowledge import KnowledgeWriter, WriterConfig
     from oel.metrics import add_readiness_check, start_metrics_server
-    from oel.model.factory import make_backend, token_counter
+    from oel.model.factory import make_backend, model_token_counter, token_counter
     from oel.ops.topics import admin_client, ensure_topics, kafka_readiness
     from oel.store import S3Store
     from oel.topics import topic_specs
@@ -37,13 +38,16 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     ensure_topics(admin_client(s.kafka), topic_specs(s) + internal_topic_specs(s))
     store = S3Store(s.s3)
     store.ensure_bucket()
-    backend = make_backend(s)
+    config = WriterConfig.from_settings(s)
+    # The grounded variant calls no model: its tokenizer alone counts the KB's tokens, and a (re)started worker
+    # does not wait for the weights to load.
+    backend = None if config.extraction.variant is PromptVariant.grounded else make_backend(s)
     writer = KnowledgeWriter(
         store,
         backend,
         model_version=BASE_VERSION,
-        config=WriterConfig.from_settings(s),
-        count_tokens=token_counter(backend),
+        config=config,
+        count_tokens=token_counter(backend) if backend is not None else model_token_counter(s),
     )
     add_readiness_check("kafka", kafka_readiness(s.kafka))
     add_readiness_check("object store", store.unreachable)

@@ -3,6 +3,7 @@ the episode on the real broker, assembled by the real processor into the store."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -115,3 +116,40 @@ def test_an_unreachable_upstream_is_a_clear_502_and_records_nothing(kafka, s3_st
         assert r.status_code == 502 and closed in r.json()["error"]["message"]
         assert 'oel_gateway_requests_total{outcome="upstream_unreachable",route="chat"} 1.0' in httpx.get(url + "/metrics").text
     assert env.read(env.settings.topics.trajectories, 1, timeout=3) == []
+
+
+def test_oel_namespace_as_the_model_is_answered_by_the_current_version(kafka, s3_store, unique, tmp_path):
+    """Version following without agent code: a version published on the topic is loaded into the upstream
+    and answers `oel/<namespace>`; the response header and the recorded events name it."""
+    from openai import OpenAI
+    from support.adapters import fresh_adapter
+
+    from oel.model.prepare import model_hash
+    from oel.model.vllm_backend import VLLMBackend
+    from oel.schemas import ModelVersion, VersionStatus
+    from producers.versions import publish_version
+
+    env = Env(unique)
+    ns, version = "gateway-follow", f"g0001-{unique}"
+    upstream = VLLMBackend(vllm_url(env.settings))
+    base = Path(upstream.base_model)
+    adapter = fresh_adapter(base, tmp_path / "adapter")
+    prefix = f"adapters/{ns}/{version}"
+    for f in adapter.iterdir():
+        env.store.put_bytes(f"{prefix}/{f.name}", f.read_bytes())
+    publish_version(ModelVersion(namespace=ns, version=version, adapter_uri=prefix, base_model=base.name,
+                                 base_model_hash=model_hash(base), status=VersionStatus.promoted), env.settings)
+    try:
+        with running_gateway(env, tmp_path / "gateway.log", upstream.url) as url:
+            client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            raw = client.chat.completions.with_raw_response.create(
+                model=f"oel/{ns}", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, extra_headers={"X-OEL-Episode-Id": f"f-{unique}"})
+            assert raw.headers["X-OEL-Model-Version"] == version and raw.parse().choices[0].message.content is not None
+            assert version in upstream.list_adapters()
+        events = [json.loads(m.value()) for m in env.read(env.settings.topics.trajectories, 3, timeout=10)]
+        assert [e["kind"] for e in events] == ["start", "step", "end"]  # the episode ended when the gateway stopped
+        assert {e["model_version"] for e in events} == {version}
+    finally:
+        if version in upstream.list_adapters():
+            upstream.unload_adapter(version)
+        upstream.close()

@@ -249,3 +249,12 @@ def test_score_is_aligned_with_generation(backend: HFBackend) -> None:
         assert torch.allclose(torch.tensor(lp), chosen, atol=0.3), (lp, chosen.tolist())
         gap = (ref.max(-1).values - chosen).max().item()
         assert gap <= 0.3, f"a greedy token was {gap:.3f} nats below the best token"
+
+
+def test_the_tokenizer_only_counter_counts_as_the_model_does(backend: HFBackend, settings) -> None:
+    """The grounded processor counts KB tokens without loading the model: the same counts, so KB budgets match."""
+    from oel.model.factory import model_token_counter, token_counter
+
+    texts = ["Greet the customer with 'Hello from Acme!'.", "Quote the order number (#4411) — always.", "  ", "日本語とemoji 🙂"]
+    fast, full = model_token_counter(settings), token_counter(backend)
+    assert [fast(t) for t in texts] == [full(t) for t in texts]

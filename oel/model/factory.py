@@ -23,6 +23,23 @@ def make_backend(settings: Settings, *, max_batch_size: int | None = None) -> Ba
     return HFBackend.from_settings(settings, max_batch_size=max_batch_size)
 
 
+def model_token_counter(settings: Settings):
+    """Count tokens with the configured model's tokenizer without loading the model (or transformers): the
+    ``tokenizers`` library reads its ``tokenizer.json``, the same counts as the model's fast tokenizer gives."""
+    from oel.model.prepare import resolve_model_path
+
+    path = resolve_model_path(settings) / "tokenizer.json"
+    if not path.is_file():  # a slow-tokenizer model: only transformers can read it
+        from transformers import AutoTokenizer
+
+        slow = AutoTokenizer.from_pretrained(str(path.parent))
+        return lambda text: len(slow.encode(text, add_special_tokens=False))
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_file(str(path))
+    return lambda text: len(fast.encode(text, add_special_tokens=False).ids)
+
+
 def token_counter(backend: Backend):
     """Count tokens with the backend's tokenizer when it has one, else estimate."""
     tokenizer = getattr(backend, "tokenizer", None)
