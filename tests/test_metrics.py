@@ -15,7 +15,8 @@ from oel.settings import MetricsSettings
 
 # Label names a metric may carry; anything else (a user id, an episode id, free text) would make the
 # series count unbounded.
-ALLOWED_LABELS = {"namespace", "model_version", "topic", "partition", "reason", "outcome", "service", "version", "check", "condition"}
+ALLOWED_LABELS = {"namespace", "model_version", "topic", "partition", "reason", "outcome", "service", "version", "check", "condition",
+                  "route"}  # route: one of oel.metrics.GATEWAY_ROUTES
 
 
 def _families():
