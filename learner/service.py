@@ -95,11 +95,9 @@ class LearnerService:
 
     def _published(self, namespace: str) -> ModelVersion | None:
         """The namespace's current version on the versions topic (read to its end)."""
-        from producers.versions import VersionFollower
+        from oel.ops.versions import read_current_version
 
-        topic = self.runner.topic or self.settings.topics.model_versions
-        with VersionFollower(namespace, self.settings, topic=topic) as follower:
-            return follower.current()
+        return read_current_version(namespace, self.settings, topic=self.runner.topic)
 
     @property
     def policy(self) -> TriggerPolicy:

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer
 
 from oel import metrics
-from oel.schemas import InvalidMessage, ModelVersion, VersionStatus, decode
+from oel.ops.versions import assign_from_beginning, namespace_message, read_to, reader_config
+from oel.schemas import ModelVersion, VersionStatus
 from oel.settings import Settings, load_settings
 from oel.versions import BASE_VERSION, VersionState, VersionTopicError
 from producers.recorder import PinnedVersion
@@ -75,18 +74,13 @@ class VersionFollower:
         self.on_change = on_change
         self.start_timeout_s = start_timeout_s
         self._consumer_config = {
-            **self.settings.kafka.client_config(),
-            "group.id": f"oel-version-follower-{namespace}-{uuid.uuid4().hex[:8]}",  # never commits
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "logger": logging.getLogger("producers.versions.librdkafka"),
+            **reader_config(self.settings, namespace, "producers.versions.librdkafka"),
             **(consumer_config or {}),
         }
         self._consumer: Consumer | None = None
         self._cond = threading.Condition()
         self._state = VersionState(namespace)
         self._messages = 0
-        self._invalid = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -165,51 +159,12 @@ class VersionFollower:
     # -- reading ----------------------------------------------------------------------------------
 
     def _assign_from_beginning(self, consumer: Consumer) -> dict[int, int]:
-        try:
-            md = consumer.list_topics(self.topic, timeout=self.start_timeout_s)
-        except Exception as exc:  # KafkaException: broker down
-            raise VersionFollowerError(f"cannot read {self.topic} at {self.settings.kafka.bootstrap_servers}: {exc}") from None
-        tmd = md.topics.get(self.topic)
-        if tmd is None or tmd.error is not None or not tmd.partitions:
-            why = tmd.error.str() if tmd is not None and tmd.error is not None else "no such topic"
-            raise VersionFollowerError(f"cannot follow {self.topic}: {why} (create it with `oel topics create`)")
-        ends: dict[int, int] = {}
-        deadline = time.monotonic() + self.start_timeout_s
-        for p in sorted(tmd.partitions):
-            while True:  # a partition just created (or whose leader moved) answers NOT_LEADER for a moment
-                try:
-                    low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=self.start_timeout_s)
-                    break
-                except KafkaException as exc:
-                    err = exc.args[0]
-                    if not err.retriable() and err.code() != KafkaError.NOT_LEADER_FOR_PARTITION or time.monotonic() > deadline:
-                        raise VersionFollowerError(f"cannot read the end offsets of {self.topic}[{p}]: {err.str()}") from None
-                    time.sleep(0.1)
-            if high > low:
-                ends[p] = high
-        consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(tmd.partitions)])
-        return ends
+        return assign_from_beginning(consumer, self.topic, self.start_timeout_s, self.settings.kafka.bootstrap_servers)
 
     def _read_to(self, ends: dict[int, int]) -> None:
         """Consume until every partition's position reaches its end offset as of start."""
         assert self._consumer is not None
-        deadline = time.monotonic() + self.start_timeout_s
-        pending = dict(ends)
-        while pending:
-            msg = self._consumer.poll(0.2)
-            if msg is not None:
-                self._handle(msg)
-                if msg.error() is None and msg.partition() in pending and msg.offset() + 1 >= pending[msg.partition()]:
-                    del pending[msg.partition()]
-            if pending:  # a compacted log may have gaps: the fetch position is the truth
-                positions = self._consumer.position([TopicPartition(self.topic, p) for p in pending])
-                for tp in positions:
-                    if tp.offset >= 0 and tp.offset >= pending[tp.partition]:
-                        del pending[tp.partition]
-            if pending and time.monotonic() > deadline:
-                raise VersionFollowerError(
-                    f"could not read {self.topic} to its end within {self.start_timeout_s:g}s (partitions {sorted(pending)})"
-                )
+        read_to(self._consumer, self.topic, ends, self._handle, self.start_timeout_s)
 
     def _follow(self) -> None:
         assert self._consumer is not None
@@ -219,27 +174,9 @@ class VersionFollower:
                 self._handle(msg)
 
     def _handle(self, msg) -> None:
-        err = msg.error()
-        if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:  # noqa: SLF001
-                log.warning("%s: error reading %s: %s", self.namespace, self.topic, err.str())
-            return
-        key = msg.key()
-        if key is None or key.decode(errors="replace") != self.namespace:
-            return
-        if msg.value() is None:
-            self._apply(None)
-            return
-        try:
-            version = decode(msg.value(), ModelVersion)
-        except InvalidMessage as exc:
-            self._invalid += 1
-            log.warning("%s: skipping an invalid message at %s[%d]@%d: %s", self.namespace, msg.topic(), msg.partition(), msg.offset(), exc.reason)
-            return
-        if version.namespace != self.namespace:
-            log.warning("%s: skipping a version of namespace %s published under this key", self.namespace, version.namespace)
-            return
-        self._apply(version)
+        mine, version = namespace_message(msg, self.namespace)
+        if mine:
+            self._apply(version)
 
     def _apply(self, version: ModelVersion | None) -> None:
         """One message, in topic order: update the current version per the protocol (:class:`VersionState`)."""
