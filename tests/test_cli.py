@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -50,7 +51,7 @@ def _loaded_after(imports: str, roots: tuple[str, ...]) -> list[str]:
     code = f"import sys, {imports}\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {roots!r}))\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    return eval(proc.stdout)
+    return ast.literal_eval(proc.stdout)
 
 
 def test_the_command_imports_no_service_package_until_a_command_needs_it():
