@@ -14,8 +14,9 @@ seconds to recover after each fault: from the fault until the first episode star
 
 The learner consolidates into a tiny random model (two OPCD steps, no gates, every version promoted), so a
 round takes seconds and kills land in every phase of it; for it the suite prints versions published twice,
-rounds trained twice (two versions of one round), KB updates never consolidated, and seconds from a kill
-until the first KB update seen after it is in a published version.
+rounds trained twice (two versions of one round), KB versions never consolidated, and seconds from a kill
+until the learner is back in its group (its log's assignment) and every KB version that existed at the
+kill is in a published model version.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,7 +122,11 @@ def main() -> None:
     ap.add_argument("--every-s", type=float, default=15.0, help="seconds between faults (default 15)")
     ap.add_argument("--drain-s", type=float, default=180.0, help="how long to wait for the last episodes (default 180)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--show", type=Path, metavar="JSON", help="print the table of a saved run and exit")
     args = ap.parse_args()
+    if args.show:
+        print_table(json.loads(args.show.read_text()))
+        return
 
     state = Path(tempfile.mkdtemp(prefix="oel-faults-"))
     env = {**os.environ, "OEL_PATHS__STATE_DIR": str(state)}
@@ -244,14 +250,16 @@ def run(env: dict, services: dict[str, Service], args: argparse.Namespace) -> li
     watcher.join(10)
     index_updates()
 
-    # recovery: from the fault until the first episode started after it is in the store (the learner: until
-    # the first KB version new since the kill is in a published model version); the same latencies without a fault
-    # (medians over all episodes and updates) are the baselines to compare with
+    # recovery: from the fault until the first episode started after it is in the store (the learner: until it
+    # is back in its group and every KB version that existed at the kill is in a published model version); the
+    # same latencies without a fault (medians over all episodes and KB versions) are the baselines to compare with
     for fault, t in pending:
         if fault == "learner kill -9":
-            later = [kb_index[kb] for kb, at in first_seen.items() if at > t]  # KB versions new since the kill
-            done = consolidated_at(min(later), after=t) if later else None
-            recovery = done - t if done is not None else None
+            # back in its group, and every KB version that existed at the kill consolidated
+            back = next((a for a in assigned_at(services["learner"].log) if a > t), None)
+            known = [kb_index[kb] for kb, at in first_seen.items() if at <= t]
+            done = consolidated_at(max(known)) if known else t
+            recovery = max(back, done) - t if back is not None and done is not None else None
         else:
             after = [stored_at[e] for e, s in started_at.items() if s > t and e in stored_at]
             recovery = min(after) - t if after else None
@@ -278,6 +286,17 @@ def run(env: dict, services: dict[str, Service], args: argparse.Namespace) -> li
     return [summary, *rows.values()]
 
 
+def assigned_at(log: Path) -> list[float]:
+    """When the learner's log says its partitions were assigned, on this process's monotonic clock."""
+    offset = time.monotonic() - time.time()
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if "learner: assigned" in line:
+            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")  # logging's asctime: local time
+            out.append(stamp.timestamp() + offset)
+    return out
+
+
 def print_table(results: list[dict]) -> None:
     summary, *faults = results
     print(f"\nsent {summary['sent']} episodes; reached the store {summary['reached_store']}; lost {summary['lost']}; "
@@ -286,12 +305,14 @@ def print_table(results: list[dict]) -> None:
           f"{summary['rounds_trained_twice']}; KB versions never consolidated {summary['kb_versions_never_consolidated']}")
     print(f"baselines (medians over all): an episode's start to its stored trajectory {summary['latency_s_median']} s; "
           f"a new KB version to its published model version {summary['consolidation_s_median']} s")
-    print(f"{'fault':<24}{'times':>6}{'recovery s (median)':>22}{'max':>8}")
+    print(f"{'fault':<24}{'times':>6}{'recovery s (median)':>22}{'max':>8}{'median over baseline':>22}")
     for row in faults:
         rec = [r for r in row["recovery_s"] if r is not None]
+        base = summary["consolidation_s_median"] if row["fault"].startswith("learner") else summary["latency_s_median"]
         med = f"{statistics.median(rec):.1f}" if rec else "-"
         mx = f"{max(rec):.1f}" if rec else "-"
-        print(f"{row['fault']:<24}{row['count']:>6}{med:>22}{mx:>8}")
+        over = f"{statistics.median(rec) - base:.1f}" if rec and base is not None else "-"
+        print(f"{row['fault']:<24}{row['count']:>6}{med:>22}{mx:>8}{over:>22}")
 
 
 if __name__ == "__main__":

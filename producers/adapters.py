@@ -65,13 +65,17 @@ class AdapterLoader:
         return True
 
     def _download(self, version: ModelVersion) -> Path:
-        prefix = version.adapter_uri or ""
+        """The adapter's folder in the cache: every object under ``adapter_uri`` (taken as a folder, with or
+        without its trailing '/'), never written outside that folder whatever the keys say."""
+        prefix = (version.adapter_uri or "").rstrip("/") + "/"
         keys = self.store.list(prefix)
         if not keys:
             raise FileNotFoundError(f"no adapter files under {prefix!r} in the object store")
-        out = self.cache_dir / version.namespace / version.version
+        out = (self.cache_dir / version.namespace / version.version).resolve()
         for key in keys:
-            path = out / key[len(prefix):]
+            path = (out / key[len(prefix):]).resolve()
+            if not path.is_relative_to(out) or path == out:
+                raise ValueError(f"adapter object {key!r} of {version.namespace}/{version.version} is not a file under {prefix!r}")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(self.store.get_bytes(key))
         return out
