@@ -4,9 +4,10 @@ One process plays every part, in rounds:
 
 1. **agents play** a batch of training episodes on a reference environment (house rules by default;
    FrozenLake or Sokoban selectable) with the namespace's current model version
-   (:func:`oel.rollout.run_episodes`) and publish them as :class:`~oel.schemas.TrajectoryEvent`
-   messages;
-2. **the processor** assembles episodes from those events (:mod:`oel.episodes`), stores them as
+   (:func:`oel.rollout.run_episodes`) and record them with the recorder SDK
+   (:func:`reference.live_agent.record_episode`) as :class:`~oel.schemas.TrajectoryEvent` messages;
+2. **the processor** assembles episodes from those events with the processor's assembler
+   (:func:`oel.episodes.assemble`; invalid events are dead-lettered), stores them as
    training data and lets the model extract experience items into the KB
    (:class:`oel.knowledge.KnowledgeWriter`), publishing an :class:`~oel.schemas.ExperienceUpdate`;
 3. **the learner** applies the trigger policy and runs an OPCD round with the evaluation gate
@@ -16,7 +17,7 @@ One process plays every part, in rounds:
    the new adapter before their next episodes.
 
 The services' transports are replaced by an in-process bus (:class:`oel.bus.InProcessBus`, same wire
-bytes, same validation) and the object store by a local directory (:class:`oel.store.LocalStore`), so
+bytes, same validation; the recorder writes to it through :class:`oel.bus.BusProducer`) and the object store by a local directory (:class:`oel.store.LocalStore`), so
 nothing else needs to run. At the end the ``oel eval`` table of the namespace is printed and saved as
 markdown and PNG. The same loop runs on the real services (Kafka, MinIO, the Faust processor, the
 learner service): see ``tests/test_loop_stack.py``.
