@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from learner.consolidator import Consolidator
 from learner.policy import RoundTrigger, TriggerPolicy
@@ -113,11 +113,29 @@ class LearnerService:
         self._stop.set()
 
     def run(self, max_rounds: int | None = None, poll_s: float = 1.0) -> None:
-        """Consume until :meth:`stop` (or ``max_rounds`` rounds ran)."""
+        """Consume until :meth:`stop` (or ``max_rounds`` rounds ran). A consumer that hits a fatal error (e.g.
+        fenced: another member took its static instance id) is replaced by a new one; what was not committed
+        is read again, as after a restart."""
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._consume(max_rounds, poll_s)
+                    return
+                except KafkaException as exc:
+                    if not _fatal(exc):
+                        raise
+                    log.error("learner: the consumer failed for good (%s); a new one reads the uncommitted updates again", exc.args[0])
+                    self._forget()
+        finally:
+            if self._dlq is not None:
+                self._dlq.flush(10)
+
+    def _consume(self, max_rounds: int | None, poll_s: float) -> None:
         consumer = Consumer(self._consumer_config)
         self._consumer = consumer
         consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("learner: consuming %s as group %s", self.topic, self._consumer_config["group.id"])
+        fatal = False
         try:
             while not self._stop.is_set():
                 msg = consumer.poll(poll_s)
@@ -129,12 +147,21 @@ class LearnerService:
                         return
                 self._commit()
                 self._observe_lag()
+        except KafkaException as exc:
+            fatal = _fatal(exc)
+            raise
         finally:
-            self._commit()
+            if not fatal:
+                self._commit()
             consumer.close()
             self._consumer = None
-            if self._dlq is not None:
-                self._dlq.flush(10)
+
+    def _forget(self) -> None:
+        """Drop what the lost consumer had read (its partitions' next owner, a new consumer, rebuilds it)."""
+        self.core.reset()
+        self._pending.clear()
+        self._next.clear()
+        self._committed.clear()
 
     # --- messages -------------------------------------------------------------------------------
 
@@ -192,7 +219,14 @@ class LearnerService:
         todo = {p: o for p, o in self.commit_positions().items() if self._committed.get(p) != o}
         if not todo:
             return
-        self._consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in todo.items()], asynchronous=False)
+        try:
+            self._consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in todo.items()], asynchronous=False)
+        except KafkaException as exc:
+            if _fatal(exc):
+                raise
+            # the broker or coordinator is away (a restart, a failover): the same offsets are committed next time
+            log.warning("learner: committing offsets %s failed (%s); retrying at the next commit", todo, exc.args[0])
+            return
         self._committed.update(todo)
 
     def _observe_lag(self) -> None:
@@ -214,10 +248,13 @@ class LearnerService:
             self._commit()
         except Exception:  # noqa: BLE001 - a failed commit only means more re-reading
             log.warning("learner: commit on revoke failed", exc_info=True)
-        self.core.reset()
-        self._pending.clear()
-        self._next.clear()
-        self._committed.clear()
+        self._forget()
+
+
+def _fatal(exc: KafkaException) -> bool:
+    """Whether the consumer is unusable after ``exc`` (a commit reports a fatal error with the _FATAL code only)."""
+    err = exc.args[0]
+    return err.fatal() or err.code() == KafkaError._FATAL
 
 
 def serve(settings: Settings) -> None:

@@ -388,3 +388,53 @@ def test_kill_9_then_restart_publishes_exactly_one_version(moment, s3_store, ns,
         published.append(decode(msg.value(), ModelVersion))
     c.close()
     assert [(v.version, v.status) for v in published] == [(after.manifest.version, VersionStatus.promoted)]
+
+
+def test_a_fenced_learner_replaces_its_consumer_and_goes_on(s3_store, kafka, unique, tmp_path):
+    """A real fatal consumer error: another member joins with the learner's static instance id, which fences the
+    learner's consumer (FENCED_INSTANCE_ID). The service must not stop: it starts a new consumer (fencing the
+    intruder in turn) and keeps consuming; offsets it had not committed are read again."""
+    import threading
+    import time
+
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from learner.service import LearnerService
+
+    topic, group = f"t-{unique}.experience", f"g-{unique}"
+    ensure_topics(admin_client(kafka.kafka), [TopicSpec(topic, 1, 1), TopicSpec(topic + ".dlq", 1, 1)])
+    settings = load_settings(topics={"experience": topic}, learner={"group_id": group, "instance_id": "learner-0"})
+    svc = LearnerService(settings, s3_store)
+    thread = threading.Thread(target=svc.run, kwargs={"poll_s": 0.2})
+    thread.start()
+    producer = Producer(kafka.kafka.client_config())
+    watcher = Consumer({**kafka.kafka.client_config(), "group.id": group})
+
+    def committed() -> int:
+        return watcher.committed([TopicPartition(topic, 0)], timeout=10)[0].offset
+
+    def send_invalid_and_wait(n: int, target: int) -> None:  # invalid updates are dead-lettered and committed past
+        for _ in range(n):
+            producer.produce(topic, b"{not json", b"k")
+        producer.flush(15)
+        deadline = time.monotonic() + 60
+        while committed() != target and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.5)
+        assert committed() == target and thread.is_alive()
+
+    try:
+        send_invalid_and_wait(2, 2)
+        intruder = Consumer({**kafka.kafka.client_config(), "group.id": group, "group.instance.id": "learner-0",
+                             "session.timeout.ms": 6000})
+        intruder.subscribe([topic])
+        deadline = time.monotonic() + 60
+        while not intruder.assignment() and time.monotonic() < deadline:
+            intruder.poll(0.5)  # joins with the same instance id: the learner's member is fenced
+        assert intruder.assignment(), "the intruder never joined"
+        intruder.close()
+        send_invalid_and_wait(2, 4)  # the learner came back with a new consumer and goes on
+    finally:
+        svc.stop()
+        thread.join(30)
+        watcher.close()
+    assert not thread.is_alive()
