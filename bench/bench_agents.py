@@ -7,7 +7,7 @@ calls), and prefill costs the same batched or not, so the ratio grows with the r
 the free mode's 128-token answers it is well above 4x; with very short answers (``--mode short``, or
 ``--max-new-tokens 32``) prefill dominates and the ratio drops (3.6x at 32 tokens here).
 
-Runs the same seeds twice with :func:`producers.agents.run_episodes` on the backend the settings name
+Runs the same seeds twice with :func:`oel.rollout.run_episodes` on the backend the settings name
 (:func:`oel.model.factory.make_backend`; the in-process one by default): once with ``batch_size=1`` (one generation call per
 episode turn) and once with ``batch_size=B`` (one call for up to B live episodes), same sampling
 settings, and prints episodes/min, generated tokens/s and generation calls side by side, with the
@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from oel.envs import eval_seeds, make_env  # noqa: E402
+from oel.rollout import AgentConfig, run_episodes, summarize  # noqa: E402
 from oel.settings import load_settings  # noqa: E402
-from producers.agents import AgentConfig, run_episodes, summarize  # noqa: E402
 
 
 def main() -> None:

@@ -43,17 +43,17 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    from learner.evaluation import EvalSpec, evaluate_policy
-    from learner.ood import ood_score
+    from evaluation.evaluator import EvalSpec, evaluate_policy
+    from evaluation.ood import ood_score
     from learner.opcd import OPCDConfig, OPCDTrainer
-    from learner.demo import episode_events
     from oel.envs import make_env, train_seeds
     from oel.episodes import add_event, close
     from oel.grounded import grounded_items, trusted_sources
     from oel.model.hf_backend import HFBackend
     from oel.model.prepare import resolve_model_path
+    from oel.rollout import AgentConfig, run_episodes
     from oel.settings import load_settings
-    from producers.agents import AgentConfig, run_episodes
+    from reference.live_agent import episode_events
 
     settings = load_settings()
     backend = HFBackend.from_settings(settings, max_batch_size=16)
@@ -95,7 +95,8 @@ def main() -> None:
 
     def at_step(m) -> None:
         if args.save_every and m.step % args.save_every == 0:
-            checkpoints[f"step {m.step}"] = trainer.save(out.with_name(f"{out.name}-step{m.step}"))
+            # trainer is bound when train() calls this (pyflakes sees only the `del trainer` below)
+            checkpoints[f"step {m.step}"] = trainer.save(out.with_name(f"{out.name}-step{m.step}"))  # noqa: F821
 
     result = trainer.train(callback=at_step)
     trainer.save(out, result)

@@ -93,8 +93,9 @@ def worker_opcd(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from learner.opcd import OPCDConfig, OPCDTrainer
     from transformers import AutoTokenizer
+
+    from learner.opcd import OPCDConfig, OPCDTrainer
 
     tok = AutoTokenizer.from_pretrained(args.model)
     exp = experience_items(tok, args.experience_tokens)

@@ -35,7 +35,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 
 from oel.extraction import MARKER
 from oel.model.backend import Backend, Generation, SamplingParams

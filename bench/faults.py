@@ -156,8 +156,8 @@ def run(env: dict, services: dict[str, Service], args: argparse.Namespace) -> li
     from oel.schemas import ExperienceUpdate, ModelVersion
     from oel.settings import load_settings
     from oel.store import S3Store
-    from producers import loadgen
     from producers.recorder import Recorder
+    from reference import loadgen
 
     settings = load_settings()
     store = S3Store(settings.s3)

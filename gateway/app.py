@@ -43,8 +43,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.episodes import OpenEpisodes, UnknownEpisode
 from gateway.models import MODEL_PREFIX, ModelResolver
-from gateway.otlp import decode_request, encode_response, span_records
 from gateway.openai_format import FormatError, StreamAccumulator, chat_answer, completion_answer, completion_prompt, prompt_messages
+from gateway.otlp import decode_request, encode_response, span_records
 from oel import metrics
 from oel.model.backend import BackendError
 from oel.schemas import NAMESPACE_PATTERN

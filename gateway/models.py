@@ -16,8 +16,9 @@ import threading
 from oel.model.vllm_backend import VLLMBackend
 from oel.settings import Settings
 from oel.store import ObjectStore
+from oel.versions import BASE_VERSION
 from producers.adapters import AdapterLoader
-from producers.versions import BASE_VERSION, VersionFollower
+from producers.versions import VersionFollower
 
 log = logging.getLogger(__name__)
 

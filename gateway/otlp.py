@@ -30,6 +30,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from gateway.openai_format import Answer, FormatError
 from oel.schemas import ChatMessage, ToolCall
+from oel.versions import BASE_VERSION
 
 SEMCONV_VERSION = "1.37"
 """The oldest GenAI semantic-conventions version whose message attributes this module reads."""
@@ -146,7 +147,7 @@ def _record(span: Any, attrs: dict[str, Any], has_messages: bool, default_agent:
         namespace=namespace,
         episode_id=str(attrs.get("oel.episode_id") or attrs.get("gen_ai.conversation.id") or span.trace_id.hex()),
         agent_id=str(attrs.get("oel.agent_id") or attrs.get("gen_ai.agent.id") or attrs.get("service.name") or default_agent),
-        version=str(attrs.get("oel.model_version") or "base"),
+        version=str(attrs.get("oel.model_version") or BASE_VERSION),
         end_ns=span.end_time_unix_nano,
         feedback=attrs.get("oel.feedback") if isinstance(attrs.get("oel.feedback"), str) else None,
         outcome=attrs.get("oel.outcome") if isinstance(attrs.get("oel.outcome"), str) else None,

@@ -2,6 +2,21 @@
 knowledge gate both decide this way)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What the evaluation gate decided. ``reason``: a sentence for people (recorded as the status
+    reason); ``eval``: the numbers measured (stored in the manifest); ``kind``: for a rejection, the
+    bounded metric label (one of :data:`oel.metrics.REJECT_REASONS`)."""
+
+    accepted: bool
+    reason: str | None = None
+    eval: dict[str, float] = field(default_factory=dict)
+    kind: str | None = None
+
+
 EPS = 1e-9
 """Slack in a gate's comparisons, so that equal rates compare equal."""
 

@@ -9,6 +9,14 @@ from pathlib import Path
 
 import click
 
+from oel.settings import LearnerSettings, default_of
+
+
+def _default(name: str) -> str:
+    """``[default: OEL_LEARNER__<NAME>, <its default>]`` for the help of an option that falls back to a setting."""
+    return f"[default: OEL_LEARNER__{name.upper()}, {default_of(LearnerSettings, name)}]"
+
+
 log = logging.getLogger(__name__)
 
 
@@ -42,19 +50,19 @@ def run(ctx: click.Context) -> None:
               help="A local Hugging Face model folder [default: OEL_MODEL__PATH, else the bundled SmolLM2-135M-Instruct].")
 @click.option("--init-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Continue from this parent adapter; it is also the (frozen) teacher.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps [default: OEL_LEARNER__STEPS, 40].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Prefixes per step [default: OEL_LEARNER__BATCH_SIZE, 4].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help=f"Optimizer steps {_default('steps')}.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help=f"Prefixes per step {_default('batch_size')}.")
 @click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Constant AdamW learning rate [default: OEL_LEARNER__LEARNING_RATE (1e-4) for LoRA, 1e-6 for --full].")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help="Sampling temperature [default: 0.7].")
-@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Student top-k support of the KL [default: 256].")
+              help=f"Peak AdamW learning rate {_default('learning_rate')[:-1]} for LoRA, 1e-6 for --full].")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help=f"Sampling temperature {_default('temperature')}.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help=f"Student top-k support of the KL {_default('top_k')}.")
 @click.option("--full-vocab-kl", is_flag=True, help="Use the exact full-vocabulary reverse KL instead of the top-k one.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Longest sampled answer [default: 64].")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help=f"Longest sampled answer {_default('max_new_tokens')}.")
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Longer prefixes are left out (never truncated).")
 @click.option("--experience-budget", type=click.IntRange(min=16), default=None,
-              help="Experience token budget; the oldest items over it are dropped and reported [default: 2048].")
-@click.option("--lora-rank", type=click.IntRange(min=1), default=None, help="LoRA rank [default: 16].")
+              help=f"Experience token budget; the oldest items over it are dropped and reported {_default('experience_token_budget')}.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=None, help=f"LoRA rank {_default('lora_rank')}.")
 @click.option("--full", "full_finetune", is_flag=True, help="Full fine-tune instead of LoRA (float32 weights, a frozen teacher copy).")
 @click.option("--experience-position", type=click.Choice(["first_user", "last_user"]), default="first_user", show_default=True,
               help="Which user message of a prefix gets the experience block in the teacher's context.")

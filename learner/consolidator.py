@@ -1,7 +1,7 @@
 """The learner's core, free of any transport: experience updates in, consolidation rounds out.
 
 :class:`Consolidator` is what both the Kafka learner service (:mod:`learner.service`) and the
-one-machine demo (:mod:`learner.demo`) run: each feeds it the :class:`~oel.schemas.ExperienceUpdate`
+one-machine demo (:mod:`recipes.demo`) run: each feeds it the :class:`~oel.schemas.ExperienceUpdate`
 messages it reads and asks it for due rounds; the consolidator
 
 * restores a namespace from the model registry the first time it sees it (the newest version, the KB

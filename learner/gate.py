@@ -2,13 +2,13 @@
 
 :class:`HeldOutGate` implements :data:`learner.rounds.EvaluationGate` (``(candidate record, adapter
 folder) -> GateDecision``). Two checks, both against references measured once and cached
-(:class:`learner.evaluation.EvalCache`):
+(:class:`evaluation.evaluator.EvalCache`):
 
 1. **held-out pass rate** (when the namespace has a reference environment, see
-   :func:`learner.evaluation.env_for_namespace`): the candidate's pass rate on the held-out seeds,
+   :func:`evaluation.evaluator.env_for_namespace`): the candidate's pass rate on the held-out seeds,
    *without experience in context*, must not fall more than ``learner.gate_pass_rate_tolerance``
    below its parent version's (the base model's for a first version);
-2. **out-of-distribution instruction following** (:mod:`learner.ood`, always): the candidate's score
+2. **out-of-distribution instruction following** (:mod:`evaluation.ood`, always): the candidate's score
    must not fall more than ``learner.gate_ood_tolerance`` below the **base model's** (a drift that
    accumulates over rounds is caught, not just the step from the parent).
 
@@ -27,15 +27,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from learner.checks import Checks, at_least, pct
-from learner.evaluation import EvalSpec, Evaluator, adapter_files_of, env_for_namespace, version_subject
-from learner.ood import OOD_PROMPTS, OODPrompt
-from learner.rounds import GateDecision
+from evaluation.evaluator import EvalSpec, Evaluator, adapter_files_of, env_for_namespace, version_subject
+from evaluation.ood import OOD_PROMPTS, OODPrompt
+from learner.checks import Checks, GateDecision, at_least, pct
 from learner.versions import ModelRegistry, VersionRecord
 from oel import metrics
 from oel.model.backend import Backend
 from oel.model.factory import make_backend
-from oel.settings import Settings
+from oel.settings import FROM_SETTINGS, FromSettings, Settings
 from oel.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def decide(ev: Mapping[str, float]) -> GateDecision:
 class HeldOutGate:
     """The evaluation gate (module docstring). ``backend`` runs the evaluations (default: one made from
     the settings on first use, :func:`oel.model.factory.make_backend`); ``env`` overrides the
-    environment choice (an environment name, or None = OOD check only; default ``...``:
+    environment choice (an environment name, or None = OOD check only; default ``FROM_SETTINGS``:
     :func:`env_for_namespace`); ``spec_overrides``
     go to :meth:`EvalSpec.from_settings` (e.g. ``episodes``)."""
 
@@ -85,7 +84,7 @@ class HeldOutGate:
         *,
         backend: Backend | None = None,
         registry: ModelRegistry | None = None,
-        env: Any = ...,
+        env: str | None | FromSettings = FROM_SETTINGS,
         spec_overrides: Mapping[str, Any] | None = None,
         ood_prompts: Sequence[OODPrompt] = OOD_PROMPTS,
     ):
@@ -99,7 +98,7 @@ class HeldOutGate:
         self.ood_tolerance = settings.learner.gate_ood_tolerance
 
     def env_for(self, namespace: str) -> str | None:
-        return env_for_namespace(namespace, self.settings) if self._env is ... else self._env  # type: ignore[return-value]
+        return env_for_namespace(namespace, self.settings) if self._env is FROM_SETTINGS else self._env
 
     def spec_for(self, env: str) -> EvalSpec:
         return EvalSpec.from_settings(self.settings, env, **self.spec_overrides)

@@ -7,20 +7,19 @@ measures the round's KB snapshot *in context* on the model the teacher will be (
 round trains a fresh adapter from it), without training:
 
 1. **held-out pass rate** (when the namespace has a reference environment,
-   :func:`learner.evaluation.env_for_namespace`): with the KB in context against without it, on the same
+   :func:`evaluation.evaluator.env_for_namespace`): with the KB in context against without it, on the same
    held-out seeds as the evaluation gate; the KB must add at least ``learner.knowledge_gate_margin``;
 2. **out-of-distribution instruction following** (only for a namespace with no reference environment,
-   where it is all that can be checked): the OOD prompts (:mod:`learner.ood`) with the KB in context must
+   where it is all that can be checked): the OOD prompts (:mod:`evaluation.ood`) with the KB in context must
    not score more than ``learner.gate_ood_tolerance`` below the base model without it. It catches a KB that
    derails the model in general (an instruction to answer in another language, to refuse, to add a link),
    not one that is merely useless for the namespace's tasks. Where the held-out check runs, this one does
-   not: a namespace's rules legitimately change general answers when put in front of them (measured: the
-   hand-written greeting item took a 4-prompt OOD subset from 50% to 0% while raising the held-out pass rate
-   from 0% to 92%), and drift of the consolidated model is the evaluation gate's OOD check.
+   not: a namespace's rules legitimately change general answers when put in front of them (a greeting rule
+   takes the OOD score down while it raises the held-out pass rate: bench/README.md), and drift of the consolidated model is the evaluation gate's OOD check.
 
 A KB that fails is not consolidated: the round is recorded as ``skipped`` with the numbers and the
 reason (no adapter), and the learner waits for new knowledge. It is also the last line of defence
-against poisoned knowledge. The numbers are cached with the gate's (:class:`learner.evaluation.EvalCache`),
+against poisoned knowledge. The numbers are cached with the gate's (:class:`evaluation.evaluator.EvalCache`),
 so the ``oel eval`` table reuses them.
 
 Metric label of a skipped round (``oel_rounds_skipped_total{reason}``): ``no_gain``, ``ood`` or
@@ -33,8 +32,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from evaluation.evaluator import EvalSpec, Evaluator, env_for_namespace
 from learner.checks import Checks, at_least, pct
-from learner.evaluation import EvalSpec, Evaluator, env_for_namespace
 from oel.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -107,13 +107,13 @@ def show(version: str, namespace: str | None, store_dir: Path | None) -> None:
 def promote(version: str, namespace: str | None, reason: str, store_dir: Path | None) -> None:
     """Promote VERSION: record it as promoted and publish it, so running agents switch to it at their next episode."""
     from learner.versions import RegistryError
-    from producers.versions import VersionFollowerError
+    from oel.versions import VersionTopicError
 
     settings, registry = _context(store_dir)
     try:
         record = registry.find(version, namespace)
         event = registry.promote(record.manifest.namespace, version, settings, reason=reason)
-    except (RegistryError, VersionFollowerError) as exc:
+    except (RegistryError, VersionTopicError) as exc:
         raise _fail(exc) from None
     click.echo(f"{event.namespace}: promoted {event.version} (published on {settings.topics.model_versions})")
 
@@ -128,12 +128,12 @@ def rollback(namespace: str, to: str | None, reason: str, store_dir: Path | None
     """Roll the namespace's current version back: it is recorded and published as rolled_back, and the previous
     good version is republished as promoted (running agents follow it at their next episode)."""
     from learner.versions import RegistryError
-    from producers.versions import VersionFollowerError
+    from oel.versions import VersionTopicError
 
     settings, registry = _context(store_dir)
     try:
         bad, again = registry.rollback(namespace, to, reason, settings)
-    except (RegistryError, VersionFollowerError, ValueError) as exc:
+    except (RegistryError, VersionTopicError, ValueError) as exc:
         raise _fail(exc) from None
     target = again.version if again is not None else "the base model"
     click.echo(f"{namespace}: rolled back {bad.version} -> {target} (published on {settings.topics.model_versions})")

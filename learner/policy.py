@@ -32,9 +32,7 @@ import re
 from dataclasses import dataclass, field
 
 from oel.schemas import ExperienceUpdate
-
-BASE_PARENT = "base"
-"""What a round id hashes in place of a parent version when the round starts from the base model."""
+from oel.versions import BASE_VERSION
 
 _KB_SEQ = re.compile(r"^(\d+)-")
 
@@ -51,7 +49,7 @@ def round_id(namespace: str, parent_version: str | None, kb_version: str) -> str
     """Deterministic id of the round that trains ``kb_version`` into the weights, on top of ``parent_version``.
 
     24 hex characters of sha256 over ``namespace|parent|kb_version`` (``base`` for no parent)."""
-    text = f"{namespace}|{parent_version or BASE_PARENT}|{kb_version}"
+    text = f"{namespace}|{parent_version or BASE_VERSION}|{kb_version}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

@@ -15,7 +15,7 @@ A round, given a :class:`~learner.policy.RoundTrigger`:
    model**, whose frozen copy with the KB in context is the teacher, and saves the adapter. The parent
    version is the lineage (and the evaluation gate's reference), not the starting point: the KB only
    grows, so the whole KB distilled into the base model holds what the parent learned, and a teacher
-   chained on the parent's adapter measured worse (a second round collapsed to 0/16 on the default model);
+   chained on the parent's adapter measured worse (bench/README.md);
 5. runs the **evaluation gate** (:class:`learner.gate.HeldOutGate` unless ``learner.gate_enabled`` is
    off or another gate is passed) on the saved adapter: held-out pass rate without experience against
    the parent's, OOD instruction following against the base model's. Its numbers and its decision go
@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from learner.checks import GateDecision
 from learner.knowledge_gate import KnowledgeGate
 from learner.policy import RoundTrigger
 from learner.versions import ModelRegistry, VersionManifest, VersionRecord
@@ -51,7 +52,7 @@ from oel import metrics
 from oel.episodes import CompletedEpisode
 from oel.kb import ExperienceItem, item_key, load_snapshot
 from oel.schemas import ModelVersion, VersionStatus
-from oel.settings import Settings
+from oel.settings import FROM_SETTINGS, FromSettings, Settings
 from oel.store import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -61,24 +62,12 @@ class RoundError(RuntimeError):
     """A round that cannot run (no training prefixes, a KB snapshot missing, ...); it is retried later."""
 
 
-@dataclass(frozen=True)
-class GateDecision:
-    """What the evaluation gate decided. ``reason``: a sentence for people (recorded as the status
-    reason); ``eval``: the numbers measured (stored in the manifest); ``kind``: for a rejection, the
-    bounded metric label (one of :data:`oel.metrics.REJECT_REASONS`)."""
-
-    accepted: bool
-    reason: str | None = None
-    eval: dict[str, float] = field(default_factory=dict)
-    kind: str | None = None
-
-
 EvaluationGate = Callable[[VersionRecord, Path], GateDecision]
 """``(candidate record, local adapter folder) -> decision``; :class:`learner.gate.HeldOutGate` is the
 project's. A gate may also have ``decision_from_eval(manifest eval) -> GateDecision | None`` to replay a
 decision it recorded in a manifest (then :meth:`RoundRunner.finish` does not evaluate again)."""
 
-GATE_FROM_SETTINGS = "settings"
+GATE_FROM_SETTINGS = FROM_SETTINGS
 """Default of :class:`RoundRunner`'s ``gate``: :class:`learner.gate.HeldOutGate` when
 ``learner.gate_enabled`` (the default), else none."""
 
@@ -166,8 +155,8 @@ class RoundRunner:
         *,
         registry: ModelRegistry | None = None,
         trainer_factory: Callable[..., Any] | None = None,
-        gate: EvaluationGate | None | str = GATE_FROM_SETTINGS,
-        knowledge_gate: KnowledgeGate | None | str = GATE_FROM_SETTINGS,
+        gate: EvaluationGate | None | FromSettings = GATE_FROM_SETTINGS,
+        knowledge_gate: KnowledgeGate | None | FromSettings = GATE_FROM_SETTINGS,
         backend: Any = None,
         auto_promote: bool | None = None,
         topic: str | None = None,
@@ -178,17 +167,17 @@ class RoundRunner:
         self.settings = settings
         self.registry = registry or ModelRegistry(store)
         self.trainer_factory = trainer_factory
-        if gate == GATE_FROM_SETTINGS:
+        if gate is GATE_FROM_SETTINGS:
             gate = None
             if settings.learner.gate_enabled:
                 from learner.gate import HeldOutGate
 
                 gate = HeldOutGate(store, settings, backend=backend, registry=self.registry)
         self.gate: EvaluationGate | None = gate  # type: ignore[assignment]
-        if knowledge_gate == GATE_FROM_SETTINGS:
+        if knowledge_gate is GATE_FROM_SETTINGS:
             knowledge_gate = None
             if settings.learner.knowledge_gate_enabled:
-                from learner.evaluation import Evaluator
+                from evaluation.evaluator import Evaluator
                 from oel.model.factory import make_backend
 
                 evaluator = getattr(self.gate, "evaluator", None) or Evaluator.from_settings(

@@ -40,12 +40,9 @@ from oel.logs import client_logger
 from oel.schemas import ExperienceUpdate, InvalidMessage, ModelVersion, decode
 from oel.settings import Settings
 from oel.store import ObjectStore
-from oel.topics import producer_max_bytes
+from oel.topics import dead_letter, producer_max_bytes
 
 log = logging.getLogger(__name__)
-
-ERROR_HEADER = "oel.error"
-SOURCE_HEADER = "oel.source"
 
 
 class LearnerService:
@@ -100,11 +97,9 @@ class LearnerService:
 
     def _published(self, namespace: str) -> ModelVersion | None:
         """The namespace's current version on the versions topic (read to its end)."""
-        from producers.versions import VersionFollower
+        from oel.ops.versions import read_current_version
 
-        topic = self.runner.topic or self.settings.topics.model_versions
-        with VersionFollower(namespace, self.settings, topic=topic) as follower:
-            return follower.current()
+        return read_current_version(namespace, self.settings, topic=self.runner.topic)
 
     @property
     def policy(self) -> TriggerPolicy:
@@ -195,12 +190,9 @@ class LearnerService:
                 **self.settings.kafka.client_config(), "enable.idempotence": True, "acks": "all",
                 "message.max.bytes": producer_max_bytes(self.settings.topics),
             })
-        headers = [(ERROR_HEADER, reason.encode()), (SOURCE_HEADER, f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode())]
-        self._dlq.produce(f"{self.topic}.dlq", msg.value(), msg.key(), headers=headers)
+        dlq, headers = dead_letter(msg.topic(), msg.partition(), msg.offset(), reason)
+        self._dlq.produce(dlq, msg.value(), msg.key(), headers=headers)
         self._dlq.flush(15)
-        kind = "not_json" if reason.startswith("not valid JSON") else "too_large" if "over the limit" in reason else "schema"
-        metrics.count_dead_letter(self.topic, kind)
-        log.warning("learner: %s[%d]@%d to the DLQ: %s", msg.topic(), msg.partition(), msg.offset(), reason)
 
     # --- rounds ---------------------------------------------------------------------------------
 

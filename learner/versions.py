@@ -19,12 +19,12 @@ why adapter files live under a digest of their content: a retry writes a new fol
 and never conflicts with it.
 
 **Publishing.** A :class:`~oel.schemas.ModelVersion` event goes to the compacted ``oel.model-versions``
-topic through :mod:`producers.versions` (the protocol lives there). Candidates are *not* published:
+topic (the protocol: :mod:`oel.versions`; the publisher: :func:`oel.ops.versions.publish_version`). Candidates are *not* published:
 on a compacted topic the last message per namespace is what a late follower sees, and a candidate
 would hide the promoted version from it. :meth:`ModelRegistry.promote` records ``promoted`` and
 publishes it; :meth:`ModelRegistry.rollback` records ``rolled_back`` for the current version and
 ``promoted`` again for the version rolled back to, then publishes both via
-the messages of :func:`producers.versions.rollback_events`.
+the messages of :func:`oel.versions.rollback_events`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from oel.schemas import NAMESPACE_PATTERN, ModelVersion, VersionStatus
+from oel.settings import Settings
 from oel.store import ImmutableObjectConflict, ObjectNotFound, ObjectStore
+from oel.versions import rollback_events
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,14 @@ class VersionManifest(BaseModel):
     )
     round_config: dict[str, Any] = Field(default_factory=dict, description="The OPCD configuration of the round.")
     training: dict[str, Any] = Field(default_factory=dict, description="What training measured (losses, tokens, time).")
-    eval: dict[str, float] = Field(default_factory=dict, description="The gates' numbers and decisions: the knowledge gate's (knowledge_*: the KB in context vs none, learner.knowledge_gate) and the evaluation gate's (learner.gate: held-out pass rate and response length against the reference, OOD score against the base model); empty for a version made without gates.")
+    eval: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "The gates' numbers and decisions: the knowledge gate's (knowledge_*: the KB in context vs none, "
+            "learner.knowledge_gate) and the evaluation gate's (learner.gate: held-out pass rate and response length "
+            "against the reference, OOD score against the base model); empty for a version made without gates."
+        ),
+    )
     status: VersionStatus = Field(VersionStatus.candidate, description="The status it was created with.")
     created_at: datetime = Field(default_factory=_now)
 
@@ -171,7 +180,7 @@ VersionPublisher = Callable[[ModelVersion], None]
 class ModelRegistry:
     """Model versions of every namespace in one object store (see the module docstring).
 
-    ``publisher`` replaces the Kafka publisher (:func:`producers.versions.publish_version` with the
+    ``publisher`` replaces the Kafka publisher (:func:`oel.ops.versions.publish_version` with the
     settings and topic given to :meth:`promote`/:meth:`rollback`), e.g. with the in-process bus of
     ``oel demo``."""
 
@@ -179,11 +188,11 @@ class ModelRegistry:
         self.store = store
         self.publisher = publisher
 
-    def _publish(self, event: ModelVersion, settings, topic: str | None) -> None:
+    def _publish(self, event: ModelVersion, settings: Settings | None, topic: str | None) -> None:
         if self.publisher is not None:
             self.publisher(event)
         else:
-            from producers.versions import publish_version
+            from oel.ops.versions import publish_version
 
             publish_version(event, settings, topic=topic)
 
@@ -314,9 +323,9 @@ class ModelRegistry:
                 continue
         raise RegistryError(f"could not record status {status.value} of {namespace}/{version}: too many concurrent writers")
 
-    # --- publishing (producers.versions holds the topic's protocol) --------------------------
+    # --- publishing (oel.versions holds the topic's protocol) --------------------------------
 
-    def promote(self, namespace: str, version: str, settings=None, *, topic: str | None = None, reason: str | None = None,
+    def promote(self, namespace: str, version: str, settings: Settings | None = None, *, topic: str | None = None, reason: str | None = None,
                 published: ModelVersion | None = None) -> ModelVersion:
         """Record ``promoted`` and publish the version as the namespace's current one. ``published`` is what the
         topic says is current now, when known: if it is already this version, promoted (a crash between
@@ -346,14 +355,13 @@ class ModelRegistry:
         namespace: str,
         to: str | None = None,
         reason: str = "manual rollback",
-        settings=None,
+        settings: Settings | None = None,
         *,
         topic: str | None = None,
     ) -> tuple[ModelVersion, ModelVersion | None]:
         """Roll the namespace's current version back: to ``to`` if given, else to its parent if that was a
         good (promoted) version, else to the newest other good version; with none, to the base model.
         Returns (the rolled-back event, the republished event or None for the base model)."""
-        from producers.versions import rollback_events
 
         bad = self.current(namespace)
         if bad is None:

@@ -10,8 +10,11 @@ crash loses the bus, which is fine for a demo whose durable state is the object 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -58,3 +61,45 @@ class InProcessBus:
         """Messages ever published on ``topic``."""
         with self._lock:
             return len(self._topics[topic])
+
+
+class BusProducer:
+    """confluent-kafka ``Producer``'s interface on an :class:`InProcessBus`, so that the recorder SDK
+    (``Recorder(producer=BusProducer(bus))``) encodes and sends the demo's events exactly as it does on
+    Kafka. A message is on the bus when ``produce`` returns; its delivery report is served by ``poll``."""
+
+    def __init__(self, bus: InProcessBus):
+        self.bus = bus
+        self._reports: deque[tuple[Callable[[Any, Any], None] | None, BusMessage]] = deque()
+        self._lock = threading.Lock()
+
+    def produce(self, topic: str, value: bytes, key: str | bytes | None = None, on_delivery: Callable[[Any, Any], None] | None = None) -> None:
+        text_key = key.decode() if isinstance(key, bytes) else key
+        with self._lock:  # offset order = report order
+            offset = self.bus.publish(topic, text_key, value)
+            self._reports.append((on_delivery, BusMessage(topic, offset, text_key, value)))
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Serve the delivery reports waiting (every message is delivered); waits ``timeout`` when there are none."""
+        served = 0
+        while True:
+            with self._lock:
+                if not self._reports:
+                    break
+                callback, msg = self._reports.popleft()
+            if callback is not None:
+                callback(None, msg)
+            served += 1
+        if not served and timeout > 0:
+            time.sleep(timeout)
+        return served
+
+    def flush(self, timeout: float | None = None) -> int:
+        self.poll(0)
+        return len(self)
+
+    def purge(self, **kwargs: Any) -> None:
+        """Nothing to purge: every message is on the bus once produced."""
+
+    def __len__(self) -> int:
+        return len(self._reports)

@@ -1,11 +1,14 @@
-"""The ``oel`` command: one entry point for every service and operator task.
+"""The ``oel`` command: one entry point for every service and operator task (the composition root).
 
-Service modules are imported inside their commands, so ``oel --help`` stays fast and a missing
-optional dependency only affects the command that needs it.
+The core's own commands (config, stack, topics, smoke, schema) are defined here. Every other command
+lives with its service and is named in :data:`COMMANDS` as ``module:attribute``; its module is imported
+only when that command is resolved, so importing this module (and the core) never imports a service
+package, and a missing optional dependency only affects the command that needs it.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import subprocess
@@ -23,7 +26,46 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 STACK_SCRIPT = REPO_ROOT / "infra" / "local" / "stack.sh"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+COMMANDS: dict[str, str] = {
+    "model": "oel.model.cli:model",
+    "agents": "reference.agents_cli:agents",
+    "processor": "processors.cli:processor",
+    "loadgen": "reference.loadgen_cli:loadgen",
+    "learner": "learner.cli:learner",
+    "models": "learner.models_cli:models",
+    "eval": "evaluation.cli:eval_command",
+    "demo": "recipes.demo_cli:demo",
+    "gateway": "gateway.cli:gateway",
+    "adapters": "producers.adapters_cli:adapters",
+}
+"""The commands of the service packages: name -> ``module:attribute`` of their click command."""
+
+SUBCOMMANDS: dict[str, tuple[str, ...]] = {"agents": ("recipes.compare:compare",)}
+"""Commands added to a group of :data:`COMMANDS` that live in another package (the experiments of ``recipes``)."""
+
+
+def _load(spec: str) -> click.Command:
+    module, attribute = spec.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+class LazyGroup(click.Group):
+    """A click group that imports the commands of :data:`COMMANDS` when they are first resolved."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in COMMANDS:
+            command = _load(COMMANDS[name])
+            for spec in SUBCOMMANDS.get(name, ()):
+                sub = _load(spec)
+                command.add_command(sub, sub.name)
+            self.add_command(command, name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
 @click.version_option(package_name="oel")
 def cli(verbose: bool) -> None:
@@ -170,6 +212,7 @@ def smoke(ctx: click.Context) -> None:
     from oel.schemas import EventKind, TrajectoryEvent, decode
     from oel.store import S3Store
     from oel.topics import topic_specs
+    from oel.versions import BASE_VERSION
 
     s = settings_of(ctx)
     t0 = time.monotonic()
@@ -178,7 +221,7 @@ def smoke(ctx: click.Context) -> None:
 
     episode = f"smoke-{uuid.uuid4().hex[:8]}"
     event = TrajectoryEvent(
-        namespace="smoke", episode_id=episode, agent_id="oel-smoke", model_version="base", seq=0, kind=EventKind.start
+        namespace="smoke", episode_id=episode, agent_id="oel-smoke", model_version=BASE_VERSION, seq=0, kind=EventKind.start
     )
     producer = Producer({**s.kafka.client_config(), "enable.idempotence": True, "acks": "all"})
     delivered: list = []
@@ -222,18 +265,6 @@ def schema_command(name: str) -> None:
     from oel.schemas import json_schema
 
     click.echo(json_schema(name), nl=False)
-
-
-cli.add_command(__import__("oel.model.cli", fromlist=["model"]).model)
-cli.add_command(__import__("producers.agents_cli", fromlist=["agents"]).agents)
-cli.add_command(__import__("processors.cli", fromlist=["processor"]).processor)
-cli.add_command(__import__("producers.cli", fromlist=["loadgen"]).loadgen)
-cli.add_command(__import__("producers.adapters_cli", fromlist=["adapters"]).adapters)
-cli.add_command(__import__("learner.cli", fromlist=["learner"]).learner)
-cli.add_command(__import__("learner.models_cli", fromlist=["models"]).models)
-cli.add_command(__import__("learner.eval_cli", fromlist=["eval_command"]).eval_command)
-cli.add_command(__import__("learner.demo_cli", fromlist=["demo"]).demo)
-cli.add_command(__import__("gateway.cli", fromlist=["gateway"]).gateway)
 
 
 def main() -> None:

@@ -6,18 +6,22 @@ of order. An episode is *complete* when its end event is in and every sequence n
 arrived. An episode that receives nothing for a while is *abandoned*: it is closed with what it has
 and handled like any other (its outcome says it was abandoned), so no trajectory is ever lost.
 
-Everything here is pure data and functions; the Faust processor keeps :class:`EpisodeBuffer` in a
-table and calls :func:`add_event` / :func:`close`.
+Everything here is pure data and functions. :func:`assemble` is the assembler of one record: the Faust
+processor (which keeps :class:`EpisodeBuffer` in a table) and the in-process demo both call it and
+then carry out what it says (dead-letter the record, keep the episode open, or close it with
+:func:`close`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from oel.schemas import ChatMessage, EndPayload, EventKind, StartPayload, StepPayload, TrajectoryEvent
+from oel.schemas import ChatMessage, EndPayload, EventKind, InvalidMessage, StartPayload, StepPayload, TrajectoryEvent, decode
 
 
 class EpisodeStatus(str, Enum):
@@ -151,3 +155,78 @@ def close(buffer: EpisodeBuffer, *, abandoned: bool, idle_s: float | None = None
         ended_at=max(times),
         missing_seqs=missing,
     )
+
+
+@dataclass(frozen=True)
+class ClosedEpisode:
+    """What the assembler remembers of an episode it has closed (the processor's tombstone):
+    ``truncated`` when it was closed at its size limit."""
+
+    truncated: bool = False
+
+
+class Action(str, Enum):
+    """What the caller does with a record after :func:`assemble`."""
+
+    dead_letter = "dead_letter"
+    """Send the record to its DLQ with :attr:`Assembly.reason`."""
+    ignore = "ignore"
+    """Nothing (a duplicate, or a late event of an episode closed complete)."""
+    keep_open = "keep_open"
+    """Keep :attr:`Assembly.buffer` as the episode's open buffer."""
+    close = "close"
+    """The episode is complete: close :attr:`Assembly.buffer` (not abandoned)."""
+    close_truncated = "close_truncated"
+    """The record takes the episode past its size limit: dead-letter the record with :attr:`Assembly.reason`
+    and close :attr:`Assembly.buffer` (abandoned, for :attr:`Assembly.close_reason`)."""
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """The outcome of one record: the :class:`Action`, the decoded event and its episode's buffer (when
+    valid), the dead-letter reason, and why a truncated episode is closed."""
+
+    action: Action
+    event: TrajectoryEvent | None = None
+    buffer: EpisodeBuffer | None = None
+    reason: str | None = None
+    close_reason: str | None = None
+
+
+EpisodeLookup = Callable[[str], "EpisodeBuffer | ClosedEpisode | None"]
+"""``episode id -> its open buffer, its tombstone, or None (never seen)``."""
+
+
+def assemble(
+    key: bytes | None, value: bytes, lookup: EpisodeLookup, now: float, *, max_event_bytes: int, max_episode_bytes: int
+) -> Assembly:
+    """Assemble one record of ``oel.trajectories`` (key = episode id): decode and validate it, check its
+    key, find its episode (``lookup``) and add the event (:func:`add_event`); returns what to do."""
+    try:
+        ev = decode(value, TrajectoryEvent, max_bytes=max_event_bytes)
+    except InvalidMessage as exc:
+        return Assembly(Action.dead_letter, reason=exc.reason)
+    decoded_key = key.decode(errors="replace") if key is not None else None
+    if decoded_key != ev.episode_id:
+        return Assembly(Action.dead_letter, ev, reason=f"record key {decoded_key!r} is not the episode id {ev.episode_id!r}")
+    found = lookup(ev.episode_id)
+    if isinstance(found, ClosedEpisode):
+        if found.truncated:  # not a late duplicate: an event the closed episode never had
+            return Assembly(Action.dead_letter, ev, reason=f"episode {ev.episode_id!r} was closed at its size limit")
+        return Assembly(Action.ignore, ev)
+    size = len(value)
+    buffer, result = add_event(found, ev, now, size=size, max_bytes=max_episode_bytes)
+    if result is AddResult.too_large:
+        limit = f"over the episode limit of {max_episode_bytes} bytes (OEL_TOPICS__MAX_EPISODE_BYTES)"
+        return Assembly(
+            Action.close_truncated, ev, buffer,
+            reason=f"episode {ev.episode_id!r} would be {buffer.size_bytes + size} bytes, {limit}",
+            close_reason=f"closed at event {ev.seq}: {limit}",
+        )
+    if result is AddResult.conflict:
+        return Assembly(Action.dead_letter, ev, buffer, reason=f"namespace {ev.namespace!r} differs from the episode's {buffer.namespace!r}")
+    if result is AddResult.complete:
+        return Assembly(Action.close, ev, buffer)
+    if result is AddResult.accepted:
+        return Assembly(Action.keep_open, ev, buffer)
+    return Assembly(Action.ignore, ev, buffer)  # a duplicate

@@ -23,17 +23,12 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
 
 from oel.episodes import CompletedEpisode
 from oel.forgery import FORGED_MARKER, forged_reason, shingles, visible
 from oel.schemas import ChatMessage
-
-if TYPE_CHECKING:  # pragma: no cover
-    from oel.grounded import Source
 
 MARKER = "- EXPERIENCE ITEM:"
 _MARKER_RE = re.compile(r"-?\s*\**\s*experience\s*item\s*\**\s*:\s*", re.IGNORECASE)
@@ -188,12 +183,3 @@ def validate_items(candidates: list[str], untrusted_text: str) -> tuple[list[str
         else:
             kept.append(text)
     return kept, rejected
-
-
-def answer_items(output: str, variant: PromptVariant, episode: CompletedEpisode,
-                 trusted: Iterable[Source] = ()) -> tuple[list[str], list[Rejected]]:
-    """The items a model's extraction answer about ``episode`` contributes: every parsed item, validated
-    against the episode's untrusted text (every source not in ``trusted``). (kept, rejected)."""
-    from oel.grounded import untrusted_text
-
-    return validate_items(parse_items(output, variant), untrusted_text(episode, trusted))

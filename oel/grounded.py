@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from oel.episodes import CompletedEpisode
-from oel.extraction import MAX_ITEM_CHARS, MIN_ITEM_CHARS, normalise_item, sanitise
+from oel.extraction import MAX_ITEM_CHARS, MIN_ITEM_CHARS, PromptVariant, Rejected, normalise_item, parse_items, sanitise, validate_items
 from oel.forgery import COPY_WORDS, forged_reason
+from oel.settings import TRUSTED_FEEDBACK, ProcessorSettings, default_of
 
 
 class Source(str, Enum):
@@ -93,11 +94,17 @@ def untrusted_text(episode: CompletedEpisode, trusted: Iterable[Source] = ()) ->
     return "\n".join(p.text for p in episode_pieces(episode) if p.source not in ok)
 
 
+def answer_items(output: str, variant: PromptVariant, episode: CompletedEpisode,
+                 trusted: Iterable[Source] = ()) -> tuple[list[str], list[Rejected]]:
+    """The items a model's extraction answer about ``episode`` contributes: every parsed item, validated
+    against the episode's untrusted text (every source not in ``trusted``). (kept, rejected)."""
+    return validate_items(parse_items(output, variant), untrusted_text(episode, trusted))
+
+
 # --- trust ------------------------------------------------------------------------------------
 
-DEFAULT_TRUSTED_FEEDBACK = "house-rules*,frozenlake*,sokoban*"
-"""Namespaces whose environment feedback is trusted by default: the reference environments', whose feedback
-is written by the project's own graders."""
+DEFAULT_TRUSTED_FEEDBACK = TRUSTED_FEEDBACK
+"""Namespaces whose environment feedback is trusted by default (:data:`oel.settings.TRUSTED_FEEDBACK`)."""
 
 
 def trusted_sources(namespace: str, trusted_feedback: str | Sequence[str]) -> frozenset[Source]:
@@ -184,7 +191,7 @@ class GroundedItem:
 class GroundedConfig:
     """How the grounded variant picks items."""
 
-    min_episodes: int = 2
+    min_episodes: int = default_of(ProcessorSettings, "grounded_min_episodes")
     """A statement must come from the trusted feedback of at least this many episodes of the batch."""
     max_items: int = 2
     """Most items per batch (the paper's extraction asks for 1-2 per episode), the most frequent first."""
@@ -238,6 +245,6 @@ def _common_form(a: str, b: str) -> str:
 
 
 __all__ = [
-    "COPY_WORDS", "DEFAULT_TRUSTED_FEEDBACK", "GroundedConfig", "GroundedItem", "Source", "TextPiece", "episode_pieces",
+    "COPY_WORDS", "DEFAULT_TRUSTED_FEEDBACK", "GroundedConfig", "GroundedItem", "answer_items", "Source", "TextPiece", "episode_pieces",
     "grounded_items", "rule_statement", "sentences", "trusted_sources", "untrusted_text",
 ]

@@ -16,16 +16,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from oel import kb
 from oel.episodes import CompletedEpisode
-from oel.extraction import ExtractionConfig, PromptVariant, answer_items, build_prompt, item_id
-from oel.grounded import DEFAULT_TRUSTED_FEEDBACK, GroundedConfig, grounded_items, trusted_sources
+from oel.extraction import ExtractionConfig, PromptVariant, build_prompt, item_id
+from oel.grounded import DEFAULT_TRUSTED_FEEDBACK, GroundedConfig, answer_items, grounded_items, trusted_sources
 from oel.model.backend import Backend, BackendError, SamplingParams
 from oel.schemas import ExperienceUpdate
+from oel.settings import KB_TOKEN_BUDGET, ProcessorSettings, Settings, default_of
 from oel.store import ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,10 @@ class WriterConfig:
     """How extraction is run and how big the KB may grow."""
 
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    token_budget: int = 2048
-    """Experience beyond this many tokens is dropped, oldest first (paper: 8192; 2048 for small models)."""
+    max_new_tokens: int = default_of(ProcessorSettings, "max_new_tokens")
+    temperature: float = default_of(ProcessorSettings, "temperature")
+    token_budget: int = KB_TOKEN_BUDGET
+    """Experience beyond this many tokens is dropped, oldest first."""
     trusted_feedback: str = DEFAULT_TRUSTED_FEEDBACK
     """Namespaces (comma-separated globs) whose environment feedback is trusted (:func:`oel.grounded.trusted_sources`)."""
     grounded: GroundedConfig = field(default_factory=GroundedConfig)
@@ -48,7 +48,7 @@ class WriterConfig:
     backoff_s: float = 0.5
 
     @classmethod
-    def from_settings(cls, settings: Any) -> WriterConfig:
+    def from_settings(cls, settings: Settings) -> WriterConfig:
         """The configuration the settings describe (``processor``: variant, previous experience, length,
         budget, trust; ``model``: which model, for the ``auto`` variant)."""
         processor = settings.processor
@@ -65,7 +65,7 @@ class WriterConfig:
         return trusted_sources(namespace, self.trusted_feedback)
 
 
-def resolve_variant(settings: Any) -> PromptVariant:
+def resolve_variant(settings: Settings) -> PromptVariant:
     """The extraction variant of ``processor.extraction_variant``; ``auto`` = ``grounded`` for the bundled
     default model (too small to abstract a lesson: its own extractions measured as noise), ``structured``
     (the paper's) for a model given by ``model.path``."""

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import os
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-from oel.logs import client_logger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -29,8 +29,26 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from oel.logs import client_logger
+
 ENV_PREFIX = "OEL_"
 ENV_DELIMITER = "__"
+class FromSettings(Enum):
+    """The default of an argument that is built from the settings unless given (None often means "none")."""
+
+    FROM_SETTINGS = "from settings"
+
+
+FROM_SETTINGS = FromSettings.FROM_SETTINGS
+
+KB_TOKEN_BUDGET = 2048
+"""Default token budget of a KB snapshot and of the teacher's experience block; beyond it the oldest
+items are dropped (the paper: 8192, and 2048 for small models)."""
+
+TRUSTED_FEEDBACK = "house-rules*,frozenlake*,sokoban*"
+"""Namespaces whose environment feedback is trusted by default: the reference environments', whose feedback
+is written by the project's own graders."""
+
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
 
 
@@ -50,6 +68,12 @@ class Section(BaseModel):
     """A settings section; unknown keys are errors, so a typo never passes silently."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def default_of(section: type[BaseModel], name: str) -> Any:
+    """The default of setting ``name`` in ``section``: what a config built without settings falls back to,
+    so that each default is declared once (in the settings)."""
+    return section.model_fields[name].get_default(call_default_factory=True)
 
 
 class PathSettings(Section):
@@ -239,14 +263,14 @@ class ProcessorSettings(GroupMembership):
         "unstructured (the paper's prompts); auto = grounded for the bundled default model, structured for OEL_MODEL__PATH.",
     )
     trusted_feedback: str = Field(
-        "house-rules*,frozenlake*,sokoban*",
+        TRUSTED_FEEDBACK,
         description="Namespaces (comma-separated glob patterns) whose environment feedback is trusted; user and agent text never are. Empty = none.",
     )
     grounded_min_episodes: int = Field(2, ge=1, le=1024, description="Grounded variant: a statement must recur in this many episodes of a batch.")
     include_previous: bool = Field(True, description="Show the current KB in the extraction prompt.")
     max_new_tokens: int = Field(256, ge=8, le=8192, description="Longest extraction answer.")
     temperature: float = Field(0.7, ge=0, le=5, description="Extraction sampling temperature (seeded per batch).")
-    token_budget: int = Field(2048, ge=16, description="KB snapshot budget in tokens; oldest items are dropped beyond it.")
+    token_budget: int = Field(KB_TOKEN_BUDGET, ge=16, description="KB snapshot budget in tokens; oldest items are dropped beyond it.")
 
 
 class LearnerSettings(GroupMembership):
@@ -280,7 +304,7 @@ class LearnerSettings(GroupMembership):
     stop_agreement: float | None = Field(
         0.9, gt=0, le=1, description="Stop a round early once a check's agreement reaches this (0..1); unset = run every step."
     )
-    experience_token_budget: int = Field(2048, ge=16, description="Experience beyond this is cut, oldest items first.")
+    experience_token_budget: int = Field(KB_TOKEN_BUDGET, ge=16, description="Experience beyond this is cut, oldest items first.")
     lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank of the student adapter.")
     experience_sets: int = Field(
         1, ge=1, le=100, description="Newest KB snapshots the teacher draws experience from, one per sample (the paper's K runs); 1 = the whole current KB."

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
+from oel import metrics
 from oel.settings import Settings, TopicSettings
 
+log = logging.getLogger(__name__)
+
 DLQ_SUFFIX = ".dlq"
+ERROR_HEADER = "oel.error"
+"""Header of a dead-lettered record: why it failed."""
+SOURCE_HEADER = "oel.source"
+"""Header of a dead-lettered record: where it was read, ``<topic>/<partition>/<offset>``."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,24 @@ class TopicSpec:
 def dlq_name(topic: str) -> str:
     """The dead-letter topic of an input topic."""
     return topic + DLQ_SUFFIX
+
+
+def dlq_reason_label(reason: str) -> str:
+    """The bounded metric label of a DLQ reason from :func:`oel.schemas.decode` or an episode size limit."""
+    if reason.startswith("not valid JSON") or reason.startswith("empty"):
+        return "not_json"
+    if "limit" in reason:
+        return "too_large"
+    return "schema"
+
+
+def dead_letter(topic: str, partition: int, offset: int, reason: str, label: str | None = None) -> tuple[str, list[tuple[str, bytes]]]:
+    """Dead-letter the record at ``topic/partition/offset``: returns its DLQ and the headers to send it
+    with (value and key go unchanged); counts it (``label``: the metric's reason label, by default derived
+    from ``reason``) and logs it. Every service that dead-letters goes through here."""
+    metrics.count_dead_letter(topic, label or dlq_reason_label(reason))
+    log.warning("dead-lettered %s/%d@%d: %s", topic, partition, offset, reason)
+    return dlq_name(topic), [(ERROR_HEADER, reason.encode()), (SOURCE_HEADER, f"{topic}/{partition}/{offset}".encode())]
 
 
 HEADROOM_BYTES = 64 * 1024

@@ -29,7 +29,6 @@ working state (open buffers, KB states, pending batches) is dropped when partiti
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import weakref
@@ -41,14 +40,22 @@ import faust
 from faust.streams import _current_event  # the context variable behind faust.current_event()
 
 from oel import metrics
-from oel.episodes import AddResult, CompletedEpisode, EpisodeBuffer, EpisodeStatus, add_event, close
+from oel.episodes import Action, ClosedEpisode, CompletedEpisode, EpisodeBuffer, EpisodeStatus, assemble, close
 from oel.kb import KBState
 from oel.knowledge import KnowledgeWriter
 from oel.model.backend import BackendError
-from oel.schemas import InvalidMessage, TrajectoryEvent, decode
 from oel.settings import KafkaSettings, Settings
 from oel.store import StoreUnavailable
-from oel.topics import TopicSpec, dlq_name, episode_record_bytes, producer_max_bytes
+from oel.topics import TopicSpec, dead_letter, dlq_name, episode_record_bytes, producer_max_bytes
+from processors.records import (
+    BatchFlush,
+    ClosedEntry,
+    ControlCommand,
+    EpisodeEntry,
+    KbEntry,
+    OpenEntry,
+    parse_episodes_record,
+)
 from processors.redelivery import DeliveryGuard
 
 log = logging.getLogger(__name__)
@@ -58,18 +65,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StoreUnavailable, BackendEr
 
 REDELIVERY_CHECK_S = 2.0
 """Period of the check for records read but never delivered (two checks in a row confirm one)."""
-
-ERROR_HEADER = "oel.error"
-SOURCE_HEADER = "oel.source"
-
-
-def dlq_reason_label(reason: str) -> str:
-    """The bounded metric label of a DLQ reason."""
-    if reason.startswith("not valid JSON") or reason.startswith("empty"):
-        return "not_json"
-    if "limit" in reason:
-        return "too_large"
-    return "schema"
 
 
 def broker_settings(kafka: KafkaSettings) -> dict[str, Any]:
@@ -215,10 +210,8 @@ class Processor:
         the reason; ``label``: the metric's reason label (by default derived from ``reason``)."""
         msg = event.message
         dlq = self.episodes_dlq if msg.topic == self.settings.topics.episodes else self.dlq
-        headers = [(ERROR_HEADER, reason.encode()), (SOURCE_HEADER, f"{msg.topic}/{msg.partition}/{msg.offset}".encode())]
+        _, headers = dead_letter(msg.topic, msg.partition, msg.offset, reason, label)
         await dlq.send(key=msg.key, value=msg.value, headers=headers)
-        metrics.count_dead_letter(msg.topic, label or dlq_reason_label(reason))
-        log.warning("dead-lettered %s/%d@%d: %s", msg.topic, msg.partition, msg.offset, reason)
 
     async def _assemble(self, stream: faust.StreamT) -> None:
         guard = self.guards[0]
@@ -242,52 +235,41 @@ class Processor:
         self._progress_at = time.monotonic()  # liveness: waiting input is being consumed
         self._consumed.inc(len(events))
         self._last_event.set(time.time())
-        max_bytes = self.settings.topics.max_event_bytes
-        max_episode_bytes = self.settings.topics.max_episode_bytes
+        t = self.settings.topics
         touched: dict[str, tuple[faust.EventT, EpisodeBuffer]] = {}  # open episode -> its last event here, its buffer
         now = time.time()
         for event in events:
             msg = event.message
-            try:
-                ev = decode(msg.value, TrajectoryEvent, max_bytes=max_bytes)
-            except InvalidMessage as exc:
-                await self._dead_letter(event, exc.reason)
-                continue
-            key = msg.key.decode(errors="replace") if msg.key is not None else None
-            if key != ev.episode_id:
-                await self._dead_letter(event, f"record key {key!r} is not the episode id {ev.episode_id!r}")
-                continue
-            buffer = self.open.get(ev.episode_id)
-            if buffer is None:
-                entry = self.episodes.get(ev.episode_id)
-                if entry is not None and "closed_at" in entry:
-                    if entry.get("truncated"):  # not a late duplicate: an event the closed episode never had
-                        await self._dead_letter(event, f"episode {ev.episode_id!r} was closed at its size limit")
-                    else:
-                        log.debug("event %s for closed episode %s ignored", ev.event_id, ev.episode_id)
-                    continue
-                buffer = EpisodeBuffer.model_validate(entry["buffer"]) if entry else None
-            buffer, result = add_event(buffer, ev, now, size=len(msg.value), max_bytes=max_episode_bytes)
-            if result is AddResult.too_large:
-                limit = f"over the episode limit of {max_episode_bytes} bytes (OEL_TOPICS__MAX_EPISODE_BYTES)"
-                await self._dead_letter(event, f"episode {ev.episode_id!r} would be {buffer.size_bytes + len(msg.value)} bytes, {limit}")
-                self.open.pop(ev.episode_id, None)
-                touched.pop(ev.episode_id, None)
+            step = assemble(msg.key, msg.value, self._lookup, now, max_event_bytes=t.max_event_bytes, max_episode_bytes=t.max_episode_bytes)
+            if step.action is Action.dead_letter:
+                await self._dead_letter(event, step.reason)
+            elif step.action is Action.keep_open:
+                self.open[step.event.episode_id] = step.buffer
+                touched[step.event.episode_id] = (event, step.buffer)
+            elif step.action in (Action.close, Action.close_truncated):
+                if step.action is Action.close_truncated:
+                    await self._dead_letter(event, step.reason)
+                self.open.pop(step.event.episode_id, None)
+                touched.pop(step.event.episode_id, None)
                 as_current(event)
-                await self._finish(buffer, abandoned=True, reason=f"closed at event {ev.seq}: {limit}")
-            elif result is AddResult.conflict:
-                await self._dead_letter(event, f"namespace {ev.namespace!r} differs from the episode's {buffer.namespace!r}")
-            elif result is AddResult.complete:
-                self.open.pop(ev.episode_id, None)
-                touched.pop(ev.episode_id, None)
-                as_current(event)
-                await self._finish(buffer, abandoned=False)
-            elif result is AddResult.accepted:
-                self.open[ev.episode_id] = buffer
-                touched[ev.episode_id] = (event, buffer)
+                await self._finish(step.buffer, abandoned=step.action is Action.close_truncated, reason=step.close_reason)
+            else:  # ignore
+                log.debug("event %s of episode %s ignored (a duplicate, or its episode is closed)", step.event.event_id, step.event.episode_id)
         for episode_id, (event, buffer) in touched.items():
             as_current(event)
-            self.episodes[episode_id] = {"partition": event.message.partition, "buffer": buffer.model_dump(mode="json")}
+            self.episodes[episode_id] = OpenEntry(partition=event.message.partition, buffer=buffer.model_dump(mode="json"))
+
+    def _lookup(self, episode_id: str) -> EpisodeBuffer | ClosedEpisode | None:
+        """An episode's open buffer (in memory, else from the table), its tombstone, or None."""
+        buffer = self.open.get(episode_id)
+        if buffer is not None:
+            return buffer
+        entry: EpisodeEntry | None = self.episodes.get(episode_id)
+        if entry is None:
+            return None
+        if "closed_at" in entry:
+            return ClosedEpisode(truncated=bool(entry.get("truncated")))
+        return EpisodeBuffer.model_validate(entry["buffer"])
 
     async def _finish(self, buffer: EpisodeBuffer, *, abandoned: bool, reason: str | None = None) -> None:
         """Close an episode: hand it to extraction (which stores it), leave a tombstone (inside a stream).
@@ -298,7 +280,7 @@ class Processor:
         self._meet(episode.namespace)
         await self.episodes_topic.send(key=episode.namespace.encode(), value=episode.model_dump_json().encode())
         partition = event_partition()
-        tombstone: dict[str, Any] = {"partition": partition, "closed_at": time.time()}
+        tombstone = ClosedEntry(partition=partition, closed_at=time.time())
         if reason is not None:
             tombstone["truncated"] = True
         self.episodes[buffer.episode_id] = tombstone
@@ -308,18 +290,19 @@ class Processor:
 
     async def _control(self, stream: faust.StreamT) -> None:
         p = self.settings.processor
-        async for command in stream:
+        async for value in stream:
+            command = ControlCommand.model_validate(value)
             async with self.episodes_lock:
-                episode_id = command["episode_id"]
-                entry = self.episodes.get(episode_id)
+                episode_id = command.episode_id
+                entry: EpisodeEntry | None = self.episodes.get(episode_id)
                 if entry is None:
                     continue
-                if command["op"] == "abandon" and "buffer" in entry:
+                if command.op == "abandon" and "buffer" in entry:
                     buffer = self.open.get(episode_id) or EpisodeBuffer.model_validate(entry["buffer"])
                     if time.time() - buffer.received_at >= p.abandon_after_s:  # still idle when the command arrives
                         self.open.pop(episode_id, None)
                         await self._finish(buffer, abandoned=True)
-                elif command["op"] == "purge" and "closed_at" in entry:
+                elif command.op == "purge" and "closed_at" in entry:
                     del self.episodes[episode_id]
 
     # --- stage 2: extraction -----------------------------------------------------------------
@@ -354,7 +337,7 @@ class Processor:
     def _kb_state(self, namespace: str) -> KBState:
         state = self.kb_states.get(namespace)
         if state is None:
-            entry = self.kb.get(namespace)
+            entry: KbEntry | None = self.kb.get(namespace)
             state = KBState.model_validate(entry["state"]) if entry else KBState(namespace=namespace)
             self.kb_states[namespace] = state
             self._meet(namespace)
@@ -373,12 +356,11 @@ class Processor:
         namespace = event.message.key.decode()
         value = event.message.value
         batch = self.pending.get(namespace)
-        if value.startswith(b'{"flush"'):
-            first = json.loads(value)["flush"]
-            if batch is not None and batch.episodes[0].episode_id == first:
+        episode = parse_episodes_record(value)
+        if isinstance(episode, BatchFlush):
+            if batch is not None and batch.episodes[0].episode_id == episode.flush:
                 return await self._run_batch(namespace) + [event]
             return [event]
-        episode = CompletedEpisode.model_validate_json(value)
         state = self._kb_state(namespace)
         if episode.episode_id in state.applied_episodes:
             return [event]  # a replayed or duplicated episode
@@ -414,7 +396,7 @@ class Processor:
                 except Exception as one:
                     await self._dead_letter(event, f"extraction failed: {type(one).__name__}: {one}"[:2000], label="extraction")
         metrics.EXTRACTION_DURATION.labels(namespace=namespace).observe(time.monotonic() - t0)
-        self.kb[namespace] = {"state": state.model_dump(mode="json")}
+        self.kb[namespace] = KbEntry(state=state.model_dump(mode="json"))
         self.kb_states[namespace] = state
         self.pending.pop(namespace, None)  # (already gone if partitions were revoked meanwhile)
         return batch.events
@@ -456,16 +438,17 @@ class Processor:
         """Send abandon/purge commands; never changes a table itself."""
         p = self.settings.processor
         now = time.time()
-        for episode_id, entry in list(self.episodes.items()):
+        entries: list[tuple[str, EpisodeEntry | None]] = list(self.episodes.items())
+        for episode_id, entry in entries:
             if entry is None:
                 continue
             if "buffer" in entry and now - entry["buffer"]["received_at"] >= p.abandon_after_s:
                 await self.control.send(
-                    key=episode_id.encode(), value={"op": "abandon", "episode_id": episode_id}, partition=entry["partition"]
+                    key=episode_id.encode(), value=ControlCommand(op="abandon", episode_id=episode_id).model_dump(), partition=entry["partition"]
                 )
             elif "closed_at" in entry and now - entry["closed_at"] >= max(4 * p.abandon_after_s, 3600):
                 await self.control.send(
-                    key=episode_id.encode(), value={"op": "purge", "episode_id": episode_id}, partition=entry["partition"]
+                    key=episode_id.encode(), value=ControlCommand(op="purge", episode_id=episode_id).model_dump(), partition=entry["partition"]
                 )
 
     async def _flush_tick(self) -> None:
@@ -477,7 +460,7 @@ class Processor:
             if now - batch.since >= p.batch_window_s and not batch.flush_sent:
                 batch.flush_sent = True
                 first = batch.episodes[0].episode_id
-                await self.episodes_topic.send(key=namespace.encode(), value=json.dumps({"flush": first}).encode())
+                await self.episodes_topic.send(key=namespace.encode(), value=BatchFlush(flush=first).to_bytes())
         if now - self._lag_observed_at >= 1.0:
             self._lag_observed_at = now
             self._observe_lag()
@@ -545,7 +528,7 @@ class PendingBatch:
 def make_worker(app: faust.App, loglevel: str) -> faust.Worker:
     """A Faust worker for ``app`` without the start-up spinner: at a log level of WARN and above, Faust
     shows one and sets the root logger to DEBUG for good, so that every debug call in Faust and aiokafka
-    (one per record sent) builds a log record (measured: ~7% of the worker's time)."""
+    (one per record sent) builds a log record (a measurable share of the worker's time: bench/README.md)."""
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.spinner = None
     return worker

@@ -23,13 +23,14 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     OEL_S3__*; metrics on OEL_METRICS__PORT (default 9101).
     """
     from oel.cli_context import settings_of
+    from oel.extraction import PromptVariant
     from oel.knowledge import KnowledgeWriter, WriterConfig
     from oel.metrics import add_readiness_check, start_metrics_server
-    from oel.extraction import PromptVariant
     from oel.model.factory import make_backend, model_token_counter, token_counter
     from oel.ops.topics import admin_client, ensure_topics, kafka_readiness
     from oel.store import S3Store
     from oel.topics import topic_specs
+    from oel.versions import BASE_VERSION
     from processors.app import Processor, internal_topic_specs, make_worker
 
     s = settings_of(ctx)
@@ -44,7 +45,7 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     writer = KnowledgeWriter(
         store,
         backend,
-        model_version="base",
+        model_version=BASE_VERSION,
         config=config,
         count_tokens=token_counter(backend) if backend is not None else model_token_counter(s),
     )

@@ -1,9 +1,9 @@
-"""The agent side of OEL: the trajectory recorder SDK, model-version following, the load generator.
+"""The agent SDK: the trajectory recorder, model-version following and adapter loading.
 
 ``from producers import Recorder, VersionFollower`` is all an agent needs; see
-:mod:`producers.recorder` (the recorder and its episodes) and :mod:`producers.versions` (following
-``oel.model-versions``). The names are imported on first use, so importing ``producers.cli`` (done by
-``oel --help``) does not load the Kafka client.
+:mod:`producers.recorder` (the recorder and its episodes), :mod:`producers.versions` (following
+``oel.model-versions``) and :mod:`producers.adapters` (loading a version's adapter). The names are
+imported on first use, so importing this package does not load the Kafka client.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "producers.adapters": ("AdapterLoader",),
+    "oel.versions": ("BASE_VERSION",),
     "producers.recorder": (
         "ABANDONED_PREFIX",
-        "BASE_VERSION",
         "AsyncEpisode",
         "BufferFull",
         "CloseReport",
@@ -28,15 +29,16 @@ _EXPORTS = {
         "RecorderStats",
         "UndeliveredEvents",
     ),
-    "producers.versions": ("VersionFollower", "VersionFollowerError", "publish_version", "rollback"),
+    "producers.versions": ("VersionFollower", "VersionFollowerError"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from oel.versions import BASE_VERSION  # noqa: F401
+    from producers.adapters import AdapterLoader  # noqa: F401
     from producers.recorder import (  # noqa: F401
         ABANDONED_PREFIX,
-        BASE_VERSION,
         AsyncEpisode,
         BufferFull,
         CloseReport,
@@ -50,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
         RecorderStats,
         UndeliveredEvents,
     )
-    from producers.versions import VersionFollower, VersionFollowerError, publish_version, rollback  # noqa: F401
+    from producers.versions import VersionFollower, VersionFollowerError  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

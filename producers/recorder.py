@@ -78,6 +78,7 @@ from pydantic_core import PydanticSerializationError
 from pydantic_core import to_json as _to_json
 
 from oel import metrics
+from oel.logs import client_logger
 from oel.schemas import (
     ID_MAX_CHARS,
     ID_PATTERN,
@@ -90,7 +91,6 @@ from oel.schemas import (
     TrajectoryEvent,
     describe_validation_error,
 )
-from oel.logs import client_logger
 from oel.settings import Settings, load_settings
 from oel.topics import producer_max_bytes
 
@@ -99,8 +99,6 @@ log = logging.getLogger(__name__)
 ABANDONED_PREFIX = "abandoned: "
 """Outcome prefix of an episode the agent did not finish (an exception, or no ``end()`` call)."""
 
-BASE_VERSION = "base"
-"""The ``model_version`` recorded while a namespace has no promoted version (the base model)."""
 
 _POLL_INTERVAL_S = 0.01
 """Longest wait of the poll thread for delivery reports: bounds how long close() waits for the thread."""
@@ -211,7 +209,7 @@ class PinnedVersion:
     """What one episode runs with, fixed when it starts: the model version and (in-context mode) the KB.
 
     ``version`` is None while the namespace has no promoted version (the base model; ``name`` is then
-    :data:`BASE_VERSION`) or when a plain version name was given. ``kb`` is whatever the follower's KB
+    :data:`oel.versions.BASE_VERSION`) or when a plain version name was given. ``kb`` is whatever the follower's KB
     hook returned, or None.
     """
 
@@ -365,7 +363,9 @@ class Recorder:
     ``topic`` overrides ``settings.topics.trajectories``. ``producer_config`` entries are passed to
     confluent-kafka last (tests, tuning); ``when_full`` and ``block_timeout_s`` override the
     settings' back-pressure policy. ``tap``, if given, is called with every accepted event's JSON
-    bytes (recording, debugging). See the module docstring for the guarantees.
+    bytes (recording, debugging). ``producer`` replaces the Kafka producer with any object that has
+    confluent-kafka ``Producer``'s ``produce``/``poll``/``flush``/``purge``/``len`` (the in-process bus of
+    ``oel demo``, :class:`oel.bus.BusProducer`). See the module docstring for the guarantees.
     """
 
     def __init__(
@@ -377,6 +377,7 @@ class Recorder:
         when_full: Literal["block", "raise"] | None = None,
         block_timeout_s: float | None = None,
         tap: Callable[[bytes], None] | None = None,
+        producer: Any | None = None,
     ):
         self.settings = settings or load_settings()
         rs = self.settings.recorder
@@ -393,7 +394,7 @@ class Recorder:
             "logger": _ClientLog(self),
             **(producer_config or {}),
         }
-        self._producer = Producer(self.config)
+        self._producer = producer if producer is not None else Producer(self.config)
         self._lock = threading.Lock()
         self._space = threading.Condition(threading.Lock())
         self._waiting = 0

@@ -10,22 +10,9 @@ it in a background thread::
             backend.use_adapter(ep.version)          # fixed for the whole episode
             ...
 
-Rules, in message order (the last one decides):
-
-* ``promoted``: this version becomes current;
-* ``rolled_back`` / ``rejected`` of the *current* version: fall back to its ``parent_version`` if that
-  was seen promoted and is not itself bad, else to the newest good promoted version seen, else to
-  the base model (``current()`` is None; agents record :data:`~producers.recorder.BASE_VERSION`);
-  of any other version: nothing changes (a rejected candidate never served);
-* ``candidate``: ignored (not serving yet);
-* a tombstone (null value): the namespace has no version; the base model.
-
-Publishers: because compaction keeps only the last message per namespace, the last message must be
-the version to serve. :func:`rollback` therefore publishes ``rolled_back`` for the bad version and
-then republishes the previous good version as ``promoted``, which simply wins — also for followers
-that start after compaction. A ``rejected`` message published after the promoted one would hide it
-from followers started later; publish rejections elsewhere, or republish the promoted version after
-them (:func:`publish_version`).
+What the messages mean (promoted, rolled back, rejected, candidate, tombstone) is the protocol of
+:mod:`oel.versions` (:class:`~oel.versions.VersionState`); the learner publishes them
+(:func:`oel.ops.versions.publish_version`, :meth:`learner.versions.ModelRegistry.rollback`).
 
 Agents ask for the version only at episode boundaries (:meth:`VersionFollower.pin`, called by
 :meth:`~producers.recorder.Recorder.episode`); a version that arrives mid-episode is used from the next
@@ -37,17 +24,17 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer
 
 from oel import metrics
-from oel.schemas import InvalidMessage, ModelVersion, VersionStatus, decode
+from oel.ops.versions import assign_from_beginning, namespace_message, read_to, reader_config
+from oel.schemas import ModelVersion, VersionStatus
 from oel.settings import Settings, load_settings
-from producers.recorder import BASE_VERSION, PinnedVersion
+from oel.versions import BASE_VERSION, VersionState, VersionTopicError
+from producers.recorder import PinnedVersion
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +45,8 @@ VersionChange = Callable[[ModelVersion | None, ModelVersion | None], None]
 """Called as ``(old, new)`` on the follower's thread when the current version changes."""
 
 
-class VersionFollowerError(RuntimeError):
-    """The model-versions topic could not be read (missing topic, broker down at start)."""
+VersionFollowerError = VersionTopicError
+"""The model-versions topic could not be read (missing topic, broker down at start)."""
 
 
 class VersionFollower:
@@ -87,18 +74,13 @@ class VersionFollower:
         self.on_change = on_change
         self.start_timeout_s = start_timeout_s
         self._consumer_config = {
-            **self.settings.kafka.client_config(),
-            "group.id": f"oel-version-follower-{namespace}-{uuid.uuid4().hex[:8]}",  # never commits
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "logger": logging.getLogger("producers.versions.librdkafka"),
+            **reader_config(self.settings, namespace, "producers.versions.librdkafka"),
             **(consumer_config or {}),
         }
         self._consumer: Consumer | None = None
         self._cond = threading.Condition()
         self._state = VersionState(namespace)
         self._messages = 0
-        self._invalid = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -177,51 +159,12 @@ class VersionFollower:
     # -- reading ----------------------------------------------------------------------------------
 
     def _assign_from_beginning(self, consumer: Consumer) -> dict[int, int]:
-        try:
-            md = consumer.list_topics(self.topic, timeout=self.start_timeout_s)
-        except Exception as exc:  # KafkaException: broker down
-            raise VersionFollowerError(f"cannot read {self.topic} at {self.settings.kafka.bootstrap_servers}: {exc}") from None
-        tmd = md.topics.get(self.topic)
-        if tmd is None or tmd.error is not None or not tmd.partitions:
-            why = tmd.error.str() if tmd is not None and tmd.error is not None else "no such topic"
-            raise VersionFollowerError(f"cannot follow {self.topic}: {why} (create it with `oel topics create`)")
-        ends: dict[int, int] = {}
-        deadline = time.monotonic() + self.start_timeout_s
-        for p in sorted(tmd.partitions):
-            while True:  # a partition just created (or whose leader moved) answers NOT_LEADER for a moment
-                try:
-                    low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=self.start_timeout_s)
-                    break
-                except KafkaException as exc:
-                    err = exc.args[0]
-                    if not err.retriable() and err.code() != KafkaError.NOT_LEADER_FOR_PARTITION or time.monotonic() > deadline:
-                        raise VersionFollowerError(f"cannot read the end offsets of {self.topic}[{p}]: {err.str()}") from None
-                    time.sleep(0.1)
-            if high > low:
-                ends[p] = high
-        consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(tmd.partitions)])
-        return ends
+        return assign_from_beginning(consumer, self.topic, self.start_timeout_s, self.settings.kafka.bootstrap_servers)
 
     def _read_to(self, ends: dict[int, int]) -> None:
         """Consume until every partition's position reaches its end offset as of start."""
         assert self._consumer is not None
-        deadline = time.monotonic() + self.start_timeout_s
-        pending = dict(ends)
-        while pending:
-            msg = self._consumer.poll(0.2)
-            if msg is not None:
-                self._handle(msg)
-                if msg.error() is None and msg.partition() in pending and msg.offset() + 1 >= pending[msg.partition()]:
-                    del pending[msg.partition()]
-            if pending:  # a compacted log may have gaps: the fetch position is the truth
-                positions = self._consumer.position([TopicPartition(self.topic, p) for p in pending])
-                for tp in positions:
-                    if tp.offset >= 0 and tp.offset >= pending[tp.partition]:
-                        del pending[tp.partition]
-            if pending and time.monotonic() > deadline:
-                raise VersionFollowerError(
-                    f"could not read {self.topic} to its end within {self.start_timeout_s:g}s (partitions {sorted(pending)})"
-                )
+        read_to(self._consumer, self.topic, ends, self._handle, self.start_timeout_s)
 
     def _follow(self) -> None:
         assert self._consumer is not None
@@ -231,30 +174,12 @@ class VersionFollower:
                 self._handle(msg)
 
     def _handle(self, msg) -> None:
-        err = msg.error()
-        if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:  # noqa: SLF001
-                log.warning("%s: error reading %s: %s", self.namespace, self.topic, err.str())
-            return
-        key = msg.key()
-        if key is None or key.decode(errors="replace") != self.namespace:
-            return
-        if msg.value() is None:
-            self._apply(None)
-            return
-        try:
-            version = decode(msg.value(), ModelVersion)
-        except InvalidMessage as exc:
-            self._invalid += 1
-            log.warning("%s: skipping an invalid message at %s[%d]@%d: %s", self.namespace, msg.topic(), msg.partition(), msg.offset(), exc.reason)
-            return
-        if version.namespace != self.namespace:
-            log.warning("%s: skipping a version of namespace %s published under this key", self.namespace, version.namespace)
-            return
-        self._apply(version)
+        mine, version = namespace_message(msg, self.namespace)
+        if mine:
+            self._apply(version)
 
     def _apply(self, version: ModelVersion | None) -> None:
-        """One message, in topic order: update the current version per the rules in the module docstring."""
+        """One message, in topic order: update the current version per the protocol (:class:`VersionState`)."""
         with self._cond:
             self._messages += 1
             old, new = self._state.apply(version)
@@ -272,112 +197,3 @@ class VersionFollower:
                     self.on_change(old, new)
                 except Exception:  # noqa: BLE001 - a bad hook must not stop the follower
                     log.exception("%s: on_change hook failed", self.namespace)
-
-
-class VersionState:
-    """The rules of the module docstring as plain state: feed it a namespace's messages in topic order
-    (:meth:`apply`); :attr:`current` is the version to serve (None = the base model). The Kafka
-    :class:`VersionFollower` and the in-process demo both use it."""
-
-    def __init__(self, namespace: str):
-        self.namespace = namespace
-        self.current: ModelVersion | None = None
-        self._promoted: list[ModelVersion] = []  # every promoted message seen, in order
-        self._bad: set[str] = set()  # versions rolled back or rejected (until promoted again)
-
-    def apply(self, version: ModelVersion | None) -> tuple[ModelVersion | None, ModelVersion | None]:
-        """Take one message (None = a tombstone); returns (old current, new current)."""
-        old = self.current
-        if version is None:
-            new = None
-        elif version.status is VersionStatus.promoted:
-            self._bad.discard(version.version)
-            self._promoted.append(version)
-            new = version
-        elif version.status in (VersionStatus.rolled_back, VersionStatus.rejected):
-            self._bad.add(version.version)
-            new = self._fallback(version) if old is not None and old.version == version.version else old
-        else:  # candidate: not serving yet
-            new = old
-        self.current = new
-        return old, new
-
-    def _fallback(self, bad: ModelVersion) -> ModelVersion | None:
-        good = [v for v in self._promoted if v.version not in self._bad]
-        for v in reversed(good):
-            if v.version == bad.parent_version:
-                return v
-        if good:
-            return good[-1]
-        log.warning(
-            "%s: version %s was %s and no earlier good version is known; falling back to the base model",
-            self.namespace, bad.version, bad.status.value,
-        )
-        return None
-
-
-# --- publishing (the learner's side; here so the protocol lives in one place) -------------------------
-
-
-def publish_version(
-    version: ModelVersion,
-    settings: Settings | None = None,
-    *,
-    topic: str | None = None,
-    producer: Producer | None = None,
-    timeout_s: float = 15.0,
-) -> None:
-    """Publish one ModelVersion on the compacted topic (key = namespace) and wait for the broker's ack."""
-    settings = settings or load_settings()
-    own = producer is None
-    producer = producer or Producer({**settings.kafka.client_config(), "enable.idempotence": True, "acks": "all"})
-    result: list = []
-    producer.produce(
-        topic or settings.topics.model_versions,
-        version.to_bytes(),
-        version.namespace,
-        on_delivery=lambda err, msg: result.append(err),
-    )
-    producer.flush(timeout_s)
-    if not result or result[0] is not None:
-        why = result[0].str() if result else f"no acknowledgement within {timeout_s:g}s"
-        raise VersionFollowerError(f"could not publish {version.namespace}/{version.version}: {why}")
-    if own:
-        del producer
-    metrics.MODEL_VERSIONS_PUBLISHED.labels(namespace=version.namespace).inc()
-
-
-def rollback(
-    bad: ModelVersion,
-    to: ModelVersion,
-    reason: str,
-    settings: Settings | None = None,
-    *,
-    topic: str | None = None,
-) -> ModelVersion:
-    """Roll ``bad`` back to the earlier good version ``to``: publish ``bad`` as rolled_back, then
-    republish ``to`` as promoted (a fresh message, so it is the last one and wins after compaction).
-    Returns the republished version."""
-    rolled, again = rollback_events(bad, to, reason)
-    settings = settings or load_settings()
-    producer = Producer({**settings.kafka.client_config(), "enable.idempotence": True, "acks": "all"})
-    publish_version(rolled, settings, topic=topic, producer=producer)
-    publish_version(again, settings, topic=topic, producer=producer)
-    return again
-
-
-def rollback_events(bad: ModelVersion, to: ModelVersion, reason: str) -> tuple[ModelVersion, ModelVersion]:
-    """The two messages of a rollback, in publishing order: ``bad`` as rolled_back, then ``to`` as promoted."""
-    if bad.namespace != to.namespace:
-        raise ValueError(f"cannot roll {bad.namespace} back to a version of {to.namespace}")
-    if bad.version == to.version:
-        raise ValueError(f"cannot roll {bad.version} back to itself")
-    rolled = bad.model_copy(update={"status": VersionStatus.rolled_back, "reason": reason, "ts": _now()})
-    again = to.model_copy(update={"status": VersionStatus.promoted, "reason": f"rollback of {bad.version}: {reason}", "ts": _now()})
-    return rolled, again
-
-
-def _now():
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)

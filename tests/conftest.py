@@ -10,7 +10,6 @@ import pytest
 
 from oel.settings import Settings, load_settings
 
-
 # What a test needs, read from the fixtures it uses (a module or test may also carry the mark itself):
 # `stack` = the running local stack; `tools` = a program the installer fetches (kustomize, promtool, Kafka's
 # and MinIO's binaries, the vLLM server). `model` and `slow` are set by the modules that load the real model

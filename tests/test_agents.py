@@ -11,7 +11,7 @@ from oel.envs import eval_seeds, make_env
 from oel.envs.house_rules import GREETING, HouseRulesEnv
 from oel.envs.prompts import EXPERIENCE_INTRO, agent_prompt
 from oel.model.backend import Backend, Generation, SamplingParams
-from producers.agents import (
+from oel.rollout import (
     CHOICE_JOIN,
     SHORT_FORMAT,
     ActionMode,

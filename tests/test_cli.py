@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -11,8 +12,14 @@ from click.testing import CliRunner
 from oel.cli import cli
 
 
+def _subcommand(group: click.Group, name: str) -> click.Command:
+    """A group's subcommand, resolved as click does (the root group imports its commands lazily)."""
+    return group.get_command(click.Context(group), name)
+
+
 def _all_commands(group: click.Group, path=()):
-    for name, cmd in group.commands.items():
+    for name in group.list_commands(click.Context(group)):
+        cmd = _subcommand(group, name)
         yield (*path, name)
         if isinstance(cmd, click.Group):
             yield from _all_commands(cmd, (*path, name))
@@ -28,7 +35,7 @@ def test_help_at_every_level():
         assert "Usage:" in result.output
         cmd = cli
         for name in path:
-            cmd = cmd.commands[name]
+            cmd = _subcommand(cmd, name)
         assert cmd.help, f"`oel {' '.join(path)}` has no help text"
 
 
@@ -39,14 +46,21 @@ def test_smoke_against_the_real_stack(kafka, s3_store):
     assert "re-wrote (no-op)" in result.output
 
 
-def test_core_imports_no_kafka_or_faust():
-    code = (
-        "import sys, oel.settings, oel.schemas, oel.store, oel.topics, oel.model.backend\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('confluent_kafka', 'faust', 'aiokafka', 'mode'))\n"
-        "assert not bad, bad\n"
-    )
+def _loaded_after(imports: str, roots: tuple[str, ...]) -> list[str]:
+    """The modules under ``roots`` that a fresh interpreter has loaded after ``import <imports>``."""
+    code = f"import sys, {imports}\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {roots!r}))\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    return ast.literal_eval(proc.stdout)
+
+
+def test_the_command_imports_no_service_package_until_a_command_needs_it():
+    assert _loaded_after("oel.cli", ("learner", "processors", "producers", "evaluation", "reference", "recipes", "gateway")) == []
+
+
+def test_core_imports_no_kafka_or_faust():
+    core = "oel.settings, oel.schemas, oel.store, oel.topics, oel.versions, oel.episodes, oel.model.backend"
+    assert _loaded_after(core, ("confluent_kafka", "faust", "aiokafka", "mode")) == []
 
 
 def test_a_service_that_is_down_is_one_line_naming_it_not_a_traceback(tmp_path):

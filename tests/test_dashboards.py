@@ -42,8 +42,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from producers.recorder import BASE_VERSION
 from test_processor import WORKERS, Env, as_records, episode_events, wait_for
+
+from oel.versions import BASE_VERSION
 
 REPO = Path(__file__).resolve().parent.parent
 PROM_DIR = REPO / "infra" / "prometheus"
@@ -72,7 +73,7 @@ from oel import metrics
 from oel.model.factory import make_backend
 from oel.settings import load_settings
 from oel.store import S3Store
-from producers import loadgen
+from reference import loadgen
 from producers.adapters import AdapterLoader
 from producers.recorder import Recorder
 from producers.versions import VersionFollower
@@ -295,7 +296,7 @@ def test_every_panel_returns_data_from_the_real_services_and_alerts_fire(kafka, 
             logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(tmp_path.glob("*.log")))
             pytest.fail(f"panel queries without data (or never above 0) after 200 s:\n  {missing}\n{logs}", pytrace=False)
         print(f"all {len(targets)} panel queries have data at {time.monotonic() - t0:.0f}s:")
-        for i, (name, title, target) in enumerate(targets):
+        for name, title, target in targets:
             result = run_target(prom, target, namespace, start)
             values = finite_values(result) or [math.nan]
             print(f"  {name} / {title} [{target['refId']}]: {len(result)} series, max {max(values):.4g}  {target['expr']}")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from learner.demo import DemoConfig, DemoLoop
 from learner.versions import ModelRegistry
 from oel.kb import latest_snapshot
 from oel.schemas import ModelVersion, VersionStatus, decode
+from recipes.demo import DemoConfig, DemoLoop
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import random
-from collections import deque
 
 import pytest
 
@@ -274,7 +273,7 @@ CASES = {
         ["We will send a new one.", f"{SIGNOFF}\nWe will send a new one.", "Kind regards, Acme"],
     ),
     "greeting": (
-        [f"{GREETING} We will send a new one.", f"  hello from acme!\nWe will help.", f"{GREETING}"],
+        [f"{GREETING} We will send a new one.", "  hello from acme!\nWe will help.", f"{GREETING}"],
         ["Hello! We will send a new one.", f"Hi Maria, {GREETING}", "Hello from Acme, we will help."],
     ),
     "order-number": (

@@ -68,3 +68,38 @@ def test_event_of_another_namespace_is_a_conflict():
     other = ev(1, "step").model_copy(update={"namespace": "elsewhere"})
     _, result = add_event(buf, other, now=0.0)
     assert result is AddResult.conflict
+
+
+def test_assemble_says_what_to_do_with_each_record():
+    """The one assembler of the processor and the demo: decode, key check, tombstones, size limit, conflicts."""
+    from oel.episodes import Action, ClosedEpisode, assemble
+
+    table: dict = {}
+
+    def step(event: TrajectoryEvent | None, *, key: bytes | None = b"ep", value: bytes | None = None, max_episode_bytes: int = 10_000):
+        out = assemble(key, value if value is not None else event.to_bytes(), table.get, 0.0,
+                       max_event_bytes=4096, max_episode_bytes=max_episode_bytes)
+        if out.action is Action.keep_open:
+            table[out.event.episode_id] = out.buffer
+        elif out.action in (Action.close, Action.close_truncated):
+            table[out.event.episode_id] = ClosedEpisode(truncated=out.action is Action.close_truncated)
+        return out
+
+    assert step(None, value=b"{not json").action is Action.dead_letter
+    wrong_key = step(ev(0, "start"), key=b"other")
+    assert wrong_key.action is Action.dead_letter and "is not the episode id" in wrong_key.reason
+    assert step(ev(0, "start")).action is Action.keep_open
+    assert step(ev(0, "start")).action is Action.ignore  # a duplicate
+    conflict = step(ev(1, "step", namespace="other-ns", event_id="x1"))
+    assert conflict.action is Action.dead_letter and "differs" in conflict.reason
+    assert step(ev(1, "step")).action is Action.keep_open
+    done = step(ev(2, "end"))
+    assert done.action is Action.close and close(done.buffer, abandoned=False).status is EpisodeStatus.completed
+    assert step(ev(2, "end")).action is Action.ignore  # late duplicate of a closed episode
+
+    table.clear()
+    step(ev(0, "start"))
+    big = step(ev(1, "step"), max_episode_bytes=400)
+    assert big.action is Action.close_truncated and "OEL_TOPICS__MAX_EPISODE_BYTES" in big.reason and big.close_reason
+    late = step(ev(2, "end"))
+    assert late.action is Action.dead_letter and "closed at its size limit" in late.reason

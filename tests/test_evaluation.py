@@ -7,11 +7,11 @@ from datetime import UTC, datetime
 import pytest
 from click.testing import CliRunner
 
-from learner.evaluation import EvalCache, EvalSpec, Evaluator, env_for_namespace, evaluate_policy
-from learner.ood import OOD_MAX_NEW_TOKENS, OOD_PROMPTS, check_response, prompts_fingerprint
+from evaluation.evaluator import EvalCache, EvalSpec, Evaluator, env_for_namespace, evaluate_policy
+from evaluation.ood import OOD_MAX_NEW_TOKENS, OOD_PROMPTS, check_response, prompts_fingerprint
+from oel.rollout import ActionMode
 from oel.settings import load_settings
 from oel.store import LocalStore
-from producers.agents import ActionMode
 
 PROMPTS = {p.id: p for p in OOD_PROMPTS}
 
@@ -135,6 +135,7 @@ def _kb_snapshot(store, ns: str, items: list[str], state=None):
 @pytest.mark.model
 def test_oel_eval_writes_the_table_as_markdown_and_png(tmp_path, monkeypatch):
     from support.adapters import fresh_adapter
+
     from learner.policy import round_id
     from learner.versions import ModelRegistry, VersionManifest
     from oel.cli import cli

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from evaluation.ood import OOD_PROMPTS
 from learner.gate import ACCEPTED, HeldOutGate, decide
-from learner.ood import OOD_PROMPTS
 from learner.policy import RoundTrigger, round_id
 from learner.rounds import RoundRunner
 from learner.versions import ModelRegistry, VersionManifest, VersionRecord
@@ -88,6 +88,7 @@ def backend(gate_settings):
 @pytest.fixture(scope="module")
 def adapters(gate_settings, tmp_path_factory):
     from support.adapters import fresh_adapter, silencing_adapter
+
     from oel.model.prepare import resolve_model_path
 
     root = tmp_path_factory.mktemp("adapters")

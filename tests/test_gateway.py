@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from test_processor import Env, wait_for
 from test_vllm_backend import _url as vllm_url
 
@@ -123,12 +122,12 @@ def test_oel_namespace_as_the_model_is_answered_by_the_current_version(kafka, s3
     """Version following without agent code: a version published on the topic is loaded into the upstream
     and answers `oel/<namespace>`; the response header and the recorded events name it."""
     from openai import OpenAI
+    from support.adapters import fresh_adapter
 
     from oel.model.prepare import model_hash
     from oel.model.vllm_backend import VLLMBackend
     from oel.schemas import ModelVersion, VersionStatus
     from producers.versions import publish_version
-    from support.adapters import fresh_adapter
 
     env = Env(unique)
     ns, version = "gateway-follow", f"g0001-{unique}"

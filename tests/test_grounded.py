@@ -7,10 +7,11 @@ from datetime import UTC, datetime
 import pytest
 
 from oel.episodes import CompletedEpisode, EpisodeStatus
-from oel.extraction import PromptVariant, answer_items, validate_items
+from oel.extraction import PromptVariant, validate_items
 from oel.grounded import (
     GroundedConfig,
     Source,
+    answer_items,
     episode_pieces,
     grounded_items,
     rule_statement,
@@ -109,17 +110,17 @@ def test_model_items_may_quote_trusted_feedback_but_not_untrusted_text_or_the_pr
 def test_grounded_extraction_of_real_episodes_states_the_rule():
     """The default model plays real house-rules episodes; the environment's feedback is trusted, and the
     grounded variant turns it into the rule (for two different rules), with no model call."""
-    from learner.demo import episode_events
     from oel.envs import make_env, train_seeds
     from oel.envs.house_rules import GREETING, THANKS_WITHIN
     from oel.episodes import add_event, close
     from oel.model.hf_backend import HFBackend
+    from oel.rollout import AgentConfig, run_episodes
     from oel.settings import load_settings
-    from producers.agents import AgentConfig, run_episodes
+    from reference.live_agent import episode_events
 
     backend = HFBackend.from_settings(load_settings(), max_batch_size=6)
     for rule, says in (("greeting", GREETING), ("thanks-first", f"first {THANKS_WITHIN} words")):
-        eps = run_episodes(backend, lambda: make_env("house-rules", rules=(rule,)), train_seeds(6),
+        eps = run_episodes(backend, lambda rule=rule: make_env("house-rules", rules=(rule,)), train_seeds(6),
                            AgentConfig(mode="free", batch_size=6, seed=1, max_new_tokens=24))
         completed = []
         for ep in eps:

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from evaluation.ood import OOD_PROMPTS
 from learner.knowledge_gate import ACCEPTED, KnowledgeGate, decide
-from learner.ood import OOD_PROMPTS
 from learner.policy import RoundTrigger, round_id
 from learner.rounds import RoundRunner
 from learner.versions import ModelRegistry
@@ -68,7 +68,7 @@ def settings():
 
 @pytest.fixture(scope="module")
 def gate(settings, tmp_path_factory):
-    from learner.evaluation import Evaluator
+    from evaluation.evaluator import Evaluator
     from oel.model.hf_backend import HFBackend
 
     store = LocalStore(tmp_path_factory.mktemp("store"))

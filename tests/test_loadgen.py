@@ -17,7 +17,7 @@ from oel.schemas import EventKind, TrajectoryEvent, decode
 from oel.settings import Settings, load_settings
 from oel.topics import TopicSpec
 from producers import Recorder
-from producers.loadgen import TokenBucket, read_episodes, replay_episodes, run, synthetic_episodes
+from reference.loadgen import TokenBucket, read_episodes, replay_episodes, run, synthetic_episodes
 
 
 def make_topic(settings: Settings, name: str) -> str:

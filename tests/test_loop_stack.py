@@ -15,11 +15,11 @@ import sys
 
 import pytest
 
-from learner.demo import DemoConfig
-from learner.demo_stack import StackLoop
 from learner.versions import ModelRegistry
 from oel.schemas import VersionStatus
 from oel.settings import load_settings
+from recipes.demo import DemoConfig
+from recipes.demo_stack import StackLoop
 
 pytestmark = [pytest.mark.stack, pytest.mark.model, pytest.mark.slow]
 

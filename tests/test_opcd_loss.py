@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support.tiny_model import EXPERIENCE, PREFIXES, tiny_model, tiny_tokenizer
 
 from learner.opcd import OPCDConfig, OPCDTrainer, chunked_opcd_loss, opcd_token_loss
-from support.tiny_model import EXPERIENCE, PREFIXES, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

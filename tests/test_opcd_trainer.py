@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from support.tiny_model import EXPERIENCE, PREFIXES, save_tiny_model, tiny_model, tiny_tokenizer
 
 from learner.opcd import (
     SUMMARY_FILE,
@@ -21,7 +22,6 @@ from learner.opcd import (
     load_experience_sets,
     load_prefixes,
 )
-from support.tiny_model import EXPERIENCE, PREFIXES, save_tiny_model, tiny_model, tiny_tokenizer
 from oel.model.chat import encode_chat, render_chat
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ from faust.types.tuples import RecordMetadata
 from oel import metrics
 from oel.episodes import CompletedEpisode
 from oel.settings import load_settings
-from oel.topics import dlq_name
-from processors.app import ERROR_HEADER, SOURCE_HEADER, Processor
+from oel.topics import ERROR_HEADER, SOURCE_HEADER, dlq_name
+from processors.app import Processor
 from tests.test_processor import episode_events
 
 
@@ -241,3 +240,51 @@ async def test_bad_events_go_to_the_dlq_with_their_reason_and_good_ones_keep_flo
     assert {r: after[r] - before[r] for r in before} == {"not_json": 1, "schema": 3, "too_large": 1}
     [(_, episode)] = completed(proc)
     assert episode.episode_id == "ok-1" and len(episode.steps) == 2
+
+
+@in_loop
+async def test_a_flush_record_extracts_the_pending_batch_it_names(proc):
+    """oel.episodes carries episodes and flush records (processors/records.py); a flush extracts the pending
+    batch only if that batch still starts with the episode it names; flushes written as plain JSON by earlier
+    versions of the processor read the same."""
+    from types import SimpleNamespace
+
+    from oel.episodes import add_event, close
+    from processors.records import BatchFlush
+
+    def record(value: bytes):
+        return SimpleNamespace(message=SimpleNamespace(key=b"unit-f", value=value))
+
+    ran: list[str] = []
+
+    async def run_batch(namespace: str) -> list:
+        ran.append(namespace)
+        return ["the batch's records"]
+
+    proc._run_batch = run_batch
+    buffer = None
+    for event in episode_events("ep-f", "unit-f", turns=1):
+        buffer, _ = add_event(buffer, event, 0.0)
+    episode = close(buffer, abandoned=False)
+    assert await proc._extract_one(record(episode.model_dump_json().encode())) == [], "waits for its batch (batch_size 8)"
+    stale = record(BatchFlush(flush="another-episode").to_bytes())
+    assert await proc._extract_one(stale) == [stale] and ran == []
+    flush = record(json.dumps({"flush": "ep-f"}).encode())
+    assert await proc._extract_one(flush) == ["the batch's records", flush] and ran == ["unit-f"]
+
+
+@in_loop
+async def test_control_commands_abandon_an_idle_episode_and_purge_its_tombstone(proc):
+    from processors.records import ControlCommand
+
+    async with proc.assemble.test_context() as agent:
+        await put_all(agent, episode_events("ep-c", "unit-c", turns=2)[:-1])
+        await until(lambda: proc.episodes.get("ep-c"), "the open episode in the table")
+    proc.open["ep-c"].received_at -= proc.settings.processor.abandon_after_s  # idle for long enough
+    async with proc.control_agent.test_context() as control:
+        await control.put(ControlCommand(op="abandon", episode_id="ep-c").model_dump(), key=b"ep-c", partition=0)
+        [(_, episode)] = await until(lambda: completed(proc), "the abandoned episode")
+        assert episode.status.value == "abandoned" and len(episode.steps) == 2
+        assert "closed_at" in proc.episodes["ep-c"]
+        await control.put(ControlCommand(op="purge", episode_id="ep-c").model_dump(), key=b"ep-c", partition=0)
+        await until(lambda: proc.episodes.get("ep-c") is None, "the purged tombstone")

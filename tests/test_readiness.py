@@ -10,10 +10,10 @@ import urllib.error
 import urllib.request
 
 import pytest
+from test_processor import free_port
 
 from oel import metrics
 from oel.settings import MetricsSettings
-from test_processor import free_port
 
 
 def _get(url: str) -> tuple[int, str]:

@@ -413,7 +413,7 @@ def _drop_acks_while_sending(proxy: KafkaProxy, send_wave, waves: int) -> None:
         before = proxy.acks_dropped
         proxy.drop_produce_acks(1)
         send_wave(wave)
-        wait_until(lambda: proxy.acks_dropped > before, 30, "the proxy to drop a produce acknowledgement")
+        wait_until(lambda before=before: proxy.acks_dropped > before, 30, "the proxy to drop a produce acknowledgement")
 
 
 def test_retries_after_lost_acks_do_not_duplicate(kafka, unique, proxy):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-
 pytestmark = [pytest.mark.tools, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent

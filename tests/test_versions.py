@@ -10,10 +10,12 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from oel.ops.topics import admin_client, ensure_topics
+from oel.ops.versions import publish_version
 from oel.schemas import ModelVersion, TrajectoryEvent, VersionStatus, decode
 from oel.settings import Settings
 from oel.topics import TopicSpec
-from producers import BASE_VERSION, Recorder, VersionFollower, VersionFollowerError, publish_version, rollback
+from oel.versions import rollback_events
+from producers import BASE_VERSION, Recorder, VersionFollower, VersionFollowerError
 
 
 def make_topics(settings: Settings, unique: str) -> tuple[str, str]:
@@ -81,7 +83,10 @@ def test_rollback_republishes_the_previous_good_version_which_wins(kafka, unique
     publish_version(v2, kafka, topic=topic)
     with VersionFollower("shop", kafka, topic=topic) as running:
         assert running.current().version == "v2"
-        again = rollback(v2, to=v1, reason="pass rate fell", settings=kafka, topic=topic)
+        # the two messages ModelRegistry.rollback publishes, in its order
+        rolled, again = rollback_events(v2, v1, "pass rate fell")
+        publish_version(rolled, kafka, topic=topic)
+        publish_version(again, kafka, topic=topic)
         assert again.status is VersionStatus.promoted and "rollback of v2" in again.reason
         running.wait_for(lambda v: v is not None and v.version == "v1", 30)
     # a follower started afterwards sees the same: the republished v1 is the last message

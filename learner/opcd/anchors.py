@@ -1,14 +1,14 @@
 """General prompts that keep a consolidated adapter close to the base model outside its namespace.
 
 OPCD moves what the teacher's context teaches into the weights; without a counterweight it also moves
-it where it does not belong (measured on the default model: an adapter that learned a greeting rule
-greeted in every answer, and its instruction-following score fell from 45% to 20%). With
+it where it does not belong (on the default model an adapter that learned a greeting rule greeted in
+every answer and lost instruction following: bench/README.md). With
 ``OPCDConfig.anchor_fraction`` a share of every batch is drawn from these prompts, and for them the
 teacher sees *no* experience: it is the frozen round-start model itself, so the reverse KL pulls the
 student back to its old behaviour on general requests while the task prefixes pull it to the
 experience.
 
-Written for this project; deliberately disjoint from the OOD check's prompts (:mod:`learner.ood`), so
+Written for this project; deliberately disjoint from the OOD check's prompts (:mod:`evaluation.ood`), so
 the gate still measures drift on prompts the learner never trained on.
 """
 

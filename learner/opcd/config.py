@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from oel.settings import KB_TOKEN_BUDGET, Settings
+
 
 @dataclass
 class OPCDConfig:
@@ -106,7 +108,7 @@ class OPCDConfig:
     """Shared parts shorter than this are not worth caching and are recomputed with the rest."""
 
     # --- experience --------------------------------------------------------------------------
-    experience_token_budget: int = 2048
+    experience_token_budget: int = KB_TOKEN_BUDGET
     """Most tokens of experience in the teacher prompt; a larger set loses its oldest items (reported)."""
     experience_position: Literal["first_user", "last_user"] = "first_user"
     """Which user message of a prefix gets the experience block."""
@@ -197,7 +199,7 @@ class OPCDConfig:
         return d
 
     @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> "OPCDConfig":
+    def from_settings(cls, settings: Settings, **overrides: Any) -> OPCDConfig:
         """The trainer's configuration from the service settings (``Settings.learner`` and ``Settings.model``),
         with keyword overrides on top."""
         learner = settings.learner

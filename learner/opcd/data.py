@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 from oel.envs.prompts import experience_block, format_experience
 from oel.schemas import ChatMessage

@@ -51,16 +51,17 @@ The prompts are never truncated: prefixes whose student prompt is longer than
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 import json
 import logging
 import math
 import random
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -74,7 +75,7 @@ from learner.opcd.data import (
     parse_conversation,
 )
 from learner.opcd.loss import LossStats, chunked_opcd_loss
-from oel.model.hf_backend import pad_left
+from oel.model.hf_backend import decode_batch, pad_left
 
 log = logging.getLogger(__name__)
 
@@ -554,7 +555,6 @@ class OPCDTrainer:
         was_training = lm.training
         lm.eval()
         try:
-            n = len(prompts)
             ids, mask = pad_left(prompts, self.pad_id)
             ids, mask = ids.to(self.device), mask.to(self.device)
             width = ids.shape[1]
@@ -574,32 +574,16 @@ class OPCDTrainer:
             logits = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                         use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
             eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
-            responses: list[list[int]] = [[] for _ in range(n)]
-            reasons = ["length"] * n
-            active = list(range(n))
-            for step in range(cfg.max_new_tokens):
+
+            def choose(logits: torch.Tensor, active: list[int], step: int) -> list[int]:
                 if step < cfg.min_new_tokens and len(eos):
                     logits[:, eos] = float("-inf")
-                nxt = logits.argmax(-1) if greedy else self._sample(logits)
-                keep: list[int] = []
-                for pos_in_batch, (row, tok) in enumerate(zip(active, nxt.tolist())):
-                    responses[row].append(tok)
-                    if tok in self.eos_ids:
-                        reasons[row] = "stop"
-                    else:
-                        keep.append(pos_in_batch)
-                if not keep or step == cfg.max_new_tokens - 1:
-                    break
-                if len(keep) < len(active):
-                    sel = torch.tensor(keep, dtype=torch.long, device=self.device)
-                    cache.batch_select_indices(sel)
-                    mask = mask[sel]
-                    nxt = nxt[sel]
-                    active = [active[k] for k in keep]
-                mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
-                position = mask.sum(-1, keepdim=True) - 1
-                logits = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
-                            use_cache=True).logits[:, -1, :].float()
+                return (logits.argmax(-1) if greedy else self._sample(logits)).tolist()
+
+            responses, reasons = decode_batch(
+                lm, cache, logits, mask, cfg.max_new_tokens, choose,
+                lambda row, response: "stop" if response[-1] in self.eos_ids else None,
+            )
             return list(zip(responses, reasons))
         finally:
             lm.train(was_training)

@@ -17,7 +17,6 @@ from typing import Any
 
 from oel.envs._textarena import TextArenaGridEnv
 
-
 REFERENCE_EXPERIENCE: tuple[str, ...] = (
     "'P' is you, 'H' is a hole and 'G' is the goal. Stepping onto an 'H' cell loses the game at once; "
     "reaching the 'G' cell wins it.",

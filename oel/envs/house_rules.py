@@ -27,14 +27,11 @@ its out-of-distribution guard: nothing here is imported there or from there.
 Designed for a 135M model. The default model (SmolLM2-135M-Instruct) almost never stops within the
 48-token reply budget and barely follows abstract instructions, but it imitates the *start* of a
 short example reply. So every hand-written experience item (:data:`REFERENCE_EXPERIENCE`, one per
-rule) states the rule *and* quotes an accepted reply. Measured on the default model (greedy, 2 turns,
-32 held-out tickets per rule and condition), a correct experience in context at least doubles the pass
-rate, and adds at least 10 points, for ``greeting``, ``thanks-first``, ``order-number`` and
-``we-not-i`` (:data:`DEFAULT_RULES`; 2026-11-25: greeting 28% -> 94%, thanks-first 0% -> 66%,
-order-number 16% -> 31%, we-not-i 0% -> 25%). ``forbidden-word`` gains less (19% -> 34%: naming the
-word primes the model to write it), ``signoff`` (0% -> 0%) and ``max-words`` (22% -> 16%) need the
-reply to end early, which this model does not do; they are kept for larger models. The full table and
-the command are in ``bench/README.md``. With two turns per episode the rejected first reply is followed
+rule) states the rule *and* quotes an accepted reply. On the default model a correct experience in
+context at least doubles the pass rate, and adds at least 10 points, for the rules of
+:data:`DEFAULT_RULES`; ``forbidden-word`` gains less (naming the word primes the model to write it), and
+``signoff`` and ``max-words`` need the reply to end early, which this model does not do, so they are kept
+for larger models (figures and the command: ``bench/README.md``). With two turns per episode the rejected first reply is followed
 by one retry that sees the feedback, so the no-experience condition can also pass by copying from the
 feedback (it does, for ``greeting``).
 """

@@ -13,7 +13,6 @@ from typing import Any
 
 from oel.envs._textarena import TextArenaGridEnv
 
-
 REFERENCE_EXPERIENCE: tuple[str, ...] = (
     "'P' is you, '#' is a wall, '_' is floor, 'X' is the box, 'O' is the target and '√' is the box on the "
     "target. The game is won as soon as the box is pushed onto the target.",

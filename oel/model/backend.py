@@ -89,5 +89,5 @@ class Backend(ABC):
     def list_adapters(self) -> list[str]:
         """Names of the adapters currently loaded."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: a no-op unless a backend holds resources
         """Release resources."""

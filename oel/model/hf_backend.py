@@ -44,14 +44,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 # libgomp (torch's OpenMP) busy-waits by default; on CPU cores shared with other processes that makes
-# every parallel region stall (measured on 2 shared cores: a decode step took 1.5-4.9 s instead of
-# 0.15 s). Passive waiting fixes it. This only takes effect if torch was not imported before: set
+# every parallel region stall (bench/README.md). Passive waiting fixes it. This only takes effect if torch was not imported before: set
 # OMP_WAIT_POLICY=PASSIVE in the environment to be sure; an explicit setting is never overridden.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -67,6 +66,7 @@ from oel.model.backend import (
     SamplingParams,
 )
 from oel.model.chat import encode_chat
+from oel.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ class _Adapter:
 
 def native_bf16() -> bool:
     """Whether this machine computes in bfloat16 natively: a CUDA GPU, or a CPU with AVX512-BF16 or AMX
-    (Linux ``/proc/cpuinfo`` flags). Elsewhere torch emulates bf16 matmuls: on an AVX2-only CPU batched
-    generation of the default model measured 2.8x slower in bfloat16 than in float32 (bench/README.md)."""
+    (Linux ``/proc/cpuinfo`` flags). Elsewhere torch emulates bf16 matmuls, which made batched generation
+    several times slower than float32 (bench/README.md)."""
     if torch.cuda.is_available():
         return True
     try:
@@ -142,6 +142,56 @@ def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
             ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
             mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def decode_batch(
+    lm: Any,
+    cache: Any,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    choose: Callable[[torch.Tensor, list[int], int], list[int]],
+    finished: Callable[[int, list[int]], str | None],
+) -> tuple[list[list[int]], list[str]]:
+    """The batched decoding loop of generation (:class:`HFBackend`) and of OPCD sampling.
+
+    Starts from ``logits`` (float, one row per prompt) after the left-padded prompts (attention ``mask``)
+    have been run through ``lm`` into ``cache`` (a transformers ``DynamicCache``). Each step,
+    ``choose(logits, active rows, step)`` picks one token per active row and ``finished(row, response)``
+    returns a finish reason (or None to go on); finished rows are pruned from the KV cache so later steps
+    compute only the live ones. Returns the response ids and finish reasons (``length`` when
+    ``max_new_tokens`` ran out) in input order.
+    """
+    device = mask.device
+    n = logits.shape[0]
+    responses: list[list[int]] = [[] for _ in range(n)]
+    reasons = ["length"] * n
+    active = list(range(n))  # original row indices still decoding, in cache order
+    for step in range(max_new_tokens):
+        nxt = choose(logits, active, step)
+        keep: list[int] = []
+        for pos, row in enumerate(active):
+            responses[row].append(int(nxt[pos]))
+            reason = finished(row, responses[row])
+            if reason is None:
+                keep.append(pos)
+            else:
+                reasons[row] = reason
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):
+            sel = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.batch_select_indices(sel)
+            mask = mask[sel]
+            nxt = [nxt[p] for p in keep]
+            active = [active[p] for p in keep]
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
+        step_ids = torch.tensor(nxt, dtype=torch.long, device=device)[:, None]
+        position = mask.sum(-1, keepdim=True) - 1
+        logits = lm(
+            input_ids=step_ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+        ).logits[:, -1, :].float()
+    return responses, reasons
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -227,7 +277,7 @@ class HFBackend(Backend):
         log.info("loaded %s (%s, %s) in %.1f s", self.model_path, dtype, self.device, time.monotonic() - t0)
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> HFBackend:
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> HFBackend:
         """The backend for ``settings.model`` (the default model is prepared on first use)."""
         from oel.model.prepare import resolve_model_path
 
@@ -465,40 +515,23 @@ class HFBackend(Backend):
             use_cache=True, logits_to_keep=1,
         ).logits[:, -1, :].float()
         eos = set(self.eos_ids)
-        responses: list[list[int]] = [[] for _ in range(n)]
         texts: list[str | None] = [None] * n
-        reasons: list[str] = ["length"] * n
-        active = list(range(n))  # original row indices still decoding, in cache order
-        for step in range(params.max_new_tokens):
-            nxt = self._sample(logits, params, [gens[i] for i in active]).tolist()
-            keep: list[int] = []
-            for pos, i in enumerate(active):
-                tok = int(nxt[pos])
-                responses[i].append(tok)
-                if tok in eos:
-                    reasons[i] = "stop"
-                    continue
-                if params.stop:
-                    text = self.decode(responses[i])
-                    cut = self._stop_at(text, params.stop)
-                    if cut >= 0:
-                        texts[i], reasons[i] = text[:cut], "stop"
-                        continue
-                keep.append(pos)
-            if not keep or step == params.max_new_tokens - 1:
-                break
-            if len(keep) < len(active):
-                sel = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(sel)
-                mask = mask[sel]
-                nxt = [nxt[p] for p in keep]
-                active = [active[p] for p in keep]
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
-            step_ids = torch.tensor(nxt, dtype=torch.long, device=self.device)[:, None]
-            position = (mask.sum(-1, keepdim=True) - 1)
-            logits = runner(
-                input_ids=step_ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
-            ).logits[:, -1, :].float()
+
+        def finished(row: int, response: list[int]) -> str | None:
+            if response[-1] in eos:
+                return "stop"
+            if params.stop:
+                text = self.decode(response)
+                cut = self._stop_at(text, params.stop)
+                if cut >= 0:
+                    texts[row] = text[:cut]
+                    return "stop"
+            return None
+
+        responses, reasons = decode_batch(
+            runner, cache, logits, mask, params.max_new_tokens,
+            lambda logits, active, step: self._sample(logits, params, [gens[i] for i in active]).tolist(), finished,
+        )
         return [
             (responses[i], texts[i] if texts[i] is not None else self.decode(responses[i]), reasons[i]) for i in range(n)
         ]

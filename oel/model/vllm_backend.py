@@ -30,7 +30,7 @@ import struct
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +46,7 @@ from oel.model.backend import (
     Generation,
     SamplingParams,
 )
+from oel.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class VLLMBackend(Backend):
         self._draining: set[str] = set()
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> VLLMBackend:
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> VLLMBackend:
         """The backend for ``settings.model.vllm_url``."""
         return cls(settings.model.vllm_url, **kwargs)
 

@@ -47,7 +47,7 @@ def tiny_tokenizer():
     path = _default_model_dir()
     if path is not None:
         return AutoTokenizer.from_pretrained(str(path))
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

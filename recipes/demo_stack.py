@@ -1,6 +1,6 @@
 """The demo's loop on the real services: Kafka, the S3 store, the Faust processor and the learner service.
 
-:class:`StackLoop`'s agent side is a :class:`producers.live_agent.LiveAgent`, as in production: it
+:class:`StackLoop`'s agent side is a :class:`reference.live_agent.LiveAgent`, as in production: it
 plays episodes with the in-process model, sends them with the recorder SDK to the trajectories topic,
 follows the compacted model-versions topic and loads each new version's adapter from the object store
 before its next episodes. The processor (``oel processor``)
@@ -25,13 +25,14 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from learner.demo import BASE_VERSION, DemoConfig, LearningLoop, _bar
 from learner.versions import ModelRegistry, VersionRecord
 from oel.kb import extraction_key, latest_snapshot
 from oel.model.backend import Backend
 from oel.schemas import ExperienceUpdate, InvalidMessage, decode
 from oel.settings import Settings
 from oel.store import S3Store
+from oel.versions import BASE_VERSION
+from recipes.demo import DemoConfig, LearningLoop, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class ServiceDied(RuntimeError):
 
 
 class StackLoop(LearningLoop):
-    """The loop of :mod:`learner.demo` on the real services (see the module docstring).
+    """The loop of :mod:`recipes.demo` on the real services (see the module docstring).
 
     ``service_env``: extra OEL_* variables for the services (e.g. the topic names a test uses); the
     demo's own round settings (trigger after one new item, no cool-down, auto-promotion, the round's
@@ -75,8 +76,8 @@ class StackLoop(LearningLoop):
         if start_services:
             self.start_services()
         from oel.envs import make_env
-        from producers.agents import AgentConfig
-        from producers.live_agent import LiveAgent
+        from oel.rollout import AgentConfig
+        from reference.live_agent import LiveAgent
 
         self.agent = LiveAgent(s, config.ns, lambda: make_env(config.env, **config.env_options), self.backend, self.store,
                                agent=AgentConfig(mode=config.action_mode, batch_size=config.agent_batch, seed=config.seed),
@@ -148,7 +149,7 @@ class StackLoop(LearningLoop):
 
         cfg = self.config
         seeds = train_seeds(cfg.episodes, start=cfg.seed + (round_no - 1) * cfg.episodes)
-        with _bar(len(seeds), f"round {round_no}: agents play") as bar:
+        with progress_bar(len(seeds), f"round {round_no}: agents play") as bar:
             episodes = self.agent.play(seeds, episode_id=lambda ep: self.episode_id(round_no, ep.seed),
                                        on_episode=lambda ep: (self._round_episodes.append(self.episode_id(round_no, ep.seed)),
                                                               bar.update(1)))
@@ -192,7 +193,8 @@ class StackLoop(LearningLoop):
     def _would_add_items(self, episode_ids: set[str]) -> bool:
         """Whether the stored extraction answers of these episodes hold an item the processor keeps."""
         from oel.episodes import CompletedEpisode, episode_key
-        from oel.extraction import PromptVariant, answer_items
+        from oel.extraction import PromptVariant
+        from oel.grounded import answer_items
         from oel.knowledge import WriterConfig
 
         ns = self.config.ns

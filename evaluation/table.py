@@ -12,7 +12,7 @@ its status), :func:`eval_table` measures on the held-out seeds of the namespace'
 
 Each cell is the pass rate, with its binomial standard error, and the mean response tokens per turn.
 Rounds are numbered in the order they ran (a rejected or skipped round counts too). Results come from (and go to) the
-evaluation cache (:class:`learner.evaluation.EvalCache`), so numbers the gate already measured, and a
+evaluation cache (:class:`evaluation.evaluator.EvalCache`), so numbers the gate already measured, and a
 round's ``consolidated`` that is the next round's ``none``, are not measured again.
 :meth:`EvalTable.to_markdown` and :meth:`EvalTable.plot` render it (``oel eval`` does both).
 """
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from learner.evaluation import EvalSpec, Evaluator
+from evaluation.evaluator import EvalSpec, Evaluator
 from learner.versions import ModelRegistry
 from oel.kb import load_snapshot
 from oel.model.backend import Backend
@@ -39,7 +39,7 @@ LABELS = {"none": "no experience", "in_context": "experience in context", "conso
 @dataclass
 class EvalRow:
     """One round: the version it produced and the three measured conditions (summaries of
-    :class:`learner.evaluation.EvalResult`)."""
+    :class:`evaluation.evaluator.EvalResult`)."""
 
     round: int
     version: str
@@ -52,7 +52,7 @@ class EvalRow:
     consolidated: dict[str, Any] | None
     """None for a skipped round (no adapter)."""
     ood: float | None = None
-    """The version's OOD instruction-following score (:mod:`learner.ood`), when asked for."""
+    """The version's OOD instruction-following score (:mod:`evaluation.ood`), when asked for."""
     variants: dict[str, int] = field(default_factory=dict)
     """How the KB's items were extracted (variant -> items; from the manifest's provenance)."""
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from oel.versions import BASE_VERSION
+
 
 @click.command("loadgen")
 @click.option("--rate", type=float, default=200.0, show_default=True, help="Target events per second (0 = as fast as possible).")
@@ -22,7 +24,7 @@ import click
               help="Also write every event sent to this JSONL file (replayable with --replay).")
 @click.option("--namespace", "namespaces", multiple=True, default=("loadgen",), show_default=True,
               help="Namespace(s) of synthetic episodes (repeat the option for several).")
-@click.option("--model-version", default="base", show_default=True, help="model_version of synthetic episodes.")
+@click.option("--model-version", default=BASE_VERSION, show_default=True, help="model_version of synthetic episodes.")
 @click.option("--concurrency", type=int, default=16, show_default=True, help="Episodes open at once (interleaved, like a fleet of agents).")
 @click.option("--topic", default=None, help="Topic to send to [default: OEL_TOPICS__TRAJECTORIES].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic episodes and the interleaving.")
@@ -36,8 +38,8 @@ def loadgen(ctx: click.Context, rate, duration_s, episodes, replay, record, name
     exits 1 if any event was not delivered.
     """
     from oel.cli_context import settings_of
-    from producers import loadgen as lg
     from producers.recorder import Recorder, UndeliveredEvents
+    from reference import loadgen as lg
 
     if duration_s is None and episodes is None:
         duration_s = 10.0

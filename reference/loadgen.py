@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from oel.schemas import EventKind, TrajectoryEvent, decode
+from oel.versions import BASE_VERSION
 from producers.recorder import Episode, Recorder, RecorderStats
 
 # --- episode shapes ---------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def synthetic_episodes(
     rng: random.Random,
     namespaces: list[str],
     agents: int = 16,
-    model_version: str = "base",
+    model_version: str = BASE_VERSION,
     max_turns: int = 5,
 ) -> Iterator[EpisodeSpec]:
     """An endless stream of support-assistant episodes of 1..max_turns turns (events ~0.5-2 KB)."""

@@ -1,7 +1,7 @@
 """Held-out evaluation of a policy (base model or a model version) on a reference environment.
 
 :func:`evaluate_policy` plays the environment's fixed held-out seeds (:func:`oel.envs.eval_seeds`,
-never trained on) with the reference agents (:func:`producers.agents.run_episodes`), one greedy
+never trained on) with the reference agents (:func:`oel.rollout.run_episodes`), one greedy
 rollout per seed, and reports the pass rate, the mean response tokens per turn and the valid-action
 rate. Without experience it measures what the weights know (the gate's condition and the paper's
 "none" / "consolidated" columns); with experience (a KB snapshot's items) it measures the same
@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from learner.ood import OOD_MAX_NEW_TOKENS, OOD_PROMPTS, OODPrompt, ood_score, prompts_fingerprint
+from evaluation.ood import OOD_MAX_NEW_TOKENS, OOD_PROMPTS, OODPrompt, ood_score, prompts_fingerprint
 from oel.envs import ENV_NAMES, eval_seeds, make_env
 from oel.model.backend import Backend
-from oel.settings import Settings
+from oel.rollout import ActionMode, AgentConfig, Episode, run_episodes, summarize
+from oel.settings import LearnerSettings, Settings, default_of
 from oel.store import ImmutableObjectConflict, ObjectNotFound, ObjectStore
-from producers.agents import ActionMode, AgentConfig, Episode, run_episodes, summarize
 
 if TYPE_CHECKING:  # pragma: no cover
     from learner.versions import ModelRegistry
@@ -58,7 +58,7 @@ class EvalSpec:
     generation call."""
 
     env: str
-    episodes: int = 16
+    episodes: int = default_of(LearnerSettings, "eval_episodes")
     mode: ActionMode | None = None
     max_new_tokens: int | None = None
     max_turns: int | None = None
@@ -307,7 +307,7 @@ class Evaluator:
         return summary
 
     def ood_eval(self, subject: str, adapter: str | None, experience: Sequence[str] | None = None) -> dict[str, Any]:
-        """OOD result (:meth:`learner.ood.OODResult.to_dict`) of ``adapter`` (loaded; None = base), with
+        """OOD result (:meth:`evaluation.ood.OODResult.to_dict`) of ``adapter`` (loaded; None = base), with
         ``experience`` in context if given, cached as ``subject``."""
         experience = list(experience or []) or None
         fp = prompts_fingerprint(self.ood_prompts, self.ood_max_new_tokens, experience)

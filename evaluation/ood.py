@@ -36,8 +36,9 @@ from typing import Any
 
 from oel.model.backend import Backend, SamplingParams
 from oel.schemas import ChatMessage
+from oel.settings import LearnerSettings, default_of
 
-OOD_MAX_NEW_TOKENS = 64
+OOD_MAX_NEW_TOKENS = default_of(LearnerSettings, "ood_max_new_tokens")
 """Answer budget per prompt: enough for every instruction in the set to be visibly followed or not."""
 
 
@@ -159,7 +160,6 @@ def _checkers() -> tuple[Any, Any]:
     """if-verifiable's instruction registry and evaluator (imported on first use: the package pulls in
     ``datasets``, which takes a few seconds to import)."""
     import langdetect
-
     from if_verifiable.common import evaluate_instructions
     from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
 

@@ -1,4 +1,4 @@
-"""``oel demo``: the whole learning loop on one machine (see :mod:`learner.demo`)."""
+"""``oel demo``: the whole learning loop on one machine (see :mod:`recipes.demo`)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def demo(ctx: click.Context, env: str, rules: tuple[str, ...], rounds: int, epis
     runs on Kafka, S3, the Faust processor and the learner service. Model and learner settings
     (OEL_MODEL__*, OEL_LEARNER__*, e.g. the gate's tolerances) apply as for the services.
     """
-    from learner.demo import DemoConfig, DemoLoop
+    from recipes.demo import DemoConfig, DemoLoop
 
     settings = settings_of(ctx)
     if rules and env != "house-rules":
@@ -63,7 +63,7 @@ def demo(ctx: click.Context, env: str, rules: tuple[str, ...], rounds: int, epis
     click.echo(f"oel demo: {rounds} round(s) on {env} ({', '.join(config.rules)}), {episodes} episodes and {config.steps} OPCD "
                f"steps per round, extraction variant {config.variant}; writing to {out_dir}")
     if stack:
-        from learner.demo_stack import StackLoop
+        from recipes.demo_stack import StackLoop
 
         with StackLoop(settings, config, progress=click.echo) as loop:
             loop.run()

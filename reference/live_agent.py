@@ -23,14 +23,41 @@ from dataclasses import replace
 from pathlib import Path
 
 from oel.model.backend import Backend
+from oel.rollout import AgentConfig, Episode, run_episodes
+from oel.schemas import TrajectoryEvent, decode
 from oel.settings import Settings
 from oel.store import ObjectStore
+from oel.versions import BASE_VERSION
 from producers.adapters import AdapterLoader
-from producers.agents import AgentConfig, Episode, run_episodes
-from producers.recorder import BASE_VERSION, Recorder
+from producers.recorder import Recorder
 from producers.versions import VersionFollower
 
 log = logging.getLogger(__name__)
+
+
+def record_episode(recorder: Recorder, episode: Episode, namespace: str, agent_id: str, version: str,
+                   *, episode_id: str | None = None) -> int:
+    """Record one played episode with the recorder SDK: start (the task, the metadata), one step per turn,
+    end (``success`` only for metrics, as everywhere); returns how many events were sent."""
+    with recorder.episode(namespace, agent_id, version, task=episode.first_prompt, metadata=episode.metadata,
+                          episode_id=episode_id) as rec:
+        for turn in episode.turns:
+            rec.step(turn.prompt, turn.response, action=turn.action, feedback=turn.feedback)
+        rec.end(episode.outcome, success=episode.passed)
+    return rec.seq
+
+
+def episode_events(episode: Episode, namespace: str, episode_id: str, agent_id: str, version: str,
+                   settings: Settings | None = None) -> list[TrajectoryEvent]:
+    """The events the recorder sends for a played episode (recorded by :func:`record_episode` on an
+    in-process bus), for tools that assemble episodes themselves."""
+    from oel.bus import BusProducer, InProcessBus
+    from oel.settings import load_settings
+
+    bus = InProcessBus()
+    with Recorder(settings or load_settings(), topic="episode", producer=BusProducer(bus)) as recorder:
+        record_episode(recorder, episode, namespace, agent_id, version, episode_id=episode_id)
+    return [decode(m.value, TrajectoryEvent) for m in bus.read("episode", "episode_events")]
 
 
 class LiveAgent:
@@ -45,7 +72,7 @@ class LiveAgent:
         backend: Backend,
         store: ObjectStore,
         *,
-        agent: AgentConfig = AgentConfig(),
+        agent: AgentConfig = AgentConfig(),  # noqa: B008 - frozen, so sharing the default is safe
         agent_id: str | None = None,
         adapter_cache: str | Path | None = None,
         settle_s: float = 30.0,
@@ -80,11 +107,7 @@ class LiveAgent:
 
         def record(ep: Episode) -> None:
             eid = episode_id(ep) if episode_id is not None else None
-            with self.recorder.episode(self.namespace, self.agent_id, version, task=ep.first_prompt,
-                                       metadata=ep.metadata, episode_id=eid) as rec:
-                for turn in ep.turns:
-                    rec.step(turn.prompt, turn.response, action=turn.action, feedback=turn.feedback)
-                rec.end(ep.outcome, success=ep.passed)
+            record_episode(self.recorder, ep, self.namespace, self.agent_id, version, episode_id=eid)
             if on_episode is not None:
                 on_episode(ep)
 

@@ -26,12 +26,8 @@ Action modes (:class:`ActionMode`), for the grid games:
 
 House rules (free text replies) use ``free`` only.
 
-Measured on the default model (SmolLM2-135M, greedy, held-out seeds, 2026-11-25; table in
-``bench/README.md``): ``free`` and ``short`` produced no parseable move at all on FrozenLake or
-Sokoban, with or without the correct experience (0 valid turns of 64 per game and mode); ``choice``
-is the mode it can follow, but it passes 0/16 FrozenLake maps either way (the experience only turns
-its first move from ``[right]`` into ``[down]``), and Sokoban 5/8 without and 2/8 with experience.
-``choice`` costs one ``score`` row per legal move, each a full prompt (no KV cache is shared between
+On the 135M default model only ``choice`` yields legal moves on the games (figures: ``bench/README.md``,
+"Reference agents"). ``choice`` costs one ``score`` row per legal move, each a full prompt (no KV cache is shared between
 rows or calls), so it is several times slower per turn than ``short``.
 
 :class:`Episode` records everything an episode produced (each turn's prompt, raw response, parsed

@@ -1,4 +1,4 @@
-"""``oel eval``: the paper's table for a namespace (see :mod:`learner.eval_table`)."""
+"""``oel eval``: the paper's table for a namespace (see :mod:`evaluation.table`)."""
 
 from __future__ import annotations
 
@@ -37,11 +37,11 @@ def eval_command(ctx: click.Context, namespace: str, env_name: str | None, episo
     out-of-distribution instruction-following score (the gate's check), next to the base model's. Prints the table and writes
     it as markdown, JSON and a PNG plot.
     """
-    from learner.eval_table import eval_table
-    from learner.evaluation import EvalSpec, Evaluator, env_for_namespace
+    from evaluation.evaluator import EvalSpec, Evaluator, env_for_namespace
+    from evaluation.table import eval_table
     from oel.model.factory import make_backend
+    from oel.rollout import ActionMode
     from oel.store import LocalStore, S3Store, StoreError
-    from producers.agents import ActionMode
 
     settings = settings_of(ctx)
     env = env_name or env_for_namespace(namespace, settings)

@@ -4,19 +4,20 @@ One process plays every part, in rounds:
 
 1. **agents play** a batch of training episodes on a reference environment (house rules by default;
    FrozenLake or Sokoban selectable) with the namespace's current model version
-   (:func:`producers.agents.run_episodes`) and publish them as :class:`~oel.schemas.TrajectoryEvent`
-   messages;
-2. **the processor** assembles episodes from those events (:mod:`oel.episodes`), stores them as
+   (:func:`oel.rollout.run_episodes`) and record them with the recorder SDK
+   (:func:`reference.live_agent.record_episode`) as :class:`~oel.schemas.TrajectoryEvent` messages;
+2. **the processor** assembles episodes from those events with the processor's assembler
+   (:func:`oel.episodes.assemble`; invalid events are dead-lettered), stores them as
    training data and lets the model extract experience items into the KB
    (:class:`oel.knowledge.KnowledgeWriter`), publishing an :class:`~oel.schemas.ExperienceUpdate`;
 3. **the learner** applies the trigger policy and runs an OPCD round with the evaluation gate
    (:class:`learner.consolidator.Consolidator`, :class:`learner.rounds.RoundRunner`); an accepted
    version is promoted, i.e. published as a :class:`~oel.schemas.ModelVersion`;
-4. **the agents follow** the model-versions topic (:class:`producers.versions.VersionState`) and load
+4. **the agents follow** the model-versions topic (:class:`oel.versions.VersionState`) and load
    the new adapter before their next episodes.
 
 The services' transports are replaced by an in-process bus (:class:`oel.bus.InProcessBus`, same wire
-bytes, same validation) and the object store by a local directory (:class:`oel.store.LocalStore`), so
+bytes, same validation; the recorder writes to it through :class:`oel.bus.BusProducer`) and the object store by a local directory (:class:`oel.store.LocalStore`), so
 nothing else needs to run. At the end the ``oel eval`` table of the namespace is printed and saved as
 markdown and PNG. The same loop runs on the real services (Kafka, MinIO, the Faust processor, the
 learner service): see ``tests/test_loop_stack.py``.
@@ -35,28 +36,20 @@ from learner.consolidator import Consolidator
 from learner.policy import TriggerPolicy
 from learner.rounds import RoundRunner
 from learner.versions import ModelRegistry, VersionRecord
-from oel.bus import InProcessBus
-from oel.episodes import AddResult, CompletedEpisode, EpisodeBuffer, add_event, close
+from oel.bus import BusProducer, InProcessBus
+from oel.episodes import Action, ClosedEpisode, CompletedEpisode, EpisodeBuffer, assemble, close
 from oel.kb import KBState
 from oel.knowledge import KnowledgeWriter, WriterConfig
 from oel.model.backend import Backend
-from oel.schemas import (
-    EndPayload,
-    EventKind,
-    ExperienceUpdate,
-    InvalidMessage,
-    ModelVersion,
-    StartPayload,
-    StepPayload,
-    TrajectoryEvent,
-    decode,
-)
+from oel.schemas import ExperienceUpdate, ModelVersion, decode
 from oel.settings import Settings
 from oel.store import LocalStore, ObjectStore
+from oel.topics import dead_letter
+from oel.versions import BASE_VERSION, VersionState
+from producers.recorder import Recorder
+from reference.live_agent import record_episode
 
 log = logging.getLogger(__name__)
-
-BASE_VERSION = "base"
 
 
 @dataclass(frozen=True)
@@ -133,27 +126,12 @@ class RoundReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def episode_events(episode, namespace: str, episode_id: str, agent_id: str, model_version: str) -> list[TrajectoryEvent]:
-    """An agent's episode (:class:`producers.agents.Episode`) as the events the recorder SDK would send:
-    start, one step per turn, end (``success`` only for metrics, as everywhere)."""
-    base = dict(namespace=namespace, episode_id=episode_id, agent_id=agent_id, model_version=model_version)
-    events = [TrajectoryEvent(**base, event_id=f"{episode_id}.0", seq=0, kind=EventKind.start,
-                              start=StartPayload(task=episode.first_prompt, metadata=episode.metadata))]
-    for i, turn in enumerate(episode.turns, start=1):
-        events.append(TrajectoryEvent(**base, event_id=f"{episode_id}.{i}", seq=i, kind=EventKind.step, step=StepPayload(
-            prompt=turn.prompt, response=turn.response, action=turn.action, feedback=turn.feedback)))
-    n = len(episode.turns) + 1
-    events.append(TrajectoryEvent(**base, event_id=f"{episode_id}.{n}", seq=n, kind=EventKind.end,
-                                  end=EndPayload(outcome=episode.outcome, success=episode.passed)))
-    return events
-
-
 class LearningLoop:
     """Rounds of play -> extract -> consolidate -> gate -> roll out, whatever carries the messages.
 
     Subclasses say how episodes are published (:meth:`publish_episode`, or all of :meth:`play`), how the processor and the
     learner get their turn (:meth:`process`, :meth:`learn`) and how agents learn of a new version
-    (:meth:`follow`): :class:`DemoLoop` does all of it in this process; :class:`learner.demo_stack.StackLoop`
+    (:meth:`follow`): :class:`DemoLoop` does all of it in this process; :class:`recipes.demo_stack.StackLoop`
     on the real services."""
 
     def __init__(self, settings: Settings, config: DemoConfig, store: ObjectStore, backend: Backend | None,
@@ -198,7 +176,7 @@ class LearningLoop:
         """Agents play this round's training episodes and publish their events; (episodes, events sent,
         the version they played with)."""
         from oel.envs import make_env, train_seeds
-        from producers.agents import AgentConfig, run_episodes
+        from oel.rollout import AgentConfig, run_episodes
 
         cfg = self.config
         seeds = train_seeds(cfg.episodes, start=cfg.seed + (round_no - 1) * cfg.episodes)
@@ -211,7 +189,7 @@ class LearningLoop:
             nonlocal sent
             sent += self.publish_episode(ep, self.episode_id(round_no, ep.seed), f"demo-agent-{ep.seed % 4}", version)
 
-        with _bar(len(seeds), f"round {round_no}: agents play ({version})") as bar:
+        with progress_bar(len(seeds), f"round {round_no}: agents play ({version})") as bar:
             episodes = run_episodes(self.backend, lambda: make_env(cfg.env, **cfg.env_options), seeds, agent, experience=experience,
                                     on_episode=lambda ep: (publish(ep), bar.update(1)))
         return episodes, sent, version
@@ -264,10 +242,10 @@ class LearningLoop:
         return self.reports
 
     def final_table(self):
-        """The ``oel eval`` table of the namespace (:func:`learner.eval_table.eval_table`), saved under the
+        """The ``oel eval`` table of the namespace (:func:`evaluation.table.eval_table`), saved under the
         output folder (markdown, PNG, JSON; :attr:`table_paths`); None when no round ran."""
-        from learner.eval_table import eval_table
-        from learner.evaluation import EvalSpec, Evaluator
+        from evaluation.evaluator import EvalSpec, Evaluator
+        from evaluation.table import eval_table
 
         if not self.registry.list(self.config.ns):
             self.progress("no round ran (the KB never got an item), so there is no table to show")
@@ -315,7 +293,6 @@ class DemoLoop(LearningLoop):
     ):
         super().__init__(settings, config, store or LocalStore(Path(config.out_dir) / "store"), backend, progress)
         from oel.model.factory import token_counter
-        from producers.versions import VersionState
 
         self.bus = InProcessBus()
         self.registry = ModelRegistry(self.store, publisher=self._publish_version)
@@ -330,35 +307,36 @@ class DemoLoop(LearningLoop):
                                       count_tokens=token_counter(self.backend))
         self.kb_state = KBState(namespace=config.ns)
         self._opcd_bar = None
-        self.buffers: dict[str, EpisodeBuffer] = {}
+        self.buffers: dict[str, EpisodeBuffer | ClosedEpisode] = {}
+        """Open episodes' buffers, and the tombstones of closed ones (as in the processor's table)."""
+        self.recorder = Recorder(self.settings, topic=self.TRAJECTORIES, producer=BusProducer(self.bus))
         from producers.adapters import AdapterLoader
 
         self.loader = AdapterLoader(self.backend, self.store, cache_dir=self.out_dir / "adapters")
 
     def publish_episode(self, episode, episode_id: str, agent_id: str, version: str) -> int:
-        events = episode_events(episode, self.config.ns, episode_id, agent_id, version)
-        for event in events:
-            self.bus.publish(self.TRAJECTORIES, episode_id, event.to_bytes())
-        return len(events)
+        """Record the episode with the agents' recorder SDK, whose producer is the in-process bus."""
+        return record_episode(self.recorder, episode, self.config.ns, agent_id, version, episode_id=episode_id)
 
     def process(self) -> tuple[ExperienceUpdate | None, int]:
-        """Assemble episodes from the new events (invalid ones to the DLQ topic), store them, extract, append."""
+        """Assemble episodes from the new events with the processor's assembler (invalid ones to the DLQ
+        topic), store them, extract, append."""
         completed: list[CompletedEpisode] = []
         invalid = 0
+        t = self.settings.topics
         for msg in self.bus.read(self.TRAJECTORIES, "processor"):
-            try:
-                event = decode(msg.value, TrajectoryEvent, max_bytes=self.settings.topics.max_event_bytes)
-            except InvalidMessage as exc:
-                self.bus.publish(self.TRAJECTORIES + ".dlq", msg.key, msg.value)
-                log.warning("demo processor: event at offset %d to the DLQ: %s", msg.offset, exc.reason)
+            key = msg.key.encode() if msg.key is not None else None
+            step = assemble(key, msg.value, self.buffers.get, time.time(),
+                            max_event_bytes=t.max_event_bytes, max_episode_bytes=t.max_episode_bytes)
+            if step.action in (Action.dead_letter, Action.close_truncated):
+                dlq, _ = dead_letter(msg.topic, 0, msg.offset, step.reason)
+                self.bus.publish(dlq, msg.key, msg.value)
                 invalid += 1
-                continue
-            buffer, result = add_event(self.buffers.get(event.episode_id), event, time.time())
-            if result is AddResult.complete:
-                self.buffers.pop(event.episode_id, None)
-                completed.append(close(buffer, abandoned=False))
-            elif result is AddResult.accepted:
-                self.buffers[event.episode_id] = buffer
+            if step.action is Action.keep_open:
+                self.buffers[step.event.episode_id] = step.buffer
+            elif step.action in (Action.close, Action.close_truncated):
+                self.buffers[step.event.episode_id] = ClosedEpisode(truncated=step.action is Action.close_truncated)
+                completed.append(close(step.buffer, abandoned=step.action is Action.close_truncated, reason=step.close_reason))
         if not completed:
             return None, invalid
         self.progress(f"  processor: {len(completed)} episodes -> extraction ({self.writer.config.extraction.variant.value})")
@@ -435,16 +413,16 @@ def _demo_settings(settings: Settings, config: DemoConfig) -> Settings:
     return settings.model_copy(update={"learner": learner, "processor": processor})
 
 
-class _bar:
+class progress_bar:
     """A tqdm progress bar (to stderr), closed on exit."""
 
     def __init__(self, total: int, desc: str):
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, desc=desc, unit="ep", leave=True)
+        self.progress_bar = tqdm(total=total, desc=desc, unit="ep", leave=True)
 
     def __enter__(self):
-        return self._bar
+        return self.progress_bar
 
     def __exit__(self, *exc) -> None:
-        self._bar.close()
+        self.progress_bar.close()
