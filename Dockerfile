@@ -49,6 +49,9 @@ COPY producers ./producers
 COPY processors ./processors
 COPY learner ./learner
 COPY gateway ./gateway
+COPY evaluation ./evaluation
+COPY recipes ./recipes
+COPY reference ./reference
 RUN --mount=type=secret,id=pip_ca sh docker/install-python.sh app cpu
 
 FROM base AS build-cuda
@@ -64,6 +67,9 @@ COPY producers ./producers
 COPY processors ./processors
 COPY learner ./learner
 COPY gateway ./gateway
+COPY evaluation ./evaluation
+COPY recipes ./recipes
+COPY reference ./reference
 RUN --mount=type=secret,id=pip_ca sh docker/install-python.sh app cuda
 
 # --- runtime images ----------------------------------------------------------------------------------

@@ -47,9 +47,10 @@ def build_model(size: str, dtype: torch.dtype, vocab: int):
 
 
 def opcd(device: str, size: str, steps: int, batch: int, new_tokens: int) -> dict:
+    from support.tiny_model import EXPERIENCE, PREFIXES, tiny_tokenizer
+
     from learner.opcd import OPCDConfig, OPCDTrainer
     from oel.model.hf_backend import resolve_dtype
-    from support.tiny_model import EXPERIENCE, PREFIXES, tiny_tokenizer
 
     tok = tiny_tokenizer()
     dtype = getattr(torch, resolve_dtype("auto", device))
@@ -79,9 +80,10 @@ def opcd(device: str, size: str, steps: int, batch: int, new_tokens: int) -> dic
 
 
 def generation(device: str, size: str, new_tokens: int) -> dict:
+    from support.tiny_model import PREFIXES, tiny_tokenizer
+
     from oel.model.backend import SamplingParams
     from oel.model.hf_backend import HFBackend, resolve_dtype
-    from support.tiny_model import PREFIXES, tiny_tokenizer
 
     tok = tiny_tokenizer()
     dtype = resolve_dtype("auto", device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -20,8 +20,22 @@ from oel.store import LocalStore
 from producers.adapter_sync import AdapterSync
 from producers.versions import VersionState
 
-T0 = datetime(2026, 12, 6, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 
+
+
+def publish_version(version: ModelVersion, settings) -> None:
+    from oel.ops.versions import publish_version as publish
+
+    publish(version, settings)
+
+
+def rollback(bad: ModelVersion, to: ModelVersion, reason: str, settings) -> None:
+    """A rollback as the registry publishes it: ``bad`` rolled back, then ``to`` promoted again."""
+    from oel.versions import rollback_events
+
+    for event in rollback_events(bad, to, reason):
+        publish_version(event, settings)
 
 def version(ns: str, name: str, n: int, status: str = "promoted", parent: str | None = None) -> ModelVersion:
     return ModelVersion(namespace=ns, version=name, adapter_uri=f"adapters/{ns}/{name}/", base_model="base",
@@ -224,11 +238,9 @@ def _private_versions_topic(settings, unique: str):
 
 @pytest.mark.stack
 def test_sync_follows_the_real_topic_and_store(kafka, s3_store, unique: str, tmp_path: Path) -> None:
-    """The real VersionFollower on Kafka and adapters in MinIO, the fake server: promotions, a rollback through
-    producers.versions.rollback, and a second sync started afterwards (a new replica) that catches up from the
+    """The real VersionFollower on Kafka and adapters in MinIO, the fake server: promotions, a rollback (its two
+    events, as the registry publishes them), and a second sync started afterwards (a new replica) that catches up from the
     topic before it is ready."""
-    from producers.versions import publish_version, rollback
-
     settings = _private_versions_topic(kafka, unique)
     ns = f"sync-{unique}"
     vs = [version(ns, f"{ns}-g000{i}", i, parent=f"{ns}-g000{i - 1}" if i > 1 else None) for i in (1, 2, 3)]
@@ -264,9 +276,9 @@ def test_sync_follows_the_real_topic_and_store(kafka, s3_store, unique: str, tmp
 def test_sync_against_the_real_vllm_server_kafka_and_minio(kafka, s3_store, unique: str, tmp_path: Path) -> None:
     """Two promoted versions reach the server from the object store via the topic, a rollback unloads the bad
     one, and a second sync started afterwards (a new replica) catches up from the compacted topic."""
-    from oel.model.vllm_backend import VLLMBackend
-    from producers.versions import publish_version, rollback
     from test_vllm_backend import _url, make_adapter
+
+    from oel.model.vllm_backend import VLLMBackend
 
     settings = _private_versions_topic(kafka, unique)
     server = VLLMBackend(_url(settings))
@@ -332,7 +344,7 @@ def test_agents_in_served_mode_wait_for_their_server_and_never_load_or_unload(mo
     import time as _time
     from types import SimpleNamespace
 
-    from producers.live_agent import LiveAgent
+    from reference.live_agent import LiveAgent
 
     server = FakeServer()
     clock = [1000.0]
@@ -418,9 +430,10 @@ def test_the_sidecar_command_syncs_a_server_and_reports_it_on_readyz(kafka, s3_s
     import sys
     import time
 
-    from producers.versions import publish_version
     from test_processor import free_port
     from test_readiness import _get
+
+    from producers.versions import publish_version
 
     settings = _private_versions_topic(kafka, unique)
     ns = f"cli-{unique}"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.tiny_model import EXPERIENCE, PREFIXES, save_tiny_model, tiny_tokenizer
 
 from learner.opcd import OPCDConfig, OPCDTrainer
 from oel.model.backend import BackendError
 from oel.model.hf_backend import HFBackend, resolve_device, resolve_dtype
 from oel.settings import SettingsError, load_settings
-from support.tiny_model import EXPERIENCE, PREFIXES, save_tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-from oel import metrics
-from oel.settings import MetricsSettings
 from test_processor import free_port
 from test_readiness import _get
+
+from oel import metrics
+from oel.settings import MetricsSettings
 
 
 def test_livez_follows_the_registered_checks():

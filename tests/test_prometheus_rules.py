@@ -147,11 +147,11 @@ def test_dashboard_covers_rounds_pipeline_and_inference_through_a_datasource_var
     assert var["query"] == "prometheus" and var["current"]["value"] == ds["uid"]  # the provisioned one by default
     for panel in d["panels"]:
         if panel["type"] != "row":
-            assert panel["datasource"]["uid"] == "${%s}" % var["name"]
-            assert all(t["datasource"]["uid"] == "${%s}" % var["name"] for t in panel["targets"])
+            assert panel["datasource"]["uid"] == f"${{{var['name']}}}"
+            assert all(t["datasource"]["uid"] == f"${{{var['name']}}}" for t in panel["targets"])
     for v in d["templating"]["list"]:
         if v["type"] == "query":
-            assert v["datasource"]["uid"] == "${%s}" % var["name"]
+            assert v["datasource"]["uid"] == f"${{{var['name']}}}"
     inference = " ".join(e for title, e in _panel_queries() if "vllm:" in e or "oel-adapter-sync" in e)
     for series in ("vllm:num_requests_running", "vllm:e2e_request_latency_seconds_bucket", "vllm:kv_cache_usage_perc",
                    "oel_adapters_served", "oel_adapter_loads_total"):
