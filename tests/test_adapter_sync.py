@@ -433,8 +433,6 @@ def test_the_sidecar_command_syncs_a_server_and_reports_it_on_readyz(kafka, s3_s
     from test_processor import free_port
     from test_readiness import _get
 
-    from producers.versions import publish_version
-
     settings = _private_versions_topic(kafka, unique)
     ns = f"cli-{unique}"
     v = version(ns, f"{ns}-g0001", 1).model_copy(update={"adapter_uri": f"test-adapters/{ns}/g0001/"})

@@ -126,8 +126,8 @@ def test_oel_namespace_as_the_model_is_answered_by_the_current_version(kafka, s3
 
     from oel.model.prepare import model_hash
     from oel.model.vllm_backend import VLLMBackend
+    from oel.ops.versions import publish_version
     from oel.schemas import ModelVersion, VersionStatus
-    from producers.versions import publish_version
 
     env = Env(unique)
     ns, version = "gateway-follow", f"g0001-{unique}"
