@@ -69,8 +69,7 @@ def main() -> None:
         order = ("one-at-a-time", "batched") if r % 2 == 0 else ("batched", "one-at-a-time")
         for key in order:
             bs = 1 if key == "one-at-a-time" else args.batch_size
-            config = AgentConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 batch_size=bs, seed=0)
+            config = AgentConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=bs, seed=0)
             calls[key] = 0
             t0 = time.monotonic()
             eps = run_episodes(Counting(backend, key), lambda: make_env(args.env), seeds, config)
@@ -84,9 +83,11 @@ def main() -> None:
     one, bat = best["one-at-a-time"], best["batched"]
     print()
     print(f"command: .venv/bin/python bench/bench_agents.py {shlex.join(sys.argv[1:])}")
-    print(f"model: {backend.base_model}  env={args.env} mode={args.mode} episodes={args.episodes} "
-          f"max_new_tokens={args.max_new_tokens or 'mode default'} temperature={args.temperature} "
-          f"batch (max_batch_size)={args.batch_size}")
+    print(
+        f"model: {backend.base_model}  env={args.env} mode={args.mode} episodes={args.episodes} "
+        f"max_new_tokens={args.max_new_tokens or 'mode default'} temperature={args.temperature} "
+        f"batch (max_batch_size)={args.batch_size}"
+    )
     print()
     print(f"| {'':24s} | {'one-at-a-time':>14s} | {f'batched (B={args.batch_size})':>16s} | {'ratio':>6s} |")
     print(f"|{'-' * 26}|{'-' * 16}|{'-' * 18}|{'-' * 8}|")

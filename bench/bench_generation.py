@@ -131,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                     for name in backends:
                         sample = timed(live[name], convs, adapter, params)
                         samples.setdefault((name, batch, adapter), []).append(sample)
-                        print(f"  {name:5s} batch {batch:2d} adapter {'yes' if adapter else 'no ':3s}: {sample[0]:7.1f} tok/s "
-                              f"({sample[1]} tokens in {sample[2]:.1f}s)", file=sys.stderr)
+                        print(
+                            f"  {name:5s} batch {batch:2d} adapter {'yes' if adapter else 'no ':3s}: {sample[0]:7.1f} tok/s "
+                            f"({sample[1]} tokens in {sample[2]:.1f}s)",
+                            file=sys.stderr,
+                        )
         if adapter_dir is not None:
             for backend in live.values():
                 backend.unload_adapter(adapter_name)
@@ -161,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join("-" * w for w in widths))
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/bench_generation.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(
+        shlex.quote(a) for a in [".venv/bin/python", "bench/bench_generation.py", *(argv if argv is not None else sys.argv[1:])]
+    )
     print(f"\nReproduce: bash infra/local/vllm.sh up && {command}")
     tmp.cleanup()
     return 0

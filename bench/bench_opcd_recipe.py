@@ -34,11 +34,19 @@ def main() -> None:
     ap.add_argument("--prefix-turns", choices=["all", "first"], default="all", help="which turn-prefixes the student answers")
     ap.add_argument("--no-prompt-gradient", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--check-every", type=int, default=0,
-                    help="agreement checks every N steps, the best check's weights kept (OEL_LEARNER__CHECK_EVERY)")
+    ap.add_argument(
+        "--check-every",
+        type=int,
+        default=0,
+        help="agreement checks every N steps, the best check's weights kept (OEL_LEARNER__CHECK_EVERY)",
+    )
     ap.add_argument("--stop-agreement", type=float, default=None, help="stop at this agreement (OEL_LEARNER__STOP_AGREEMENT)")
-    ap.add_argument("--save-every", type=int, default=0,
-                    help="also save the adapter every N steps and evaluate each checkpoint (held-out pass, no experience)")
+    ap.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="also save the adapter every N steps and evaluate each checkpoint (held-out pass, no experience)",
+    )
     ap.add_argument("--work", type=Path, default=Path("bench-out/opcd-recipe"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -60,8 +68,12 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     played = args.work / f"episodes-{args.rule}-{args.episodes}.json"
     if not played.exists():
-        eps = run_episodes(backend, lambda: make_env("house-rules", rules=(args.rule,)), train_seeds(args.episodes),
-                           AgentConfig(mode="free", batch_size=16, seed=args.seed))
+        eps = run_episodes(
+            backend,
+            lambda: make_env("house-rules", rules=(args.rule,)),
+            train_seeds(args.episodes),
+            AgentConfig(mode="free", batch_size=16, seed=args.seed),
+        )
         completed = []
         for ep in eps:
             buffer = None
@@ -76,21 +88,44 @@ def main() -> None:
     prefixes = [[m.model_dump() for m in p] for ep in episodes for p in ep.training_prefixes]
 
     spec = EvalSpec(env="house-rules", episodes=args.eval_episodes, env_options={"rules": (args.rule,)})
-    baseline_file = args.work / f"baseline-{args.rule}-{args.episodes}-{args.eval_episodes}-{str(backend.model.dtype).removeprefix('torch.')}.json"
+    baseline_file = (
+        args.work / f"baseline-{args.rule}-{args.episodes}-{args.eval_episodes}-{str(backend.model.dtype).removeprefix('torch.')}.json"
+    )
     if not baseline_file.exists():  # the base model's numbers do not depend on the recipe: measured once
         none, in_context = evaluate_policy(backend, spec), evaluate_policy(backend, spec, experience=items)
-        baseline_file.write_text(json.dumps({"items": items, "none": f"{none.passed}/{none.n_episodes}",
-                                             "in_context": f"{in_context.passed}/{in_context.n_episodes}",
-                                             "ood": ood_score(backend).score}))
+        baseline_file.write_text(
+            json.dumps(
+                {
+                    "items": items,
+                    "none": f"{none.passed}/{none.n_episodes}",
+                    "in_context": f"{in_context.passed}/{in_context.n_episodes}",
+                    "ood": ood_score(backend).score,
+                }
+            )
+        )
     baseline = json.loads(baseline_file.read_text())
     t0 = time.monotonic()
-    config = OPCDConfig(model_path=resolve_model_path(settings), steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
-                        max_new_tokens=args.tokens, anchor_fraction=args.anchors, seed=args.seed,
-                        prompt_gradient=not args.no_prompt_gradient, lr_schedule=args.schedule, warmup_steps=args.warmup,
-                        prefix_turns=args.prefix_turns, forward_kl_weight=args.forward,
-                        check_every=args.check_every, stop_agreement=args.stop_agreement)
+    config = OPCDConfig(
+        model_path=resolve_model_path(settings),
+        steps=args.steps,
+        batch_size=args.batch,
+        learning_rate=args.lr,
+        max_new_tokens=args.tokens,
+        anchor_fraction=args.anchors,
+        seed=args.seed,
+        prompt_gradient=not args.no_prompt_gradient,
+        lr_schedule=args.schedule,
+        warmup_steps=args.warmup,
+        prefix_turns=args.prefix_turns,
+        forward_kl_weight=args.forward,
+        check_every=args.check_every,
+        stop_agreement=args.stop_agreement,
+    )
     trainer = OPCDTrainer(config, prefixes, [items])
-    out = args.work / f"adapter-{args.rule}-{args.steps}x{args.batch}-{args.lr}-{args.schedule}-w{args.warmup}-{args.prefix_turns}-f{args.forward}-{args.tokens}-{args.anchors}-s{args.seed}"
+    out = (
+        args.work
+        / f"adapter-{args.rule}-{args.steps}x{args.batch}-{args.lr}-{args.schedule}-w{args.warmup}-{args.prefix_turns}-f{args.forward}-{args.tokens}-{args.anchors}-s{args.seed}"
+    )
     checkpoints: dict[str, Path] = {}
 
     def at_step(m) -> None:
@@ -112,16 +147,37 @@ def main() -> None:
         consolidated = evaluate_policy(backend, spec, adapter=f"candidate-{i}")
         passes[label] = f"{consolidated.passed}/{consolidated.n_episodes}"
         logging.info("%s: held-out pass %s", label, passes[label])
-    print(json.dumps({
-        "rule": args.rule, "items": items, "steps": args.steps, "batch": args.batch, "lr": args.lr, "tokens": args.tokens,
-        "anchors": args.anchors, "schedule": args.schedule, "warmup": args.warmup, "prefix_turns": args.prefix_turns, "forward_kl_weight": args.forward, "prompt_gradient": not args.no_prompt_gradient, "seed": args.seed,
-        "pass_none": baseline["none"], "pass_in_context": baseline["in_context"],
-        "pass_consolidated": f"{consolidated.passed}/{consolidated.n_episodes}",
-        "ood_base": baseline["ood"], "ood_consolidated": ood_score(backend, f"candidate-{len(checkpoints) - 1}").score,
-        "train_s": round(train_s), "steps_run": len(result.steps),
-        "first_loss": result.steps[0].loss if result.steps else None, "last_loss": result.steps[-1].loss if result.steps else None,
-        "agreement_by_step": agreements, "kept_step": result.kept_step, "pass_by_checkpoint": passes,
-    }))
+    print(
+        json.dumps(
+            {
+                "rule": args.rule,
+                "items": items,
+                "steps": args.steps,
+                "batch": args.batch,
+                "lr": args.lr,
+                "tokens": args.tokens,
+                "anchors": args.anchors,
+                "schedule": args.schedule,
+                "warmup": args.warmup,
+                "prefix_turns": args.prefix_turns,
+                "forward_kl_weight": args.forward,
+                "prompt_gradient": not args.no_prompt_gradient,
+                "seed": args.seed,
+                "pass_none": baseline["none"],
+                "pass_in_context": baseline["in_context"],
+                "pass_consolidated": f"{consolidated.passed}/{consolidated.n_episodes}",
+                "ood_base": baseline["ood"],
+                "ood_consolidated": ood_score(backend, f"candidate-{len(checkpoints) - 1}").score,
+                "train_s": round(train_s),
+                "steps_run": len(result.steps),
+                "first_loss": result.steps[0].loss if result.steps else None,
+                "last_loss": result.steps[-1].loss if result.steps else None,
+                "agreement_by_step": agreements,
+                "kept_step": result.kept_step,
+                "pass_by_checkpoint": passes,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

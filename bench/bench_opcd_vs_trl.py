@@ -55,10 +55,18 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 QUESTIONS = [
-    "What is the capital of France?", "Name a fruit that is red.", "How many legs does a dog have?",
-    "What colour is the sky on a clear day?", "Give me a word that rhymes with cat.", "What is 2 plus 3?",
-    "Which animal says moo?", "What do bees make?", "Name a planet in our solar system.",
-    "What is frozen water called?", "What is the opposite of hot?", "How many days are in a week?",
+    "What is the capital of France?",
+    "Name a fruit that is red.",
+    "How many legs does a dog have?",
+    "What colour is the sky on a clear day?",
+    "Give me a word that rhymes with cat.",
+    "What is 2 plus 3?",
+    "Which animal says moo?",
+    "What do bees make?",
+    "Name a planet in our solar system.",
+    "What is frozen water called?",
+    "What is the opposite of hot?",
+    "How many days are in a week?",
 ]
 
 _TOPICS = ["greetings", "numbers", "animals", "colours", "food", "travel", "weather", "planets", "music", "sports"]
@@ -72,8 +80,10 @@ def experience_items(tokenizer, target_tokens: int) -> list[str]:
     i = 0
     while True:
         topic = _TOPICS[i % len(_TOPICS)]
-        item = (f"When the user asks about {topic} (case {i}), answer in one short sentence, "
-                f"state the key fact first, and do not repeat the question.")
+        item = (
+            f"When the user asks about {topic} (case {i}), answer in one short sentence, "
+            f"state the key fact first, and do not repeat the question."
+        )
         if items and len(tokenizer.encode(render_experience(items + [item]), add_special_tokens=False)) > target_tokens:
             return items
         items.append(item)
@@ -100,9 +110,18 @@ def worker_opcd(args: argparse.Namespace) -> dict:
     tok = AutoTokenizer.from_pretrained(args.model)
     exp = experience_items(tok, args.experience_tokens)
     cfg = OPCDConfig(
-        model_path=args.model, batch_size=args.batch_size, max_new_tokens=args.response_tokens,
-        min_new_tokens=args.response_tokens, top_k=256, learning_rate=1e-4, lora_rank=16, lora_alpha=32,
-        temperature=0.7, max_grad_norm=1.0, seed=0, teacher_cache_tokens=0 if args.no_prefix_cache else 32768,
+        model_path=args.model,
+        batch_size=args.batch_size,
+        max_new_tokens=args.response_tokens,
+        min_new_tokens=args.response_tokens,
+        top_k=256,
+        learning_rate=1e-4,
+        lora_rank=16,
+        lora_alpha=32,
+        temperature=0.7,
+        max_grad_norm=1.0,
+        seed=0,
+        teacher_cache_tokens=0 if args.no_prefix_cache else 32768,
     )
     trainer = OPCDTrainer(cfg, [[{"role": "user", "content": q}] for q in QUESTIONS], [exp])
     load_rss = _rss_now_mb()
@@ -113,10 +132,17 @@ def worker_opcd(args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - t0
     tokens = sum(s.response_tokens for s in steps)
     return {
-        "side": "opcd", "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-        "sample_s": sum(s.sample_seconds for s in steps) / len(steps), "train_s": sum(s.train_seconds for s in steps) / len(steps),
-        "loss": [round(s.loss, 4) for s in steps], "peak_rss_mb": _peak_rss_mb(), "rss_after_load_mb": load_rss,
-        "experience_items": len(exp), "teacher_prompt_tokens": len(trainer.teacher_prompt_ids(0, 0)),
+        "side": "opcd",
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "sample_s": sum(s.sample_seconds for s in steps) / len(steps),
+        "train_s": sum(s.train_seconds for s in steps) / len(steps),
+        "loss": [round(s.loss, 4) for s in steps],
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_after_load_mb": load_rss,
+        "experience_items": len(exp),
+        "teacher_prompt_tokens": len(trainer.teacher_prompt_ids(0, 0)),
     }
 
 
@@ -136,22 +162,45 @@ def worker_trl(args: argparse.Namespace) -> dict:
     tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     exp = experience_items(tok, args.experience_tokens)
     total_steps = args.warmup + args.steps
-    rows = [{"prompt": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "privileged_context": render_experience(exp)}
-            for i in range(total_steps * args.batch_size)]
+    rows = [
+        {"prompt": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "privileged_context": render_experience(exp)}
+        for i in range(total_steps * args.batch_size)
+    ]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
     config = SDFTConfig(
         output_dir=str(Path(args.tmp) / "trl-out"),
-        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, num_generations=1,
-        max_steps=total_steps, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-        temperature=0.7, top_p=1.0, top_k=0, max_completion_length=args.response_tokens,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        num_generations=1,
+        max_steps=total_steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        temperature=0.7,
+        top_p=1.0,
+        top_k=0,
+        max_completion_length=args.response_tokens,
         generation_kwargs={"min_new_tokens": args.response_tokens},
         max_prompt_length=None,
-        distillation_mode="topk_logits", distillation_topk=256, distillation_alpha=1.0, distillation_add_tail=False,
-        distillation_is_clip=None, teacher_model_kind="base",
+        distillation_mode="topk_logits",
+        distillation_topk=256,
+        distillation_alpha=1.0,
+        distillation_add_tail=False,
+        distillation_is_clip=None,
+        teacher_model_kind="base",
         teacher_prompt_template=EXPERIENCE_INTRO + "\n{privileged_context}\n\n" + SITUATION_HEADING + "\n{prompt}",
-        use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True,
-        dataloader_num_workers=0, shuffle_dataset=False, seed=0,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        shuffle_dataset=False,
+        seed=0,
     )
     times: list[float] = []
 
@@ -163,24 +212,49 @@ def worker_trl(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - self.t)
 
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SDFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                          peft_config=lora, callbacks=[Timer()])
+    trainer = SDFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=lora, callbacks=[Timer()]
+    )
     load_rss = _rss_now_mb()
     trainer.train()
-    timed = times[args.warmup:]
+    timed = times[args.warmup :]
     tokens = args.batch_size * args.response_tokens * len(timed)
     wall = sum(timed)
     return {
-        "side": "trl", "trl_version": trl.__version__, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-        "peak_rss_mb": _peak_rss_mb(), "rss_after_load_mb": load_rss, "experience_items": len(exp),
+        "side": "trl",
+        "trl_version": trl.__version__,
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_after_load_mb": load_rss,
+        "experience_items": len(exp),
     }
 
 
 def run_side(side: str, args: argparse.Namespace, experience_tokens: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--model", args.model,
-           "--batch-size", str(args.batch_size), "--response-tokens", str(args.response_tokens), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads), "--experience-tokens", str(experience_tokens),
-           "--tmp", args.tmp]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        side,
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--response-tokens",
+        str(args.response_tokens),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--experience-tokens",
+        str(experience_tokens),
+        "--tmp",
+        args.tmp,
+    ]
     if args.no_prefix_cache:
         cmd.append("--no-prefix-cache")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
@@ -201,8 +275,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best is reported")
-    p.add_argument("--experience-tokens", type=int, nargs="+", default=[64, 1500],
-                   help="experience sizes to compare (tokens of the rendered experience)")
+    p.add_argument(
+        "--experience-tokens",
+        type=int,
+        nargs="+",
+        default=[64, 1500],
+        help="experience sizes to compare (tokens of the rendered experience)",
+    )
     p.add_argument("--no-prefix-cache", action="store_true", help="OPCD without its teacher shared-prefix cache")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", choices=["opcd", "trl"], help=argparse.SUPPRESS)
@@ -220,39 +299,52 @@ def main() -> None:
         return
 
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
-    print(f"model {args.model}; batch {args.batch_size} x {args.response_tokens} answer tokens; {args.threads} threads; "
-          f"{args.warmup} warm-up + {args.steps} timed steps; best of {args.repeats} alternating runs", flush=True)
+    print(
+        f"model {args.model}; batch {args.batch_size} x {args.response_tokens} answer tokens; {args.threads} threads; "
+        f"{args.warmup} warm-up + {args.steps} timed steps; best of {args.repeats} alternating runs",
+        flush=True,
+    )
     results = []
     for exp_tokens in args.experience_tokens:
         best: dict[str, dict] = {}
         runs: dict[str, list[dict]] = {"opcd": [], "trl": []}
         for r in range(args.repeats):
-            for side in (("opcd", "trl") if r % 2 == 0 else ("trl", "opcd")):
+            for side in ("opcd", "trl") if r % 2 == 0 else ("trl", "opcd"):
                 res = run_side(side, args, exp_tokens)
                 runs[side].append(res)
-                print(f"  experience ~{exp_tokens} tok, run {r + 1} {side:4s}: {res['tokens_per_s']:7.2f} tok/s, "
-                      f"peak RSS {res['peak_rss_mb']:7.0f} MB", flush=True)
+                print(
+                    f"  experience ~{exp_tokens} tok, run {r + 1} {side:4s}: {res['tokens_per_s']:7.2f} tok/s, "
+                    f"peak RSS {res['peak_rss_mb']:7.0f} MB",
+                    flush=True,
+                )
                 if side not in best or res["tokens_per_s"] > best[side]["tokens_per_s"]:
                     best[side] = res
         o, t = best["opcd"], best["trl"]
         row = {
-            "experience_tokens": exp_tokens, "teacher_prompt_tokens": o.get("teacher_prompt_tokens"),
-            "opcd_tokens_per_s": o["tokens_per_s"], "trl_tokens_per_s": t["tokens_per_s"],
+            "experience_tokens": exp_tokens,
+            "teacher_prompt_tokens": o.get("teacher_prompt_tokens"),
+            "opcd_tokens_per_s": o["tokens_per_s"],
+            "trl_tokens_per_s": t["tokens_per_s"],
             "throughput_ratio": o["tokens_per_s"] / t["tokens_per_s"],
             "opcd_peak_rss_mb": max(x["peak_rss_mb"] for x in runs["opcd"]),
             "trl_peak_rss_mb": max(x["peak_rss_mb"] for x in runs["trl"]),
-            "trl_version": t.get("trl_version"), "runs": runs,
+            "trl_version": t.get("trl_version"),
+            "runs": runs,
         }
         row["rss_ratio"] = row["opcd_peak_rss_mb"] / row["trl_peak_rss_mb"]
         results.append(row)
 
     print()
-    print(f"{'experience':>10s} {'teacher prompt':>14s} {'OPCD tok/s':>11s} {'TRL tok/s':>10s} {'ratio':>6s} "
-          f"{'OPCD peak RSS':>14s} {'TRL peak RSS':>13s} {'RSS ratio':>9s}")
+    print(
+        f"{'experience':>10s} {'teacher prompt':>14s} {'OPCD tok/s':>11s} {'TRL tok/s':>10s} {'ratio':>6s} "
+        f"{'OPCD peak RSS':>14s} {'TRL peak RSS':>13s} {'RSS ratio':>9s}"
+    )
     for row in results:
-        print(f"{row['experience_tokens']:>10d} {row['teacher_prompt_tokens'] or 0:>14d} {row['opcd_tokens_per_s']:>11.2f} "
-              f"{row['trl_tokens_per_s']:>10.2f} {row['throughput_ratio']:>5.2f}x {row['opcd_peak_rss_mb']:>11.0f} MB "
-              f"{row['trl_peak_rss_mb']:>10.0f} MB {row['rss_ratio']:>8.2f}x")
+        print(
+            f"{row['experience_tokens']:>10d} {row['teacher_prompt_tokens'] or 0:>14d} {row['opcd_tokens_per_s']:>11.2f} "
+            f"{row['trl_tokens_per_s']:>10.2f} {row['throughput_ratio']:>5.2f}x {row['opcd_peak_rss_mb']:>11.0f} MB "
+            f"{row['trl_peak_rss_mb']:>10.0f} MB {row['rss_ratio']:>8.2f}x"
+        )
     print(f"(TRL {results[0]['trl_version']} SDFTTrainer; tokens/s = answer tokens per second of whole steps; best of {args.repeats})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -90,17 +90,28 @@ def episode(i: int, steps: int, tag: str) -> list[TrajectoryEvent]:
     now = datetime.now(UTC)
     evs = [TrajectoryEvent(**base, seq=0, kind="start", ts=now, start={"task": "Help the customer."})]
     for s in range(1, steps + 1):
-        evs.append(TrajectoryEvent(**base, seq=s, kind="step", ts=now, step={
-            "prompt": f"Customer {i}: where is my order #{1000 + i}? " + "context " * 60,
-            "response": "Your order is on its way. " + "detail " * 40, "action": "reply",
-            "feedback": "Rejected: quote the order number.",
-        }))
+        evs.append(
+            TrajectoryEvent(
+                **base,
+                seq=s,
+                kind="step",
+                ts=now,
+                step={
+                    "prompt": f"Customer {i}: where is my order #{1000 + i}? " + "context " * 60,
+                    "response": "Your order is on its way. " + "detail " * 40,
+                    "action": "reply",
+                    "feedback": "Rejected: quote the order number.",
+                },
+            )
+        )
     evs.append(TrajectoryEvent(**base, seq=steps + 1, kind="end", ts=now, end={"outcome": "accepted", "success": True}))
     return evs
 
 
 def producer(settings) -> Producer:
-    return Producer({**settings.kafka.client_config(), "enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4"})
+    return Producer(
+        {**settings.kafka.client_config(), "enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4"}
+    )
 
 
 def scrape_consumed(topic: str) -> float:
@@ -172,8 +183,13 @@ def run_bare_faust_worker(env: dict) -> None:
     s = load_settings()
     start_metrics_server(s.metrics.for_service(METRICS_PORT), "processor")
     app = faust.App(
-        env["OEL_PROCESSOR__APP_ID"] + "-bare", **broker_settings(s.kafka), store="memory://", web_enabled=False,
-        topic_disable_leader=True, topic_allow_declare=False, consumer_auto_offset_reset="earliest",
+        env["OEL_PROCESSOR__APP_ID"] + "-bare",
+        **broker_settings(s.kafka),
+        store="memory://",
+        web_enabled=False,
+        topic_disable_leader=True,
+        topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest",
         datadir=f"/tmp/oel-bench-{env['OEL_PROCESSOR__APP_ID']}-bare",
     )
     topic = s.topics.trajectories
@@ -211,7 +227,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=50, help="episodes/s in the latency phase")
     ap.add_argument("--latency-episodes", type=int, default=300)
     ap.add_argument(
-        "--store", choices=["s3", "local"], default="s3",
+        "--store",
+        choices=["s3", "local"],
+        default="s3",
         help="where the worker writes episodes, extractions and the KB: MinIO (s3) or a local directory (the streaming path without S3 requests)",
     )
     ap.add_argument("--profile", metavar="FILE", help="cProfile the worker, write its stats to FILE (slows it down)")
@@ -275,7 +293,6 @@ def main() -> None:
     # 3. Processor on the same pre-filled topic.
     proc_rate, t_first, c_first, worker = time_worker(["--worker"], {**os.environ, **env}, topic, total)
     try:
-
         # Until every backlog episode is in the KB (items, snapshot and training data stored).
         upd = Consumer({**s.kafka.client_config(), "group.id": f"drain-{tag}", "auto.offset.reset": "earliest"})
         upd.subscribe([s.topics.experience])
@@ -344,7 +361,19 @@ def main() -> None:
     print(f"store: {args.store}; load average {os.getloadavg()[0]:.1f}")
     print(f"end event -> items in store, {len(latencies)} episodes at {args.rate:.0f}/s, batch {args.batch}, window 0.5 s:")
     print(f"  p50 {p50 * 1000:.0f} ms   p99 {p99 * 1000:.0f} ms   (lost: {len(sent)})")
-    print(json.dumps({"bare_events_per_s": bare_rate, "faust_events_per_s": faust_rate, "logic_events_per_s": logic, "processor_events_per_s": proc_rate, "pipeline_events_per_s": pipeline_rate, "p50_s": p50, "p99_s": p99}))
+    print(
+        json.dumps(
+            {
+                "bare_events_per_s": bare_rate,
+                "faust_events_per_s": faust_rate,
+                "logic_events_per_s": logic,
+                "processor_events_per_s": proc_rate,
+                "pipeline_events_per_s": pipeline_rate,
+                "p50_s": p50,
+                "p99_s": p99,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

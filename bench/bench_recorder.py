@@ -156,9 +156,16 @@ def run_bare_json(settings: Settings, topic: str, episodes: list[dict]) -> tuple
         kinds.append(("end", {"outcome": content["outcome"], "success": True}))
         for seq, (kind, payload) in enumerate(kinds):
             event = {
-                "schema_version": 1, "event_id": f"{episode_id}.{seq}", "namespace": "bench", "episode_id": episode_id,
-                "agent_id": f"agent-{i % 64}", "model_version": "v1", "seq": seq,
-                "ts": datetime.now(UTC).isoformat(), "kind": kind, kind: payload,
+                "schema_version": 1,
+                "event_id": f"{episode_id}.{seq}",
+                "namespace": "bench",
+                "episode_id": episode_id,
+                "agent_id": f"agent-{i % 64}",
+                "model_version": "v1",
+                "seq": seq,
+                "ts": datetime.now(UTC).isoformat(),
+                "kind": kind,
+                kind: payload,
             }
             value = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
             while True:
@@ -222,8 +229,18 @@ def main() -> None:
         rates = [r[1] / r[0] for r in runs]
         mbs = [r[2] / r[0] / 1e6 for r in runs]
         cpu_us = [r[3] / r[1] * 1e6 for r in runs]
-        rows.append((name, runs[0][1], statistics.median(rates), min(rates), max(rates), statistics.median(mbs),
-                     runs[0][2] / runs[0][1], statistics.median(cpu_us)))
+        rows.append(
+            (
+                name,
+                runs[0][1],
+                statistics.median(rates),
+                min(rates),
+                max(rates),
+                statistics.median(mbs),
+                runs[0][2] / runs[0][1],
+                statistics.median(cpu_us),
+            )
+        )
     bare_rate = rows[0][2]
     print()
     print(f"command: .venv/bin/python bench/bench_recorder.py --events {args.events} --repeats {args.repeats}")
@@ -233,14 +250,20 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
     )
     print()
-    print(f"| {'producer':<9} | {'events':>7} | {'bytes/event':>11} | {'events/s (median)':>17} | {'min..max':>17} | {'MB/s':>5} | {'CPU us/event':>12} | {'vs bare':>7} |")
+    print(
+        f"| {'producer':<9} | {'events':>7} | {'bytes/event':>11} | {'events/s (median)':>17} | {'min..max':>17} | {'MB/s':>5} | {'CPU us/event':>12} | {'vs bare':>7} |"
+    )
     print(f"|{'-' * 11}|{'-' * 9}|{'-' * 13}|{'-' * 19}|{'-' * 19}|{'-' * 7}|{'-' * 14}|{'-' * 9}|")
     for name, n, med, lo, hi, mb, size, cpu in rows:
-        print(f"| {name:<9} | {n:>7,} | {size:>11.0f} | {med:>17,.0f} | {f'{lo:,.0f}..{hi:,.0f}':>17} | {mb:>5.1f} | {cpu:>12.1f} | {med / bare_rate:>6.0%} |")
+        print(
+            f"| {name:<9} | {n:>7,} | {size:>11.0f} | {med:>17,.0f} | {f'{lo:,.0f}..{hi:,.0f}':>17} | {mb:>5.1f} | {cpu:>12.1f} | {med / bare_rate:>6.0%} |"
+        )
     ratio = rows[2][2] / bare_rate
     print()
-    print(f"recorder / bare = {ratio:.0%} (target >= 80%): {'met' if ratio >= 0.8 else 'NOT met'}; "
-          f"recorder / bare+json = {rows[2][2] / rows[1][2]:.0%}")
+    print(
+        f"recorder / bare = {ratio:.0%} (target >= 80%): {'met' if ratio >= 0.8 else 'NOT met'}; "
+        f"recorder / bare+json = {rows[2][2] / rows[1][2]:.0%}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ rounds trained twice (two versions of one round), KB versions never consolidated
 until the learner is back in its group (its log's assignment) and every KB version that existed at the
 kill is in a published model version.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # tests.support: the tiny model
-PORT_VARS = ("OEL_STACK_KAFKA_PORT", "OEL_STACK_KAFKA_CONTROLLER_PORT", "OEL_STACK_MINIO_PORT",
-             "OEL_STACK_MINIO_CONSOLE_PORT", "OEL_STACK_PROMETHEUS_PORT")
+PORT_VARS = (
+    "OEL_STACK_KAFKA_PORT",
+    "OEL_STACK_KAFKA_CONTROLLER_PORT",
+    "OEL_STACK_MINIO_PORT",
+    "OEL_STACK_MINIO_CONSOLE_PORT",
+    "OEL_STACK_PROMETHEUS_PORT",
+)
 NS_PREFIX = "house-rules-faults"  # trusted by default: grounded items from the loadgen reviewer's rules
 
 
@@ -69,8 +75,9 @@ class Service:
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "oel.cli", *self.command],
-                                         env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "oel.cli", *self.command], env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+            )
 
     def check_alive(self) -> None:
         """Raise if the process ended by itself (a configuration error, a crash): the suite would measure nothing."""
@@ -94,10 +101,19 @@ class Service:
 
 def processor(env: dict, state: Path) -> Service:
     """A worker with static membership, running the grounded extraction (no model call)."""
-    return Service(["processor", "--loglevel", "warning"], {
-        **env, "OEL_PROCESSOR__EXTRACTION_VARIANT": "grounded", "OEL_PROCESSOR__BATCH_SIZE": "8",
-        "OEL_PROCESSOR__BATCH_WINDOW_S": "2", "OEL_PROCESSOR__ABANDON_AFTER_S": "120",
-        "OEL_PROCESSOR__INSTANCE_ID": "faults-worker", "OEL_METRICS__PORT": "0"}, state / "processor.log")
+    return Service(
+        ["processor", "--loglevel", "warning"],
+        {
+            **env,
+            "OEL_PROCESSOR__EXTRACTION_VARIANT": "grounded",
+            "OEL_PROCESSOR__BATCH_SIZE": "8",
+            "OEL_PROCESSOR__BATCH_WINDOW_S": "2",
+            "OEL_PROCESSOR__ABANDON_AFTER_S": "120",
+            "OEL_PROCESSOR__INSTANCE_ID": "faults-worker",
+            "OEL_METRICS__PORT": "0",
+        },
+        state / "processor.log",
+    )
 
 
 def learner(env: dict, state: Path) -> Service:
@@ -106,12 +122,27 @@ def learner(env: dict, state: Path) -> Service:
     from tests.support.tiny_model import save_tiny_model
 
     model = save_tiny_model(state / "tiny-model")
-    return Service(["learner", "run"], {
-        **env, "OEL_MODEL__PATH": str(model), "OEL_LEARNER__MIN_NEW_ITEMS": "1", "OEL_LEARNER__COOLDOWN_S": "0",
-        "OEL_LEARNER__STEPS": "2", "OEL_LEARNER__BATCH_SIZE": "2", "OMP_NUM_THREADS": "1", "OEL_LEARNER__MAX_NEW_TOKENS": "6",
-        "OEL_LEARNER__WARMUP_STEPS": "0", "OEL_LEARNER__CHECK_EVERY": "0", "OEL_LEARNER__AUTO_PROMOTE": "true",
-        "OEL_LEARNER__GATE_ENABLED": "false", "OEL_LEARNER__KNOWLEDGE_GATE_ENABLED": "false",
-        "OEL_LEARNER__INSTANCE_ID": "faults-learner", "OEL_METRICS__PORT": "0"}, state / "learner.log")
+    return Service(
+        ["learner", "run"],
+        {
+            **env,
+            "OEL_MODEL__PATH": str(model),
+            "OEL_LEARNER__MIN_NEW_ITEMS": "1",
+            "OEL_LEARNER__COOLDOWN_S": "0",
+            "OEL_LEARNER__STEPS": "2",
+            "OEL_LEARNER__BATCH_SIZE": "2",
+            "OMP_NUM_THREADS": "1",
+            "OEL_LEARNER__MAX_NEW_TOKENS": "6",
+            "OEL_LEARNER__WARMUP_STEPS": "0",
+            "OEL_LEARNER__CHECK_EVERY": "0",
+            "OEL_LEARNER__AUTO_PROMOTE": "true",
+            "OEL_LEARNER__GATE_ENABLED": "false",
+            "OEL_LEARNER__KNOWLEDGE_GATE_ENABLED": "false",
+            "OEL_LEARNER__INSTANCE_ID": "faults-learner",
+            "OEL_METRICS__PORT": "0",
+        },
+        state / "learner.log",
+    )
 
 
 def main() -> None:
@@ -119,9 +150,13 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=10, help="kill -9 of the processor (default 10)")
     ap.add_argument("--learner-kills", type=int, default=5, help="kill -9 of the learner (default 5)")
     ap.add_argument("--seed", type=int, default=7, help="seed of the fault order and timing (default 7)")
-    ap.add_argument("--namespaces", type=int, default=8,
-                    help="namespaces the episodes spread over (default 8): each learns the reviewer's rules on its own, "
-                    "so new knowledge keeps coming and the learner keeps training")
+    ap.add_argument(
+        "--namespaces",
+        type=int,
+        default=8,
+        help="namespaces the episodes spread over (default 8): each learns the reviewer's rules on its own, "
+        "so new knowledge keeps coming and the learner keeps training",
+    )
     ap.add_argument("--rate", type=float, default=20.0, help="events/s sent (default 20)")
     ap.add_argument("--every-s", type=float, default=15.0, help="seconds between faults (default 15)")
     ap.add_argument("--drain-s", type=float, default=180.0, help="how long to wait for the last episodes (default 180)")
@@ -207,9 +242,16 @@ def run(env: dict, services: dict[str, Service], args: argparse.Namespace) -> li
     faults = [*kills, "broker restart", "object store restart"]
     gaps = [args.every_s * rng.uniform(1.0, 1.5) for _ in faults]  # at random points of the services' work, one at a time
     duration = sum(gaps) + 120  # restarts take time too: episodes keep coming after the last fault
-    sender = threading.Thread(target=lambda: loadgen.run(
-        recorder, loadgen.synthetic_episodes(random.Random(7), namespaces, max_turns=3), rate=args.rate,
-        duration_s=duration, concurrency=8), daemon=True)
+    sender = threading.Thread(
+        target=lambda: loadgen.run(
+            recorder,
+            loadgen.synthetic_episodes(random.Random(7), namespaces, max_turns=3),
+            rate=args.rate,
+            duration_s=duration,
+            concurrency=8,
+        ),
+        daemon=True,
+    )
     sender.start()
     rows: dict[str, dict] = {}
     pending: list[tuple[str, float]] = []
@@ -245,8 +287,11 @@ def run(env: dict, services: dict[str, Service], args: argparse.Namespace) -> li
 
     def consolidated_at(ns: str, index: int, after: float = 0.0) -> float | None:
         """When the first promoted version of ``ns`` holding its index-th KB version (or a later one) was published."""
-        seen = [at for at, v in versions if v.namespace == ns and v.status.value == "promoted" and at >= after
-                and kb_index.get((ns, v.kb_version or ""), -1) >= index]
+        seen = [
+            at
+            for at, v in versions
+            if v.namespace == ns and v.status.value == "promoted" and at >= after and kb_index.get((ns, v.kb_version or ""), -1) >= index
+        ]
         return min(seen) if seen else None
 
     def last_index(ns: str, before: float = float("inf")) -> int:
@@ -258,8 +303,7 @@ def run(env: dict, services: dict[str, Service], args: argparse.Namespace) -> li
         return None if None in times else max(times, default=0.0)
 
     deadline = time.monotonic() + args.drain_s
-    while time.monotonic() < deadline and not (index_updates() or sent <= set(stored_at) and kb_index
-                                               and all_consolidated() is not None):
+    while time.monotonic() < deadline and not (index_updates() or sent <= set(stored_at) and kb_index and all_consolidated() is not None):
         time.sleep(1)
     stop.set()
     watcher.join(10)
@@ -290,19 +334,30 @@ def run(env: dict, services: dict[str, Service], args: argparse.Namespace) -> li
     rounds = Counter(round_id for round_id, _ in {(v.round_id, v.version) for _, v in versions})
     never = 0
     for ns in {n for n, _ in kb_index}:
-        last = max((kb_index.get((ns, v.kb_version or ""), -1) for _, v in versions
-                    if v.namespace == ns and v.status.value == "promoted"), default=-1)
+        last = max(
+            (kb_index.get((ns, v.kb_version or ""), -1) for _, v in versions if v.namespace == ns and v.status.value == "promoted"),
+            default=-1,
+        )
         never += last_index(ns) - last
     reached = sent & set(stored_at)
-    summary = {"fault": "all (one run)", "sent": len(sent), "reached_store": len(reached), "lost": len(sent - reached),
-               "duplicated": sum(1 for n in sources.values() if n > 1), "kb_updates": len(distinct),
-               "kb_updates_resent": len(updates) - len(distinct), "kb_versions": len(kb_index),
-               "lost_ids": sorted(sent - reached), "duplicated_ids": sorted(e for e, n in sources.items() if n > 1),
-               "latency_s_median": round(statistics.median(latency), 1) if latency else None,
-               "versions": len({v for v, _ in published}), "published_twice": sum(1 for n in published.values() if n > 1),
-               "rounds_trained_twice": sum(1 for n in rounds.values() if n > 1),
-               "kb_versions_never_consolidated": never,
-               "consolidation_s_median": round(statistics.median(consolidation), 1) if consolidation else None}
+    summary = {
+        "fault": "all (one run)",
+        "sent": len(sent),
+        "reached_store": len(reached),
+        "lost": len(sent - reached),
+        "duplicated": sum(1 for n in sources.values() if n > 1),
+        "kb_updates": len(distinct),
+        "kb_updates_resent": len(updates) - len(distinct),
+        "kb_versions": len(kb_index),
+        "lost_ids": sorted(sent - reached),
+        "duplicated_ids": sorted(e for e, n in sources.items() if n > 1),
+        "latency_s_median": round(statistics.median(latency), 1) if latency else None,
+        "versions": len({v for v, _ in published}),
+        "published_twice": sum(1 for n in published.values() if n > 1),
+        "rounds_trained_twice": sum(1 for n in rounds.values() if n > 1),
+        "kb_versions_never_consolidated": never,
+        "consolidation_s_median": round(statistics.median(consolidation), 1) if consolidation else None,
+    }
     return [summary, *rows.values()]
 
 
@@ -319,13 +374,19 @@ def assigned_at(log: Path) -> list[float]:
 
 def print_table(results: list[dict]) -> None:
     summary, *faults = results
-    print(f"\nsent {summary['sent']} episodes; reached the store {summary['reached_store']}; lost {summary['lost']}; "
-          f"duplicated in KB updates {summary['duplicated']} ({summary['kb_updates']} updates, "
-          f"{summary.get('kb_updates_resent', 0)} more re-sent as they were)")
-    print(f"{summary['kb_versions']} KB versions; {summary['versions']} model versions published; published twice {summary['published_twice']}; rounds trained twice "
-          f"{summary['rounds_trained_twice']}; KB versions never consolidated {summary['kb_versions_never_consolidated']}")
-    print(f"baselines (medians over all): an episode's start to its stored trajectory {summary['latency_s_median']} s; "
-          f"a new KB version to its published model version {summary['consolidation_s_median']} s")
+    print(
+        f"\nsent {summary['sent']} episodes; reached the store {summary['reached_store']}; lost {summary['lost']}; "
+        f"duplicated in KB updates {summary['duplicated']} ({summary['kb_updates']} updates, "
+        f"{summary.get('kb_updates_resent', 0)} more re-sent as they were)"
+    )
+    print(
+        f"{summary['kb_versions']} KB versions; {summary['versions']} model versions published; published twice {summary['published_twice']}; rounds trained twice "
+        f"{summary['rounds_trained_twice']}; KB versions never consolidated {summary['kb_versions_never_consolidated']}"
+    )
+    print(
+        f"baselines (medians over all): an episode's start to its stored trajectory {summary['latency_s_median']} s; "
+        f"a new KB version to its published model version {summary['consolidation_s_median']} s"
+    )
     print(f"{'fault':<24}{'times':>6}{'recovery s (median)':>22}{'max':>8}{'median over baseline':>22}")
     for row in faults:
         rec = [r for r in row["recovery_s"] if r is not None]

@@ -30,11 +30,27 @@ import torch  # noqa: E402
 
 SIZES = {
     # the default model's architecture (SmolLM2-135M-Instruct)
-    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True),
+    "135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
     # Qwen3-1.7B's width and depth as a Llama (no q/k norm): the paper's smaller model, for a realistic GPU load
-    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, max_position_embeddings=8192, rope_theta=1000000.0, tie_word_embeddings=True),
+    "1.7b": dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -55,8 +71,16 @@ def opcd(device: str, size: str, steps: int, batch: int, new_tokens: int) -> dic
     tok = tiny_tokenizer()
     dtype = getattr(torch, resolve_dtype("auto", device))
     model = build_model(size, dtype, max(len(tok), 1024))
-    cfg = OPCDConfig(device=device, batch_size=batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, steps=steps,
-                     learning_rate=1e-4, seed=0, check_every=0)
+    cfg = OPCDConfig(
+        device=device,
+        batch_size=batch,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        steps=steps,
+        learning_rate=1e-4,
+        seed=0,
+        check_every=0,
+    )
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     trainer = OPCDTrainer(cfg, PREFIXES * 4, EXPERIENCE, model=model, tokenizer=tok)
@@ -70,9 +94,16 @@ def opcd(device: str, size: str, steps: int, batch: int, new_tokens: int) -> dic
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    out = {"device": device, "dtype": str(dtype).removeprefix("torch."), "steps": steps, "batch": batch,
-           "response_tokens": tokens, "s_per_step": seconds / max(1, steps), "train_tokens_per_s": tokens / seconds,
-           "student_on": str(next(trainer.model.parameters()).device)}
+    out = {
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "steps": steps,
+        "batch": batch,
+        "response_tokens": tokens,
+        "s_per_step": seconds / max(1, steps),
+        "train_tokens_per_s": tokens / seconds,
+        "student_on": str(next(trainer.model.parameters()).device),
+    }
     if device.startswith("cuda"):
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     del trainer, model
@@ -118,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     from oel.model.hf_backend import resolve_device
 
     device = resolve_device(args.device or "auto")
-    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else ""), flush=True)
+    print(
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else ""),
+        flush=True,
+    )
     rows = []
     runs = [(device, args.steps)] + ([("cpu", args.cpu_steps)] if device != "cpu" and args.cpu_steps > 0 else [])
     for dev, steps in runs:
@@ -128,12 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         row["wall_s"] = time.monotonic() - t0
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n| device | dtype | OPCD s/step (batch {args.batch} x {args.new_tokens} tok) | OPCD train tok/s | peak GPU MiB "
-          "| gen tok/s batch 1 | gen tok/s batch 8 |")
+    print(
+        f"\n| device | dtype | OPCD s/step (batch {args.batch} x {args.new_tokens} tok) | OPCD train tok/s | peak GPU MiB "
+        "| gen tok/s batch 1 | gen tok/s batch 8 |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['device']} | {r['dtype']} | {r['s_per_step']:.2f} | {r['train_tokens_per_s']:.0f} | "
-              f"{r.get('peak_gpu_mib', float('nan')):.0f} | {r['gen_tokens_per_s_batch1']:.1f} | {r['gen_tokens_per_s_batch8']:.1f} |")
+        print(
+            f"| {r['device']} | {r['dtype']} | {r['s_per_step']:.2f} | {r['train_tokens_per_s']:.0f} | "
+            f"{r.get('peak_gpu_mib', float('nan')):.0f} | {r['gen_tokens_per_s_batch1']:.1f} | {r['gen_tokens_per_s_batch8']:.1f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "rows": rows}, indent=2))
     return 0

@@ -12,21 +12,52 @@ from oel.cli_context import settings_of
 
 @click.command("eval")
 @click.option("--namespace", "-n", required=True, help="The namespace whose model versions are evaluated.")
-@click.option("--env", "env_name", type=click.Choice(["frozenlake", "sokoban", "house-rules"]), default=None,
-              help="Reference environment [default: OEL_LEARNER__EVAL_ENV, else the namespace's own name if it names one].")
-@click.option("--episodes", type=click.IntRange(1), default=None,
-              help="Held-out episodes per cell [default: OEL_LEARNER__EVAL_EPISODES, 16; the paper uses 128].")
-@click.option("--mode", type=click.Choice(["free", "short", "choice"]), default=None,
-              help="Agents' action mode [default: OEL_LEARNER__EVAL_MODE; auto = choice for the games, free for house rules].")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
-              help="Where eval-<namespace>.md, .png and .json are written.")
-@click.option("--store-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Use a local directory as the object store (as `oel demo` does) instead of the S3 server in the settings.")
+@click.option(
+    "--env",
+    "env_name",
+    type=click.Choice(["frozenlake", "sokoban", "house-rules"]),
+    default=None,
+    help="Reference environment [default: OEL_LEARNER__EVAL_ENV, else the namespace's own name if it names one].",
+)
+@click.option(
+    "--episodes",
+    type=click.IntRange(1),
+    default=None,
+    help="Held-out episodes per cell [default: OEL_LEARNER__EVAL_EPISODES, 16; the paper uses 128].",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["free", "short", "choice"]),
+    default=None,
+    help="Agents' action mode [default: OEL_LEARNER__EVAL_MODE; auto = choice for the games, free for house rules].",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Where eval-<namespace>.md, .png and .json are written.",
+)
+@click.option(
+    "--store-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Use a local directory as the object store (as `oel demo` does) instead of the S3 server in the settings.",
+)
 @click.option("--ood", is_flag=True, help="Add each version's OOD instruction-following score (and the base model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON instead of markdown.")
 @click.pass_context
-def eval_command(ctx: click.Context, namespace: str, env_name: str | None, episodes: int | None, mode: str | None,
-                 out_dir: Path, store_dir: Path | None, ood: bool, as_json: bool) -> None:
+def eval_command(
+    ctx: click.Context,
+    namespace: str,
+    env_name: str | None,
+    episodes: int | None,
+    mode: str | None,
+    out_dir: Path,
+    store_dir: Path | None,
+    ood: bool,
+    as_json: bool,
+) -> None:
     """Pass rate and response length per round: no experience, experience in context, consolidated.
 
     For every model version of the namespace (one per round, oldest first) it plays the held-out seeds
@@ -60,8 +91,7 @@ def eval_command(ctx: click.Context, namespace: str, env_name: str | None, episo
     backend = lambda: make_backend(settings)  # noqa: E731 - made only if something is not cached yet
     evaluator = Evaluator.from_settings(store, backend, settings)
     try:
-        table = eval_table(store, backend, namespace, spec, evaluator=evaluator,
-                           progress=lambda line: click.echo(line, err=True), ood=ood)
+        table = eval_table(store, backend, namespace, spec, evaluator=evaluator, progress=lambda line: click.echo(line, err=True), ood=ood)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     paths = table.save(out_dir)

@@ -103,13 +103,25 @@ class EvalSpec:
         return ActionMode.choice if self.make_env().discrete else ActionMode.free
 
     def agent_config(self, adapter: str | None = None) -> AgentConfig:
-        return AgentConfig(mode=self.resolved_mode(), temperature=self.temperature, max_new_tokens=self.max_new_tokens,
-                           batch_size=self.batch_size, seed=0, adapter=adapter)
+        return AgentConfig(
+            mode=self.resolved_mode(),
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            seed=0,
+            adapter=adapter,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"env": self.env, "episodes": self.episodes, "mode": self.resolved_mode().value,
-                "max_new_tokens": self.max_new_tokens, "max_turns": self.max_turns, "temperature": self.temperature,
-                "env_options": {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in sorted(self.env_options.items())}}
+        return {
+            "env": self.env,
+            "episodes": self.episodes,
+            "mode": self.resolved_mode().value,
+            "max_new_tokens": self.max_new_tokens,
+            "max_turns": self.max_turns,
+            "temperature": self.temperature,
+            "env_options": {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in sorted(self.env_options.items())},
+        }
 
     def fingerprint(self, experience: Sequence[str] | None = None) -> str:
         """16 hex characters over everything that determines a result except the model (batch size
@@ -137,15 +149,38 @@ class EvalResult:
 
     def summary(self) -> dict[str, Any]:
         """The numbers, without the episodes (what the cache stores and the table prints)."""
-        return {"env": self.env, "n_episodes": self.n_episodes, "passed": self.passed, "pass_rate": self.pass_rate,
-                "valid_action_rate": self.valid_action_rate, "mean_response_tokens": self.mean_response_tokens,
-                "mean_turns": self.mean_turns, "adapter": self.adapter, "with_experience": self.with_experience,
-                "seconds": round(self.seconds, 2)}
+        return {
+            "env": self.env,
+            "n_episodes": self.n_episodes,
+            "passed": self.passed,
+            "pass_rate": self.pass_rate,
+            "valid_action_rate": self.valid_action_rate,
+            "mean_response_tokens": self.mean_response_tokens,
+            "mean_turns": self.mean_turns,
+            "adapter": self.adapter,
+            "with_experience": self.with_experience,
+            "seconds": round(self.seconds, 2),
+        }
 
     @classmethod
     def from_summary(cls, data: Mapping[str, Any]) -> EvalResult:
-        return cls(**{k: data[k] for k in ("env", "n_episodes", "passed", "pass_rate", "valid_action_rate",
-                                           "mean_response_tokens", "mean_turns", "adapter", "with_experience", "seconds")})
+        return cls(
+            **{
+                k: data[k]
+                for k in (
+                    "env",
+                    "n_episodes",
+                    "passed",
+                    "pass_rate",
+                    "valid_action_rate",
+                    "mean_response_tokens",
+                    "mean_turns",
+                    "adapter",
+                    "with_experience",
+                    "seconds",
+                )
+            }
+        )
 
 
 def evaluate_policy(
@@ -159,13 +194,23 @@ def evaluate_policy(
     """Play ``spec.episodes`` held-out seeds with ``adapter`` (a name loaded in ``backend``; None = the
     base model), with ``experience`` in the agent prompt or none, and summarise (module docstring)."""
     t0 = time.monotonic()
-    episodes = run_episodes(backend, spec.make_env, eval_seeds(spec.episodes), spec.agent_config(adapter),
-                            experience=experience or None, on_episode=on_episode)
+    episodes = run_episodes(
+        backend, spec.make_env, eval_seeds(spec.episodes), spec.agent_config(adapter), experience=experience or None, on_episode=on_episode
+    )
     stats = summarize(episodes, time.monotonic() - t0)
-    return EvalResult(env=spec.env, n_episodes=stats.episodes, passed=stats.passed, pass_rate=stats.pass_rate,
-                      valid_action_rate=stats.valid_action_rate, mean_response_tokens=stats.mean_response_tokens,
-                      mean_turns=stats.mean_turns, adapter=adapter, with_experience=bool(experience),
-                      seconds=stats.seconds, episodes=episodes)
+    return EvalResult(
+        env=spec.env,
+        n_episodes=stats.episodes,
+        passed=stats.passed,
+        pass_rate=stats.pass_rate,
+        valid_action_rate=stats.valid_action_rate,
+        mean_response_tokens=stats.mean_response_tokens,
+        mean_turns=stats.mean_turns,
+        adapter=adapter,
+        with_experience=bool(experience),
+        seconds=stats.seconds,
+        episodes=episodes,
+    )
 
 
 def env_for_namespace(namespace: str, settings: Settings | None = None) -> str | None:
@@ -198,8 +243,7 @@ def files_digest(adapter_files: Mapping[str, str]) -> str:
 def adapter_files_of(adapter_dir: str | Path) -> dict[str, str]:
     """``{relative file name: sha256}`` of an adapter folder, as a manifest lists them."""
     root = Path(adapter_dir)
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def version_subject(namespace: str, version: str, adapter_files: Mapping[str, str]) -> str:
@@ -237,8 +281,9 @@ class EvalCache:
             return self.store.get_json(key)
         return dict(summary)
 
-    def get_or_compute(self, kind: str, fingerprint: str, subject: str,
-                       compute: Callable[[], Mapping[str, Any]]) -> tuple[dict[str, Any], bool]:
+    def get_or_compute(
+        self, kind: str, fingerprint: str, subject: str, compute: Callable[[], Mapping[str, Any]]
+    ) -> tuple[dict[str, Any], bool]:
         """(summary, computed): the cached result, else ``compute()`` stored."""
         hit = self.get(kind, fingerprint, subject)
         if hit is not None:
@@ -282,8 +327,14 @@ class Evaluator:
         self.ood_max_new_tokens = ood_max_new_tokens
 
     @classmethod
-    def from_settings(cls, store: ObjectStore, backend: Backend | Callable[[], Backend], settings: Settings,
-                      registry: ModelRegistry | None = None, **kwargs: Any) -> Evaluator:
+    def from_settings(
+        cls,
+        store: ObjectStore,
+        backend: Backend | Callable[[], Backend],
+        settings: Settings,
+        registry: ModelRegistry | None = None,
+        **kwargs: Any,
+    ) -> Evaluator:
         """An evaluator with the OOD answer budget of ``learner.ood_max_new_tokens``."""
         return cls(store, backend, registry, ood_max_new_tokens=settings.learner.ood_max_new_tokens, **kwargs)
 
@@ -295,15 +346,23 @@ class Evaluator:
 
     # --- by subject, with the adapter already loaded ---------------------------------------------
 
-    def policy_eval(self, spec: EvalSpec, subject: str, adapter: str | None,
-                    experience: Sequence[str] | None = None) -> dict[str, Any]:
+    def policy_eval(self, spec: EvalSpec, subject: str, adapter: str | None, experience: Sequence[str] | None = None) -> dict[str, Any]:
         """Held-out result (:meth:`EvalResult.summary`) of ``adapter`` (loaded; None = base), cached as ``subject``."""
         experience = list(experience or []) or None
         summary, computed = self.cache.get_or_compute(
-            "policy", spec.fingerprint(experience), subject,
-            lambda: evaluate_policy(self.backend, spec, adapter=adapter, experience=experience).summary())
-        log.info("eval %s on %s%s: pass rate %.3f (%s)", subject, spec.env, " with experience" if experience else "",
-                 summary["pass_rate"], "measured" if computed else "cached")
+            "policy",
+            spec.fingerprint(experience),
+            subject,
+            lambda: evaluate_policy(self.backend, spec, adapter=adapter, experience=experience).summary(),
+        )
+        log.info(
+            "eval %s on %s%s: pass rate %.3f (%s)",
+            subject,
+            spec.env,
+            " with experience" if experience else "",
+            summary["pass_rate"],
+            "measured" if computed else "cached",
+        )
         return summary
 
     def ood_eval(self, subject: str, adapter: str | None, experience: Sequence[str] | None = None) -> dict[str, Any]:
@@ -312,11 +371,16 @@ class Evaluator:
         experience = list(experience or []) or None
         fp = prompts_fingerprint(self.ood_prompts, self.ood_max_new_tokens, experience)
         summary, computed = self.cache.get_or_compute(
-            "ood", fp, subject,
-            lambda: ood_score(self.backend, adapter, prompts=self.ood_prompts, max_new_tokens=self.ood_max_new_tokens,
-                              experience=experience).to_dict())
-        log.info("OOD %s%s: %.3f (%s)", subject, " with experience" if experience else "", summary["score"],
-                 "measured" if computed else "cached")
+            "ood",
+            fp,
+            subject,
+            lambda: ood_score(
+                self.backend, adapter, prompts=self.ood_prompts, max_new_tokens=self.ood_max_new_tokens, experience=experience
+            ).to_dict(),
+        )
+        log.info(
+            "OOD %s%s: %.3f (%s)", subject, " with experience" if experience else "", summary["score"], "measured" if computed else "cached"
+        )
         return summary
 
     def cached_policy(self, spec: EvalSpec, subject: str, experience: Sequence[str] | None = None) -> dict[str, Any] | None:
@@ -343,8 +407,15 @@ class Evaluator:
             return base_subject(model_hash)
         return version_subject(namespace, version, self.registry.manifest(namespace, version).adapter_files)
 
-    def _stored(self, namespace: str, version: str | None, model_hash: str, kind: str, fingerprint: str,
-                measure: Callable[[str, str | None], dict[str, Any]]) -> dict[str, Any]:
+    def _stored(
+        self,
+        namespace: str,
+        version: str | None,
+        model_hash: str,
+        kind: str,
+        fingerprint: str,
+        measure: Callable[[str, str | None], dict[str, Any]],
+    ) -> dict[str, Any]:
         subject = self.subject_of(namespace, version, model_hash)
         hit = self.cache.get(kind, fingerprint, subject)
         if hit is not None:
@@ -357,18 +428,23 @@ class Evaluator:
             path = self.registry.download_adapter(record, tmp)
             return self.with_adapter(name, path, lambda: measure(subject, name))
 
-    def policy_of(self, spec: EvalSpec, namespace: str, version: str | None, model_hash: str,
-                  experience: Sequence[str] | None = None) -> dict[str, Any]:
+    def policy_of(
+        self, spec: EvalSpec, namespace: str, version: str | None, model_hash: str, experience: Sequence[str] | None = None
+    ) -> dict[str, Any]:
         """Held-out result of a stored version (None = the base model with hash ``model_hash``)."""
         experience = list(experience or []) or None
-        return self._stored(namespace, version, model_hash, "policy", spec.fingerprint(experience),
-                            lambda subject, name: self.policy_eval(spec, subject, name, experience))
+        return self._stored(
+            namespace,
+            version,
+            model_hash,
+            "policy",
+            spec.fingerprint(experience),
+            lambda subject, name: self.policy_eval(spec, subject, name, experience),
+        )
 
-    def ood_of(self, namespace: str, version: str | None, model_hash: str,
-               experience: Sequence[str] | None = None) -> dict[str, Any]:
+    def ood_of(self, namespace: str, version: str | None, model_hash: str, experience: Sequence[str] | None = None) -> dict[str, Any]:
         """OOD result of a stored version (None = the base model with hash ``model_hash``), with
         ``experience`` in context if given."""
         experience = list(experience or []) or None
         fp = prompts_fingerprint(self.ood_prompts, self.ood_max_new_tokens, experience)
-        return self._stored(namespace, version, model_hash, "ood", fp,
-                            lambda subject, name: self.ood_eval(subject, name, experience))
+        return self._stored(namespace, version, model_hash, "ood", fp, lambda subject, name: self.ood_eval(subject, name, experience))

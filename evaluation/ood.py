@@ -59,46 +59,98 @@ _FRANCE = "What is the capital of France?"
 _MOON = "Why does the moon change shape?"
 
 OOD_PROMPTS: tuple[OODPrompt, ...] = (
-    _p("lowercase-beach", "Describe a sunny day at the beach in two sentences. Your entire response should be in English, "
-       "and in all lowercase letters. No capital letters are allowed.", ("change_case:english_lowercase", {})),
-    _p("lowercase-coffee", "Explain how to make a cup of coffee. Write your whole answer in lowercase letters only, "
-       "with no capital letters at all.", ("change_case:english_lowercase", {})),
-    _p("capital-fruits", "Name three fruits and say why they are healthy. Your entire response should be in English, "
-       "and in all capital letters.", ("change_case:english_capital", {})),
+    _p(
+        "lowercase-beach",
+        "Describe a sunny day at the beach in two sentences. Your entire response should be in English, "
+        "and in all lowercase letters. No capital letters are allowed.",
+        ("change_case:english_lowercase", {}),
+    ),
+    _p(
+        "lowercase-coffee",
+        "Explain how to make a cup of coffee. Write your whole answer in lowercase letters only, with no capital letters at all.",
+        ("change_case:english_lowercase", {}),
+    ),
+    _p(
+        "capital-fruits",
+        "Name three fruits and say why they are healthy. Your entire response should be in English, and in all capital letters.",
+        ("change_case:english_capital", {}),
+    ),
     _p("no-comma-rainbow", "Explain what a rainbow is. Do not use any commas in your response.", ("punctuation:no_comma", {})),
     _p("no-comma-haiku", "Write a haiku about autumn leaves. Do not use any commas.", ("punctuation:no_comma", {})),
-    _p("keywords-note", "Write a short note to a friend about your weekend. Include the keywords garden and music in "
-       "the response.", ("keywords:existence", {"keywords": ["garden", "music"]})),
-    _p("keyword-bees", "What do bees make? Include the keyword honey in your response.",
-       ("keywords:existence", {"keywords": ["honey"]})),
-    _p("keyword-train", "Describe a train journey through the mountains. Include the keywords tunnel and snow in your answer.",
-       ("keywords:existence", {"keywords": ["tunnel", "snow"]})),
-    _p("forbidden-cat", "Describe a cat in a few sentences without using the words fur or pet.",
-       ("keywords:forbidden_words", {"forbidden_words": ["fur", "pet"]})),
-    _p("forbidden-school", "Write two sentences about your first day at school. Do not use the words teacher or class.",
-       ("keywords:forbidden_words", {"forbidden_words": ["teacher", "class"]})),
-    _p("frequency-sea", "Write a short poem about the sea. The word wave should appear at least 2 times.",
-       ("keywords:frequency", {"keyword": "wave", "frequency": 2, "relation": "at least"})),
-    _p("repeat-france", "First repeat the request below word for word without change, then give your answer (do not say "
-       f"anything before repeating the request). Request: {_FRANCE}",
-       ("combination:repeat_prompt", {"prompt_to_repeat": _FRANCE})),
-    _p("repeat-moon", "First repeat the request below word for word without change, then give your answer (do not say "
-       f"anything before repeating the request). Request: {_MOON}",
-       ("combination:repeat_prompt", {"prompt_to_repeat": _MOON})),
-    _p("title-robot", "Write a short story about a robot. Your answer must contain a title, wrapped in double angular "
-       "brackets, such as <<poem of joy>>.", ("detectable_format:title", {})),
-    _p("constrained-sun", "Is the sun a star? Answer with one of the following options: My answer is yes., My answer is "
-       "no., My answer is maybe.", ("detectable_format:constrained_response", {})),
-    _p("french-weather", "Write one sentence about the weather today. Your ENTIRE response should be in French language, "
-       "no other language is allowed.", ("language:response_language", {"language": "fr"})),
-    _p("placeholders-letter", "Write a short invitation to a party. The response must contain at least 2 placeholders "
-       "represented by square brackets, such as [address].", ("detectable_content:number_placeholders", {"num_placeholders": 2})),
-    _p("short-sky", "Explain why the sky is blue. Answer with less than 25 words.",
-       ("length_constraints:number_words", {"num_words": 25, "relation": "less than"})),
-    _p("letter-zebra", "Write a sentence about zebras at the zoo. The letter z should appear at least 3 times.",
-       ("keywords:letter_frequency", {"letter": "z", "let_frequency": 3, "let_relation": "at least"})),
-    _p("postscript-thanks", "Write a short thank-you note to a neighbour. Add a postscript starting with P.S.",
-       ("detectable_content:postscript", {"postscript_marker": "P.S."})),
+    _p(
+        "keywords-note",
+        "Write a short note to a friend about your weekend. Include the keywords garden and music in the response.",
+        ("keywords:existence", {"keywords": ["garden", "music"]}),
+    ),
+    _p("keyword-bees", "What do bees make? Include the keyword honey in your response.", ("keywords:existence", {"keywords": ["honey"]})),
+    _p(
+        "keyword-train",
+        "Describe a train journey through the mountains. Include the keywords tunnel and snow in your answer.",
+        ("keywords:existence", {"keywords": ["tunnel", "snow"]}),
+    ),
+    _p(
+        "forbidden-cat",
+        "Describe a cat in a few sentences without using the words fur or pet.",
+        ("keywords:forbidden_words", {"forbidden_words": ["fur", "pet"]}),
+    ),
+    _p(
+        "forbidden-school",
+        "Write two sentences about your first day at school. Do not use the words teacher or class.",
+        ("keywords:forbidden_words", {"forbidden_words": ["teacher", "class"]}),
+    ),
+    _p(
+        "frequency-sea",
+        "Write a short poem about the sea. The word wave should appear at least 2 times.",
+        ("keywords:frequency", {"keyword": "wave", "frequency": 2, "relation": "at least"}),
+    ),
+    _p(
+        "repeat-france",
+        "First repeat the request below word for word without change, then give your answer (do not say "
+        f"anything before repeating the request). Request: {_FRANCE}",
+        ("combination:repeat_prompt", {"prompt_to_repeat": _FRANCE}),
+    ),
+    _p(
+        "repeat-moon",
+        "First repeat the request below word for word without change, then give your answer (do not say "
+        f"anything before repeating the request). Request: {_MOON}",
+        ("combination:repeat_prompt", {"prompt_to_repeat": _MOON}),
+    ),
+    _p(
+        "title-robot",
+        "Write a short story about a robot. Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>.",
+        ("detectable_format:title", {}),
+    ),
+    _p(
+        "constrained-sun",
+        "Is the sun a star? Answer with one of the following options: My answer is yes., My answer is no., My answer is maybe.",
+        ("detectable_format:constrained_response", {}),
+    ),
+    _p(
+        "french-weather",
+        "Write one sentence about the weather today. Your ENTIRE response should be in French language, no other language is allowed.",
+        ("language:response_language", {"language": "fr"}),
+    ),
+    _p(
+        "placeholders-letter",
+        "Write a short invitation to a party. The response must contain at least 2 placeholders "
+        "represented by square brackets, such as [address].",
+        ("detectable_content:number_placeholders", {"num_placeholders": 2}),
+    ),
+    _p(
+        "short-sky",
+        "Explain why the sky is blue. Answer with less than 25 words.",
+        ("length_constraints:number_words", {"num_words": 25, "relation": "less than"}),
+    ),
+    _p(
+        "letter-zebra",
+        "Write a sentence about zebras at the zoo. The letter z should appear at least 3 times.",
+        ("keywords:letter_frequency", {"letter": "z", "let_frequency": 3, "let_relation": "at least"}),
+    ),
+    _p(
+        "postscript-thanks",
+        "Write a short thank-you note to a neighbour. Add a postscript starting with P.S.",
+        ("detectable_content:postscript", {"postscript_marker": "P.S."}),
+    ),
 )
 """The built-in set (20 prompts). Ids are stable: results are reported per id."""
 
@@ -142,8 +194,14 @@ class OODResult:
 
     def summary(self) -> dict[str, Any]:
         """The numbers without the answers (what caches and manifests keep)."""
-        return {"score": self.score, "strict_score": self.strict_score, "prompts": self.prompts,
-                "mean_response_tokens": self.mean_response_tokens, "adapter": self.adapter, "seconds": round(self.seconds, 2)}
+        return {
+            "score": self.score,
+            "strict_score": self.strict_score,
+            "prompts": self.prompts,
+            "mean_response_tokens": self.mean_response_tokens,
+            "adapter": self.adapter,
+            "seconds": round(self.seconds, 2),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.summary(), "results": [asdict(r) for r in self.results]}
@@ -151,9 +209,15 @@ class OODResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OODResult:
         results = tuple(OODPromptResult(**r) for r in data.get("results", ()))
-        return cls(score=data["score"], strict_score=data["strict_score"], prompts=data["prompts"],
-                   mean_response_tokens=data["mean_response_tokens"], adapter=data.get("adapter"),
-                   seconds=data.get("seconds", 0.0), results=results)
+        return cls(
+            score=data["score"],
+            strict_score=data["strict_score"],
+            prompts=data["prompts"],
+            mean_response_tokens=data["mean_response_tokens"],
+            adapter=data.get("adapter"),
+            seconds=data.get("seconds", 0.0),
+            results=results,
+        )
 
 
 def _checkers() -> tuple[Any, Any]:
@@ -175,14 +239,17 @@ def check_response(prompt: OODPrompt, response: str) -> OODCheck:
         raise ValueError(f"{prompt.id}: unknown IFEval instruction(s) {unknown}")
     ids = [i for i, _ in prompt.instructions]
     kwargs = [dict(k) for _, k in prompt.instructions]
-    results, scores = evaluate(response=response, instruction_id_list=ids, kwargs_list=kwargs, prompt=prompt.prompt,
-                               instruction_registry=registry)
-    return OODCheck(strict=scores.binary_strict == 1.0, loose=scores.binary_loose == 1.0,
-                    instructions={r.instruction_id: r.loose_pass for r in results})
+    results, scores = evaluate(
+        response=response, instruction_id_list=ids, kwargs_list=kwargs, prompt=prompt.prompt, instruction_registry=registry
+    )
+    return OODCheck(
+        strict=scores.binary_strict == 1.0, loose=scores.binary_loose == 1.0, instructions={r.instruction_id: r.loose_pass for r in results}
+    )
 
 
-def prompts_fingerprint(prompts: Sequence[OODPrompt] = OOD_PROMPTS, max_new_tokens: int = OOD_MAX_NEW_TOKENS,
-                        experience: Sequence[str] | None = None) -> str:
+def prompts_fingerprint(
+    prompts: Sequence[OODPrompt] = OOD_PROMPTS, max_new_tokens: int = OOD_MAX_NEW_TOKENS, experience: Sequence[str] | None = None
+) -> str:
     """16 hex characters that change whenever the prompt set, its checks, the answer budget or the
     experience in context change (the key under which a model's OOD score is cached)."""
     payload: dict = {"prompts": [asdict(p) for p in prompts], "max_new_tokens": max_new_tokens, "decoding": "greedy"}
@@ -215,8 +282,16 @@ def ood_score(
     results = []
     for p, g in zip(prompts, gens):
         check = check_response(p, g.text)
-        results.append(OODPromptResult(id=p.id, response=g.text, response_tokens=g.response_tokens, strict=check.strict,
-                                       passed=check.loose, instructions=check.instructions))
+        results.append(
+            OODPromptResult(
+                id=p.id,
+                response=g.text,
+                response_tokens=g.response_tokens,
+                strict=check.strict,
+                passed=check.loose,
+                instructions=check.instructions,
+            )
+        )
     n = len(results)
     return OODResult(
         score=sum(r.passed for r in results) / n,

@@ -110,8 +110,10 @@ class EvalTable:
             variants = ", ".join(f"{n} {v}" for v, n in sorted(r.variants.items())) or f"{r.kb_items}"
             lines.append(
                 f"| {r.round} | {r.version} | {r.status} | {r.kb_version} ({variants}) | "
-                + " | ".join(_cell(c) for c in cells) + " | "
-                + " | ".join(_tokens(c["mean_response_tokens"] if c else None) for c in cells) + " |"
+                + " | ".join(_cell(c) for c in cells)
+                + " | "
+                + " | ".join(_tokens(c["mean_response_tokens"] if c else None) for c in cells)
+                + " |"
                 + (f" {'n/a' if r.ood is None else f'{100 * r.ood:.1f}%'} |" if with_ood else "")
             )
         return "\n".join(lines) + "\n"
@@ -134,8 +136,14 @@ class EvalTable:
             if not pts:
                 continue
             xs = [x for x, _ in pts]
-            ax1.errorbar(xs, [100 * c["pass_rate"] for _, c in pts], yerr=[100 * stderr(c) for _, c in pts],
-                         marker=marker, capsize=4, label=LABELS[cond])
+            ax1.errorbar(
+                xs,
+                [100 * c["pass_rate"] for _, c in pts],
+                yerr=[100 * stderr(c) for _, c in pts],
+                marker=marker,
+                capsize=4,
+                label=LABELS[cond],
+            )
             ax2.plot(xs, [c["mean_response_tokens"] for _, c in pts], marker=marker, label=LABELS[cond])
         if self.base_ood is not None:
             ax1.axhline(100 * self.base_ood, color="grey", linestyle=":", label="OOD score, base model")
@@ -143,8 +151,15 @@ class EvalTable:
             if ood:
                 ax1.plot([x for x, _ in ood], [100 * v for _, v in ood], "x", color="grey", label="OOD score, version")
         for r in self.rows:
-            ax1.annotate(r.status, (r.round, 0), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8,
-                         color={"promoted": "green", "rejected": "red", "skipped": "orange"}.get(r.status, "black"))
+            ax1.annotate(
+                r.status,
+                (r.round, 0),
+                textcoords="offset points",
+                xytext=(0, 4),
+                ha="center",
+                fontsize=8,
+                color={"promoted": "green", "rejected": "red", "skipped": "orange"}.get(r.status, "black"),
+            )
         ax1.set(title="held-out pass rate (± standard error)", xlabel="round", ylabel="pass rate (%)")
         ax2.set(title="mean response tokens per turn", xlabel="round", ylabel="tokens")
         for ax in (ax1, ax2):
@@ -167,8 +182,11 @@ class EvalTable:
         """Write ``eval-<namespace>.md``, ``.png`` and ``.json`` into ``out_dir``; returns the paths."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {"markdown": out / f"eval-{self.namespace}.md", "png": out / f"eval-{self.namespace}.png",
-                 "json": out / f"eval-{self.namespace}.json"}
+        paths = {
+            "markdown": out / f"eval-{self.namespace}.md",
+            "png": out / f"eval-{self.namespace}.png",
+            "json": out / f"eval-{self.namespace}.json",
+        }
         paths["markdown"].write_text(self.to_markdown())
         self.plot(paths["png"])
         paths["json"].write_text(json.dumps(self.to_dict(), indent=2))
@@ -212,8 +230,11 @@ def eval_table(
         items = kb_items(store, namespace, m.kb_version)
         trained = m.adapter_uri is not None
         cells: dict[str, dict[str, Any] | None] = {"consolidated": None}
-        for cond, version, experience in (("none", m.parent_version, None), ("in_context", m.parent_version, items),
-                                          ("consolidated", m.version, None)):
+        for cond, version, experience in (
+            ("none", m.parent_version, None),
+            ("in_context", m.parent_version, items),
+            ("consolidated", m.version, None),
+        ):
             if cond == "consolidated" and not trained:
                 continue
             if progress is not None:
@@ -225,7 +246,17 @@ def eval_table(
                 table.base_ood = evaluator.ood_of(namespace, None, m.base_model_hash)["score"]
             if trained:
                 ood_score = evaluator.ood_of(namespace, m.version, m.base_model_hash)["score"]
-        table.rows.append(EvalRow(round=number, version=m.version, status=rec.status.value, parent=m.parent_version,
-                                  kb_version=m.kb_version, kb_items=len(items), **cells, ood=ood_score,
-                                  variants=dict(m.knowledge.get("variants", {}))))
+        table.rows.append(
+            EvalRow(
+                round=number,
+                version=m.version,
+                status=rec.status.value,
+                parent=m.parent_version,
+                kb_version=m.kb_version,
+                kb_items=len(items),
+                **cells,
+                ood=ood_score,
+                variants=dict(m.knowledge.get("variants", {})),
+            )
+        )
     return table

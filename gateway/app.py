@@ -71,7 +71,7 @@ def identify(headers: Any, body: dict[str, Any], default_agent: str) -> Identity
     """The caller's identity from the OEL headers, else the body (see the module docstring)."""
     meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
     model = body.get("model") if isinstance(body.get("model"), str) else ""
-    from_model = model[len(MODEL_PREFIX):] if model.startswith(MODEL_PREFIX) else None
+    from_model = model[len(MODEL_PREFIX) :] if model.startswith(MODEL_PREFIX) else None
     namespace = headers.get("X-OEL-Namespace") or meta.get("oel_namespace") or from_model
     if not namespace:
         raise FormatError(f"no namespace: send the X-OEL-Namespace header, metadata.oel_namespace, or the model {MODEL_PREFIX}<namespace>")
@@ -116,16 +116,18 @@ class Gateway:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.settings.gateway.max_request_bytes)
-        app.add_routes([
-            web.post("/v1/chat/completions", lambda r: self.call(r, "chat")),
-            web.post("/v1/completions", lambda r: self.call(r, "completions")),
-            web.get("/v1/models", self.list_models),
-            web.post("/v1/oel/episodes/{episode_id}/feedback", self.feedback),
-            web.post("/v1/oel/episodes/{episode_id}/end", self.end),
-            web.post("/v1/traces", self.traces),
-            web.get("/healthz", self.health),
-            web.get("/metrics", self.metrics),
-        ])
+        app.add_routes(
+            [
+                web.post("/v1/chat/completions", lambda r: self.call(r, "chat")),
+                web.post("/v1/completions", lambda r: self.call(r, "completions")),
+                web.get("/v1/models", self.list_models),
+                web.post("/v1/oel/episodes/{episode_id}/feedback", self.feedback),
+                web.post("/v1/oel/episodes/{episode_id}/end", self.end),
+                web.post("/v1/traces", self.traces),
+                web.get("/healthz", self.health),
+                web.get("/metrics", self.metrics),
+            ]
+        )
         app.on_startup.append(self._start)
         app.on_shutdown.append(self._stop)
         return app
@@ -194,8 +196,12 @@ class Gateway:
                 if upstream.status_code != 200:  # the upstream's own error, passed through; nothing recorded
                     content = await upstream.aread()
                     metrics.count_gateway_request(route, "upstream_error")
-                    return web.Response(body=content, status=upstream.status_code, headers=headers,
-                                        content_type=upstream.headers.get("content-type", "application/json").split(";")[0])
+                    return web.Response(
+                        body=content,
+                        status=upstream.status_code,
+                        headers=headers,
+                        content_type=upstream.headers.get("content-type", "application/json").split(";")[0],
+                    )
                 if forwarded.get("stream"):
                     response, answer, w = await self._stream(request, upstream, headers)
                     waited += w
@@ -291,7 +297,8 @@ class Gateway:
                 if r.prompt is not None and r.answer is not None:
                     async with self.episodes.lock(r.episode_id):
                         entry = self.episodes.find(r.episode_id) or self.episodes.new(
-                            r.namespace, r.agent_id, r.episode_id, r.version, model=r.version)
+                            r.namespace, r.agent_id, r.episode_id, r.version, model=r.version
+                        )
                         await self.episodes.answered(entry, r.prompt, r.answer, r.feedback)
                 if r.outcome is not None:
                     await self.episodes.end(r.episode_id, r.outcome, r.success)

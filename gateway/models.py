@@ -51,8 +51,12 @@ class ModelResolver:
             return (current.version if current else BASE_VERSION), base
         if self._available(current):
             return current.version, current.version
-        log.warning("%s: serving the base model: the adapter of %s could not be %s", namespace, current.version,
-                    "found on the upstream" if self.served else "loaded")
+        log.warning(
+            "%s: serving the base model: the adapter of %s could not be %s",
+            namespace,
+            current.version,
+            "found on the upstream" if self.served else "loaded",
+        )
         return BASE_VERSION, base
 
     def _available(self, version) -> bool:

@@ -45,8 +45,14 @@ def prompt_messages(body: dict[str, Any]) -> list[ChatMessage]:
         if role not in ("system", "user", "assistant", "tool"):
             raise FormatError(f"messages[{i}].role: {m.get('role')!r} is not recorded (system, developer, user, assistant, tool)")
         try:
-            out.append(ChatMessage(role=role, content=content_text(m.get("content")), tool_calls=m.get("tool_calls") or None,
-                                   tool_call_id=m.get("tool_call_id")))
+            out.append(
+                ChatMessage(
+                    role=role,
+                    content=content_text(m.get("content")),
+                    tool_calls=m.get("tool_calls") or None,
+                    tool_call_id=m.get("tool_call_id"),
+                )
+            )
         except ValidationError as exc:
             raise FormatError(f"messages[{i}]: {describe_validation_error(exc)}") from None
     return out
@@ -138,6 +144,5 @@ class StreamAccumulator:
                     parts.arguments.append(fn["arguments"])
 
     def answer(self) -> Answer:
-        calls = [ToolCall(id=p.id, function={"name": p.name, "arguments": "".join(p.arguments)})
-                 for _, p in sorted(self._calls.items())]
+        calls = [ToolCall(id=p.id, function={"name": p.name, "arguments": "".join(p.arguments)}) for _, p in sorted(self._calls.items())]
         return Answer("".join(self._text), calls or None)

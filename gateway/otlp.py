@@ -92,10 +92,22 @@ def _chat_messages(message: dict[str, Any]) -> list[ChatMessage]:
     """One semantic-conventions message as chat messages (each tool result a ``tool`` message of its own)."""
     role, parts = message.get("role"), message.get("parts") or []
     texts = [str(p.get("content", "")) for p in parts if p.get("type") == "text"]
-    calls = [ToolCall(id=str(p.get("id") or f"call-{i}"), function={"name": str(p.get("name", "")), "arguments": _arguments(p.get("arguments", ""))})
-             for i, p in enumerate(parts) if p.get("type") == "tool_call"]
-    results = [ChatMessage(role="tool", content=_arguments(p.get("response", p.get("result", ""))), tool_call_id=str(p.get("id") or "").strip() or "unknown")
-               for p in parts if p.get("type") == "tool_call_response"]
+    calls = [
+        ToolCall(
+            id=str(p.get("id") or f"call-{i}"), function={"name": str(p.get("name", "")), "arguments": _arguments(p.get("arguments", ""))}
+        )
+        for i, p in enumerate(parts)
+        if p.get("type") == "tool_call"
+    ]
+    results = [
+        ChatMessage(
+            role="tool",
+            content=_arguments(p.get("response", p.get("result", ""))),
+            tool_call_id=str(p.get("id") or "").strip() or "unknown",
+        )
+        for p in parts
+        if p.get("type") == "tool_call_response"
+    ]
     out = []
     if texts or calls or role in ("system", "user", "assistant") and not results:
         if role not in ("system", "user", "assistant"):

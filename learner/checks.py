@@ -1,5 +1,6 @@
 """The comparisons a gate makes, and the reason and kind of its decision (the evaluation gate and the
 knowledge gate both decide this way)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -39,33 +39,78 @@ def run(ctx: click.Context) -> None:
 
 
 @learner.command("distill")
-@click.option("--prefixes", "prefixes_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="JSON lines of training prefixes (chat conversations ending with a user message).")
-@click.option("--experience", "experience_files", required=True, multiple=True,
-              type=click.Path(exists=True, path_type=Path),
-              help="An experience set (.json/.jsonl/.txt, items oldest first). Repeat for K sets, or give a folder.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder: the adapter (peft format) and opcd-summary.json.")
-@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A local Hugging Face model folder [default: OEL_MODEL__PATH, else the bundled SmolLM2-135M-Instruct].")
-@click.option("--init-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Continue from this parent adapter; it is also the (frozen) teacher.")
+@click.option(
+    "--prefixes",
+    "prefixes_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON lines of training prefixes (chat conversations ending with a user message).",
+)
+@click.option(
+    "--experience",
+    "experience_files",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="An experience set (.json/.jsonl/.txt, items oldest first). Repeat for K sets, or give a folder.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder: the adapter (peft format) and opcd-summary.json.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A local Hugging Face model folder [default: OEL_MODEL__PATH, else the bundled SmolLM2-135M-Instruct].",
+)
+@click.option(
+    "--init-adapter",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Continue from this parent adapter; it is also the (frozen) teacher.",
+)
 @click.option("--steps", type=click.IntRange(min=1), default=None, help=f"Optimizer steps {_default('steps')}.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help=f"Prefixes per step {_default('batch_size')}.")
-@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"Peak AdamW learning rate {_default('learning_rate')[:-1]} for LoRA, 1e-6 for --full].")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help=f"Sampling temperature {_default('temperature')}.")
+@click.option(
+    "--lr",
+    "learning_rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help=f"Peak AdamW learning rate {_default('learning_rate')[:-1]} for LoRA, 1e-6 for --full].",
+)
+@click.option(
+    "--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help=f"Sampling temperature {_default('temperature')}."
+)
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help=f"Student top-k support of the KL {_default('top_k')}.")
 @click.option("--full-vocab-kl", is_flag=True, help="Use the exact full-vocabulary reverse KL instead of the top-k one.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help=f"Longest sampled answer {_default('max_new_tokens')}.")
-@click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Longer prefixes are left out (never truncated).")
-@click.option("--experience-budget", type=click.IntRange(min=16), default=None,
-              help=f"Experience token budget; the oldest items over it are dropped and reported {_default('experience_token_budget')}.")
+@click.option(
+    "--max-prompt-tokens",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Longer prefixes are left out (never truncated).",
+)
+@click.option(
+    "--experience-budget",
+    type=click.IntRange(min=16),
+    default=None,
+    help=f"Experience token budget; the oldest items over it are dropped and reported {_default('experience_token_budget')}.",
+)
 @click.option("--lora-rank", type=click.IntRange(min=1), default=None, help=f"LoRA rank {_default('lora_rank')}.")
 @click.option("--full", "full_finetune", is_flag=True, help="Full fine-tune instead of LoRA (float32 weights, a frozen teacher copy).")
-@click.option("--experience-position", type=click.Choice(["first_user", "last_user"]), default="first_user", show_default=True,
-              help="Which user message of a prefix gets the experience block in the teacher's context.")
+@click.option(
+    "--experience-position",
+    type=click.Choice(["first_user", "last_user"]),
+    default="first_user",
+    show_default=True,
+    help="Which user message of a prefix gets the experience block in the teacher's context.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [default: torch's choice].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -120,9 +165,16 @@ def distill(
         "num_threads": threads,
         "init_adapter": init_adapter,
     }
-    for name, value in (("model_path", model_path), ("steps", steps), ("batch_size", batch_size),
-                        ("temperature", temperature), ("top_k", top_k), ("max_new_tokens", max_new_tokens),
-                        ("experience_token_budget", experience_budget), ("lora_rank", lora_rank)):
+    for name, value in (
+        ("model_path", model_path),
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("temperature", temperature),
+        ("top_k", top_k),
+        ("max_new_tokens", max_new_tokens),
+        ("experience_token_budget", experience_budget),
+        ("lora_rank", lora_rank),
+    ):
         if value is not None:
             overrides[name] = value
     if full_vocab_kl:
@@ -179,16 +231,20 @@ def _distill(config, prefixes, experience, out_dir: Path, quiet: bool) -> None:
         bar.close()
     path = trainer.save(out_dir, result)
     summary = result.to_dict()
-    click.echo(json.dumps({
-        "out": str(path),
-        "steps": len(result.steps),
-        "first_loss": summary["first_loss"],
-        "last_loss": summary["last_loss"],
-        "response_tokens": summary["response_tokens"],
-        "tokens_per_s": round(summary["tokens_per_s"], 2),
-        "experience_items_dropped": sum(c.items_dropped for c in result.experience_cuts),
-        "skipped_prefixes": result.skipped_prefixes,
-        "checks": [(c.step, round(c.agreement, 3)) for c in result.checks],
-        "kept_step": result.kept_step,
-        "seconds": round(result.seconds, 1),
-    }))
+    click.echo(
+        json.dumps(
+            {
+                "out": str(path),
+                "steps": len(result.steps),
+                "first_loss": summary["first_loss"],
+                "last_loss": summary["last_loss"],
+                "response_tokens": summary["response_tokens"],
+                "tokens_per_s": round(summary["tokens_per_s"], 2),
+                "experience_items_dropped": sum(c.items_dropped for c in result.experience_cuts),
+                "skipped_prefixes": result.skipped_prefixes,
+                "checks": [(c.step, round(c.agreement, 3)) for c in result.checks],
+                "kept_step": result.kept_step,
+                "seconds": round(result.seconds, 1),
+            }
+        )
+    )

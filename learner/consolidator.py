@@ -73,8 +73,12 @@ class Consolidator:
                 # A crash right after the manifest: the round's remaining steps (gate, promotion) run now,
                 # knowing what was published already (the crash may have come between publishing and recording).
                 self.runner.finish(latest, self.published(namespace) if self.published is not None else None)
-            self.policy.restore(namespace, parent_version=self.parent(namespace), consolidated_kb_version=m.kb_version,
-                                last_round_at=m.created_at.timestamp())
+            self.policy.restore(
+                namespace,
+                parent_version=self.parent(namespace),
+                consolidated_kb_version=m.kb_version,
+                last_round_at=m.created_at.timestamp(),
+            )
         self._restored.add(namespace)
 
     def parent(self, namespace: str) -> str | None:
@@ -101,8 +105,7 @@ class Consolidator:
         self._retry_at.pop(ns, None)
         self.policy.round_finished(trigger, None)
         st = self.policy.state(ns)
-        self.policy.restore(ns, parent_version=self.parent(ns), consolidated_kb_version=trigger.kb_version,
-                            last_round_at=st.last_round_at)
+        self.policy.restore(ns, parent_version=self.parent(ns), consolidated_kb_version=trigger.kb_version, last_round_at=st.last_round_at)
         self.rounds.append(outcome)
         return outcome
 

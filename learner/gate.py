@@ -90,8 +90,9 @@ class HeldOutGate:
     ):
         self.settings = settings
         self.registry = registry or ModelRegistry(store)
-        self.evaluator = Evaluator.from_settings(store, backend if backend is not None else (lambda: make_backend(settings)),
-                                                 settings, self.registry, ood_prompts=ood_prompts)
+        self.evaluator = Evaluator.from_settings(
+            store, backend if backend is not None else (lambda: make_backend(settings)), settings, self.registry, ood_prompts=ood_prompts
+        )
         self._env = env
         self.spec_overrides = dict(spec_overrides or {})
         self.pass_rate_tolerance = settings.learner.gate_pass_rate_tolerance
@@ -127,14 +128,20 @@ class HeldOutGate:
         else:
             cand, cand_ood = ev_.with_adapter(name, adapter_dir, measure)
         if cand is not None and reference is not None:
-            ev.update(pass_rate=cand["pass_rate"], mean_response_tokens=cand["mean_response_tokens"],
-                      valid_action_rate=cand["valid_action_rate"], eval_episodes=float(cand["n_episodes"]),
-                      reference_pass_rate=reference["pass_rate"], reference_mean_response_tokens=reference["mean_response_tokens"],
-                      reference_is_base=1.0 if m.parent_version is None else 0.0)
+            ev.update(
+                pass_rate=cand["pass_rate"],
+                mean_response_tokens=cand["mean_response_tokens"],
+                valid_action_rate=cand["valid_action_rate"],
+                eval_episodes=float(cand["n_episodes"]),
+                reference_pass_rate=reference["pass_rate"],
+                reference_mean_response_tokens=reference["mean_response_tokens"],
+                reference_is_base=1.0 if m.parent_version is None else 0.0,
+            )
         ev.update(ood_score=cand_ood["score"], ood_strict_score=cand_ood["strict_score"], base_ood_score=base_ood["score"])
         decision = decide(ev)
-        metrics.observe_evaluation(ns, m.version, pass_rate=ev.get("pass_rate"),
-                                   response_tokens=ev.get("mean_response_tokens"), ood_score=ev["ood_score"])
+        metrics.observe_evaluation(
+            ns, m.version, pass_rate=ev.get("pass_rate"), response_tokens=ev.get("mean_response_tokens"), ood_score=ev["ood_score"]
+        )
         log.info("%s/%s (%s): %s", ns, m.version, env or "no environment", decision.reason)
         return decision
 

@@ -77,8 +77,9 @@ def decide(ev: Mapping[str, float]) -> KnowledgeDecision:
             at_least(ev["knowledge_ood_score"], ev["knowledge_base_ood_score"] - ev["knowledge_ood_tolerance"]),
         )
     reason = checks.reason("knowledge gate: the KB helps in context: ", "knowledge gate: the KB is not worth consolidating: ")
-    return KnowledgeDecision(accepted=checks.kind is None, reason=reason,
-                             eval={**ev, ACCEPTED: 0.0 if checks.kind else 1.0}, kind=checks.kind)
+    return KnowledgeDecision(
+        accepted=checks.kind is None, reason=reason, eval={**ev, ACCEPTED: 0.0 if checks.kind else 1.0}, kind=checks.kind
+    )
 
 
 class KnowledgeGate:
@@ -108,12 +109,18 @@ class KnowledgeGate:
             spec = EvalSpec.from_settings(self.settings, env, **self.spec_overrides)
             none = ev_.policy_of(spec, namespace, None, base_model_hash)
             with_kb = ev_.policy_of(spec, namespace, None, base_model_hash, list(items))
-            ev.update(knowledge_none_pass_rate=none["pass_rate"], knowledge_in_context_pass_rate=with_kb["pass_rate"],
-                      knowledge_margin=self.margin, knowledge_eval_episodes=float(with_kb["n_episodes"]))
+            ev.update(
+                knowledge_none_pass_rate=none["pass_rate"],
+                knowledge_in_context_pass_rate=with_kb["pass_rate"],
+                knowledge_margin=self.margin,
+                knowledge_eval_episodes=float(with_kb["n_episodes"]),
+            )
         else:
-            ev.update(knowledge_ood_tolerance=self.ood_tolerance,
-                      knowledge_base_ood_score=ev_.ood_of(namespace, None, base_model_hash)["score"],
-                      knowledge_ood_score=ev_.ood_of(namespace, None, base_model_hash, list(items))["score"])
+            ev.update(
+                knowledge_ood_tolerance=self.ood_tolerance,
+                knowledge_base_ood_score=ev_.ood_of(namespace, None, base_model_hash)["score"],
+                knowledge_ood_score=ev_.ood_of(namespace, None, base_model_hash, list(items))["score"],
+            )
         decision = decide(ev)
         log.info("%s (%s, %d items): %s", namespace, env or "no environment", len(items), decision.reason)
         return decision

@@ -10,7 +10,9 @@ import click
 from oel.schemas import VersionStatus
 
 _store_dir = click.option(
-    "--store-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    "--store-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
     help="Use a local directory as the object store (as `oel demo` does) instead of the S3 server in the settings.",
 )
 
@@ -61,9 +63,19 @@ def list_versions(namespace: str | None, as_json: bool, store_dir: Path | None) 
         raise _fail(exc) from None
     if as_json:
         for r in records:
-            click.echo(json.dumps({"namespace": r.manifest.namespace, "version": r.manifest.version, "status": r.status.value,
-                                   "parent_version": r.manifest.parent_version, "kb_version": r.manifest.kb_version,
-                                   "round_id": r.manifest.round_id, "created_at": r.manifest.created_at.isoformat()}))
+            click.echo(
+                json.dumps(
+                    {
+                        "namespace": r.manifest.namespace,
+                        "version": r.manifest.version,
+                        "status": r.status.value,
+                        "parent_version": r.manifest.parent_version,
+                        "kb_version": r.manifest.kb_version,
+                        "round_id": r.manifest.round_id,
+                        "created_at": r.manifest.created_at.isoformat(),
+                    }
+                )
+            )
         return
     if not records:
         click.echo("no model versions" + (f" in namespace {namespace}" if namespace else ""))
@@ -73,8 +85,17 @@ def list_versions(namespace: str | None, as_json: bool, store_dir: Path | None) 
         m = r.manifest
         cur = current.get(m.namespace)
         mark = "*" if cur is not None and cur.manifest.version == m.version else ""
-        rows.append((mark, m.namespace, m.version, r.status.value, m.parent_version or "(base)", m.kb_version,
-                     m.created_at.strftime("%Y-%m-%d %H:%M:%S")))
+        rows.append(
+            (
+                mark,
+                m.namespace,
+                m.version,
+                r.status.value,
+                m.parent_version or "(base)",
+                m.kb_version,
+                m.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -94,8 +115,11 @@ def show(version: str, namespace: str | None, store_dir: Path | None) -> None:
         record = registry.find(version, namespace)
     except RegistryError as exc:
         raise _fail(exc) from None
-    doc = {"manifest": record.manifest.model_dump(mode="json"), "status": record.status.value,
-           "history": [c.model_dump(mode="json") for c in record.history]}
+    doc = {
+        "manifest": record.manifest.model_dump(mode="json"),
+        "status": record.status.value,
+        "history": [c.model_dump(mode="json") for c in record.history],
+    }
     click.echo(json.dumps(doc, indent=2))
 
 
@@ -120,8 +144,12 @@ def promote(version: str, namespace: str | None, reason: str, store_dir: Path | 
 
 @models.command("rollback")
 @click.option("--namespace", "-n", required=True, help="The namespace to roll back.")
-@click.option("--to", "to", default=None,
-              help="The earlier good version to serve [default: the current version's parent if it was good, else the newest other good one, else the base model].")
+@click.option(
+    "--to",
+    "to",
+    default=None,
+    help="The earlier good version to serve [default: the current version's parent if it was good, else the newest other good one, else the base model].",
+)
 @click.option("--reason", default="rolled back by hand", show_default=True, help="Recorded and published with the rollback.")
 @_store_dir
 def rollback(namespace: str, to: str | None, reason: str, store_dir: Path | None) -> None:

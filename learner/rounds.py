@@ -131,8 +131,15 @@ def kb_provenance(store: ObjectStore, namespace: str, kb_version: str) -> dict[s
             variants["unknown"] = variants.get("unknown", 0) + 1
             continue
         variants[item.variant] = variants.get(item.variant, 0) + 1
-        items.append({"id": item.id, "variant": item.variant, "sources": list(item.sources),
-                      "source_episode_ids": list(item.source_episode_ids), "extracted_by": item.extracted_by})
+        items.append(
+            {
+                "id": item.id,
+                "variant": item.variant,
+                "sources": list(item.sources),
+                "source_episode_ids": list(item.source_episode_ids),
+                "extracted_by": item.extracted_by,
+            }
+        )
     return {"items": items, "variants": variants}
 
 
@@ -181,7 +188,8 @@ class RoundRunner:
                 from oel.model.factory import make_backend
 
                 evaluator = getattr(self.gate, "evaluator", None) or Evaluator.from_settings(
-                    store, backend if backend is not None else (lambda: make_backend(settings)), settings, self.registry)
+                    store, backend if backend is not None else (lambda: make_backend(settings)), settings, self.registry
+                )
                 knowledge_gate = KnowledgeGate(evaluator, settings)
         self.knowledge_gate: KnowledgeGate | None = knowledge_gate  # type: ignore[assignment]
         self.auto_promote = settings.learner.auto_promote if auto_promote is None else auto_promote
@@ -195,7 +203,13 @@ class RoundRunner:
         t0 = time.monotonic()
         existing = self.registry.find_round(ns, trigger.round_id)
         if existing is not None:
-            log.info("%s: round %s already produced %s (%s); finishing it", ns, trigger.round_id, existing.manifest.version, existing.status.value)
+            log.info(
+                "%s: round %s already produced %s (%s); finishing it",
+                ns,
+                trigger.round_id,
+                existing.manifest.version,
+                existing.status.value,
+            )
             published = self.finish(existing)
             record = self.registry.get(ns, existing.manifest.version)
             return RoundOutcome(trigger, record, False, record.status, published, time.monotonic() - t0)
@@ -239,10 +253,17 @@ class RoundRunner:
             return None, dict(decision.eval)
         name, generation = self.registry.next_version_name(ns, trigger.round_id, trigger.parent_version)
         manifest = VersionManifest(
-            namespace=ns, version=name, generation=generation, round_id=trigger.round_id,
-            base_model=Path(model_path).name, base_model_hash=base_hash, parent_version=trigger.parent_version,
-            kb_version=trigger.kb_version, kb_versions=[trigger.kb_version],
-            knowledge=kb_provenance(self.store, ns, trigger.kb_version), eval=dict(decision.eval),
+            namespace=ns,
+            version=name,
+            generation=generation,
+            round_id=trigger.round_id,
+            base_model=Path(model_path).name,
+            base_model_hash=base_hash,
+            parent_version=trigger.parent_version,
+            kb_version=trigger.kb_version,
+            kb_versions=[trigger.kb_version],
+            knowledge=kb_provenance(self.store, ns, trigger.kb_version),
+            eval=dict(decision.eval),
         )
         record, _ = self.registry.save_version(manifest)
         self.finish(record)  # records the skip (also what a restart after a crash here does)
@@ -278,16 +299,31 @@ class RoundRunner:
             adapter_dir = trainer.save(Path(tmp) / "adapter", result, extra={"round_id": trigger.round_id, "namespace": ns})
             del trainer  # free the training models before the gate loads its own
             summary = result.to_dict()
-            training = {k: summary[k] for k in ("first_loss", "last_loss", "response_tokens", "tokens_per_s", "seconds", "skipped_prefixes")}
-            training.update(steps=len(result.steps), prefixes=len(prefixes), new_items=trigger.new_items,
-                            checks=summary["checks"], kept_step=summary["kept_step"])
+            training = {
+                k: summary[k] for k in ("first_loss", "last_loss", "response_tokens", "tokens_per_s", "seconds", "skipped_prefixes")
+            }
+            training.update(
+                steps=len(result.steps),
+                prefixes=len(prefixes),
+                new_items=trigger.new_items,
+                checks=summary["checks"],
+                kept_step=summary["kept_step"],
+            )
             round_config = config.to_dict()
             manifest = VersionManifest(
-                namespace=ns, version=name, generation=generation, round_id=trigger.round_id,
-                base_model=Path(model_path).name, base_model_hash=model_hash(Path(model_path)),
-                parent_version=trigger.parent_version, kb_version=trigger.kb_version, kb_versions=kb_versions,
+                namespace=ns,
+                version=name,
+                generation=generation,
+                round_id=trigger.round_id,
+                base_model=Path(model_path).name,
+                base_model_hash=model_hash(Path(model_path)),
+                parent_version=trigger.parent_version,
+                kb_version=trigger.kb_version,
+                kb_versions=kb_versions,
                 knowledge=kb_provenance(self.store, ns, trigger.kb_version),
-                round_config=round_config, training=training, eval=dict(knowledge_eval),
+                round_config=round_config,
+                training=training,
+                eval=dict(knowledge_eval),
             )
             if self.gate is not None:
                 decision = self.gate(VersionRecord(manifest=manifest, history=[]), adapter_dir)
@@ -322,8 +358,14 @@ class RoundRunner:
                 return None
         if not self.auto_promote:
             return None
-        event = self.registry.promote(m.namespace, m.version, self.settings, topic=self.topic, published=published,
-                                      reason="auto-promoted (no evaluation gate)" if decision is None else (decision.reason or "passed the evaluation gate"))
+        event = self.registry.promote(
+            m.namespace,
+            m.version,
+            self.settings,
+            topic=self.topic,
+            published=published,
+            reason="auto-promoted (no evaluation gate)" if decision is None else (decision.reason or "passed the evaluation gate"),
+        )
         metrics.ROUNDS_FINISHED.labels(namespace=m.namespace).inc()
         metrics.set_current_version(m.namespace, m.version)
         return event

@@ -186,10 +186,14 @@ class LearnerService:
 
     def _dead_letter(self, msg, reason: str) -> None:
         if self._dlq is None:
-            self._dlq = Producer({
-                **self.settings.kafka.client_config(), "enable.idempotence": True, "acks": "all",
-                "message.max.bytes": producer_max_bytes(self.settings.topics),
-            })
+            self._dlq = Producer(
+                {
+                    **self.settings.kafka.client_config(),
+                    "enable.idempotence": True,
+                    "acks": "all",
+                    "message.max.bytes": producer_max_bytes(self.settings.topics),
+                }
+            )
         dlq, headers = dead_letter(msg.topic(), msg.partition(), msg.offset(), reason)
         self._dlq.produce(dlq, msg.value(), msg.key(), headers=headers)
         self._dlq.flush(15)

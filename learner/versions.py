@@ -74,7 +74,8 @@ class VersionManifest(BaseModel):
     adapter_uri: str | None = Field(None, description="Object-store prefix of the adapter folder (ends with '/').")
     adapter_files: dict[str, str] = Field(default_factory=dict, description="Adapter file name -> sha256.")
     knowledge: dict[str, Any] = Field(
-        default_factory=dict, description="Provenance of the consolidated KB snapshot: per item its variant, sources and source episodes (learner.rounds.kb_provenance)."
+        default_factory=dict,
+        description="Provenance of the consolidated KB snapshot: per item its variant, sources and source episodes (learner.rounds.kb_provenance).",
     )
     round_config: dict[str, Any] = Field(default_factory=dict, description="The OPCD configuration of the round.")
     training: dict[str, Any] = Field(default_factory=dict, description="What training measured (losses, tokens, time).")
@@ -325,8 +326,16 @@ class ModelRegistry:
 
     # --- publishing (oel.versions holds the topic's protocol) --------------------------------
 
-    def promote(self, namespace: str, version: str, settings: Settings | None = None, *, topic: str | None = None, reason: str | None = None,
-                published: ModelVersion | None = None) -> ModelVersion:
+    def promote(
+        self,
+        namespace: str,
+        version: str,
+        settings: Settings | None = None,
+        *,
+        topic: str | None = None,
+        reason: str | None = None,
+        published: ModelVersion | None = None,
+    ) -> ModelVersion:
         """Record ``promoted`` and publish the version as the namespace's current one. ``published`` is what the
         topic says is current now, when known: if it is already this version, promoted (a crash between
         publishing and recording), only the record is written, so a version is never published twice."""
@@ -394,8 +403,14 @@ class ModelRegistry:
                 )
             return target
         records = {r.manifest.version: r for r in self.list(namespace)}
-        good = [r for r in records.values() if r.last_promoted_at is not None and r.status is not VersionStatus.rejected
-                and r.status is not VersionStatus.rolled_back and r.manifest.version != bad.manifest.version]
+        good = [
+            r
+            for r in records.values()
+            if r.last_promoted_at is not None
+            and r.status is not VersionStatus.rejected
+            and r.status is not VersionStatus.rolled_back
+            and r.manifest.version != bad.manifest.version
+        ]
         parent = records.get(bad.manifest.parent_version or "")
         if parent is not None and parent in good:
             return parent

@@ -73,7 +73,9 @@ class BusProducer:
         self._reports: deque[tuple[Callable[[Any, Any], None] | None, BusMessage]] = deque()
         self._lock = threading.Lock()
 
-    def produce(self, topic: str, value: bytes, key: str | bytes | None = None, on_delivery: Callable[[Any, Any], None] | None = None) -> None:
+    def produce(
+        self, topic: str, value: bytes, key: str | bytes | None = None, on_delivery: Callable[[Any, Any], None] | None = None
+    ) -> None:
         text_key = key.decode() if isinstance(key, bytes) else key
         with self._lock:  # offset order = report order
             offset = self.bus.publish(topic, text_key, value)

@@ -219,12 +219,16 @@ def assemble(
     if result is AddResult.too_large:
         limit = f"over the episode limit of {max_episode_bytes} bytes (OEL_TOPICS__MAX_EPISODE_BYTES)"
         return Assembly(
-            Action.close_truncated, ev, buffer,
+            Action.close_truncated,
+            ev,
+            buffer,
             reason=f"episode {ev.episode_id!r} would be {buffer.size_bytes + size} bytes, {limit}",
             close_reason=f"closed at event {ev.seq}: {limit}",
         )
     if result is AddResult.conflict:
-        return Assembly(Action.dead_letter, ev, buffer, reason=f"namespace {ev.namespace!r} differs from the episode's {buffer.namespace!r}")
+        return Assembly(
+            Action.dead_letter, ev, buffer, reason=f"namespace {ev.namespace!r} differs from the episode's {buffer.namespace!r}"
+        )
     if result is AddResult.complete:
         return Assembly(Action.close, ev, buffer)
     if result is AddResult.accepted:

@@ -7,6 +7,7 @@ nearly every content word of one untrusted sentence. :func:`forged_reason` check
 what no lesson needs: links, e-mail addresses, credentials and item-marker look-alikes (also when
 zero-width or other invisible characters are put between their letters).
 """
+
 from __future__ import annotations
 
 import re
@@ -30,7 +31,8 @@ _STOP = frozenset(
 
 _INVISIBLE = re.compile(r"[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufeff\uffa0]")
 FORGED_MARKER = re.compile(  # any spacing, case, dashes or markup between the letters
-    r"e\W*x\W*p\W*e\W*r\W*i\W*e\W*n\W*c\W*e[\W_]*i\W*t\W*e\W*m", re.IGNORECASE)
+    r"e\W*x\W*p\W*e\W*r\W*i\W*e\W*n\W*c\W*e[\W_]*i\W*t\W*e\W*m", re.IGNORECASE
+)
 _URL = re.compile(
     r"(?i)\b(?:[a-z][a-z0-9+.-]*://|www\.)\S+"  # scheme://... or www.
     r"|\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"  # e-mail address

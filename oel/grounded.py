@@ -94,8 +94,9 @@ def untrusted_text(episode: CompletedEpisode, trusted: Iterable[Source] = ()) ->
     return "\n".join(p.text for p in episode_pieces(episode) if p.source not in ok)
 
 
-def answer_items(output: str, variant: PromptVariant, episode: CompletedEpisode,
-                 trusted: Iterable[Source] = ()) -> tuple[list[str], list[Rejected]]:
+def answer_items(
+    output: str, variant: PromptVariant, episode: CompletedEpisode, trusted: Iterable[Source] = ()
+) -> tuple[list[str], list[Rejected]]:
     """The items a model's extraction answer about ``episode`` contributes: every parsed item, validated
     against the episode's untrusted text (every source not in ``trusted``). (kept, rejected)."""
     return validate_items(parse_items(output, variant), untrusted_text(episode, trusted))
@@ -198,7 +199,9 @@ class GroundedConfig:
 
 
 def grounded_items(
-    episodes: Sequence[CompletedEpisode], trusted: Iterable[Source], config: GroundedConfig = GroundedConfig(),
+    episodes: Sequence[CompletedEpisode],
+    trusted: Iterable[Source],
+    config: GroundedConfig = GroundedConfig(),
     known: Iterable[str] = (),
 ) -> list[GroundedItem]:
     """The batch's items (module docstring); empty when nothing is trusted. Statements already in
@@ -245,6 +248,17 @@ def _common_form(a: str, b: str) -> str:
 
 
 __all__ = [
-    "COPY_WORDS", "DEFAULT_TRUSTED_FEEDBACK", "GroundedConfig", "GroundedItem", "answer_items", "Source", "TextPiece", "episode_pieces",
-    "grounded_items", "rule_statement", "sentences", "trusted_sources", "untrusted_text",
+    "COPY_WORDS",
+    "DEFAULT_TRUSTED_FEEDBACK",
+    "GroundedConfig",
+    "GroundedItem",
+    "answer_items",
+    "Source",
+    "TextPiece",
+    "episode_pieces",
+    "grounded_items",
+    "rule_statement",
+    "sentences",
+    "trusted_sources",
+    "untrusted_text",
 ]

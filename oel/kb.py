@@ -41,7 +41,9 @@ class ExperienceItem(BaseModel):
     text: str
     source_episode_ids: list[str]
     extracted_by: str = Field(description="The model version that wrote it (grounded items: the model version of the episodes' agents).")
-    variant: str = Field(description="Extraction variant: structured, unstructured (the model's words) or grounded (trusted feedback's words).")
+    variant: str = Field(
+        description="Extraction variant: structured, unstructured (the model's words) or grounded (trusted feedback's words)."
+    )
     sources: list[str] = Field(
         default_factory=list,
         description="Where the text comes from, as source:field (environment:step.feedback, ...); model:extraction = "
@@ -139,9 +141,7 @@ def append(
     new_ids = [i.id for i in new]
     seq = state.seq + 1
     version = next_version(state.version, seq, new_ids)
-    ids, texts, dropped, tokens = fit_budget(
-        state.window_ids + new_ids, state.window_texts + [i.text for i in new], budget, count
-    )
+    ids, texts, dropped, tokens = fit_budget(state.window_ids + new_ids, state.window_texts + [i.text for i in new], budget, count)
     snapshot = KBSnapshot(
         namespace=state.namespace,
         version=version,

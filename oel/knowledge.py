@@ -191,27 +191,42 @@ class KnowledgeWriter:
         versions = {ep.episode_id: ep.model_version for ep in episodes}
         items = [
             kb.ExperienceItem(
-                id=item_id(episodes[0].namespace, g.text), namespace=episodes[0].namespace, text=g.text,
-                source_episode_ids=sorted(g.episode_ids), extracted_by=versions[g.episode_ids[0]],
-                variant=PromptVariant.grounded.value, sources=list(g.fields),
+                id=item_id(episodes[0].namespace, g.text),
+                namespace=episodes[0].namespace,
+                text=g.text,
+                source_episode_ids=sorted(g.episode_ids),
+                extracted_by=versions[g.episode_ids[0]],
+                variant=PromptVariant.grounded.value,
+                sources=list(g.fields),
             )
             for g in found
         ]
         # One record per episode, as for the model's variants: what extraction made of it (for audits, and for
         # whoever waits on the processor: an empty KB publishes no update).
-        self._put_all([
-            (kb.extraction_key(ep.namespace, ep.episode_id),
-             {"episode_id": ep.episode_id, "model_version": ep.model_version, "variant": PromptVariant.grounded.value,
-              "include_previous": False, "output": "", "trusted": sorted(s.value for s in trusted),
-              "items": [g.text for g in found if ep.episode_id in g.episode_ids],
-              "batch": sorted(e.episode_id for e in episodes)})
-            for ep in episodes
-        ])
+        self._put_all(
+            [
+                (
+                    kb.extraction_key(ep.namespace, ep.episode_id),
+                    {
+                        "episode_id": ep.episode_id,
+                        "model_version": ep.model_version,
+                        "variant": PromptVariant.grounded.value,
+                        "include_previous": False,
+                        "output": "",
+                        "trusted": sorted(s.value for s in trusted),
+                        "items": [g.text for g in found if ep.episode_id in g.episode_ids],
+                        "batch": sorted(e.episode_id for e in episodes),
+                    },
+                )
+                for ep in episodes
+            ]
+        )
         log.debug("grounded extraction of %d episodes: %d items in %.3f s", len(episodes), len(items), time.monotonic() - t0)
         return items
 
-    def _from_model(self, episodes: list[CompletedEpisode], state: kb.KBState, seen_before: set[str],
-                    trusted) -> tuple[list[kb.ExperienceItem], int, int, float]:
+    def _from_model(
+        self, episodes: list[CompletedEpisode], state: kb.KBState, seen_before: set[str], trusted
+    ) -> tuple[list[kb.ExperienceItem], int, int, float]:
         """Items the model wrote about each episode, validated: (items, rejected, reused answers, model seconds)."""
         answers, reused, seconds = self._extract(episodes, state.window_texts, seen_before)
         items: list[kb.ExperienceItem] = []
@@ -224,9 +239,13 @@ class KnowledgeWriter:
                 log.info("episode %s: item rejected (%s): %.80s", ep.episode_id, reason.reason, reason.text)
             items.extend(
                 kb.ExperienceItem(
-                    id=item_id(ep.namespace, text), namespace=ep.namespace, text=text,
-                    source_episode_ids=[ep.episode_id], extracted_by=answer["model_version"],
-                    variant=answer["variant"], sources=["model:extraction"],
+                    id=item_id(ep.namespace, text),
+                    namespace=ep.namespace,
+                    text=text,
+                    source_episode_ids=[ep.episode_id],
+                    extracted_by=answer["model_version"],
+                    variant=answer["variant"],
+                    sources=["model:extraction"],
                 )
                 for text in kept
             )

@@ -1,4 +1,5 @@
 """Logging helpers: loggers for clients (Kafka) whose connection failures repeat many times a second while a broker is down."""
+
 from __future__ import annotations
 
 import logging

@@ -212,17 +212,13 @@ ROUNDS_FINISHED = Counter(
 )
 ROUNDS_REJECTED = Counter(
     "oel_rounds_rejected_total",
-    "Rounds whose new version the evaluation gate rejected (not rolled out); reason one of "
-    + ", ".join(REJECT_REASONS)
-    + ".",
+    "Rounds whose new version the evaluation gate rejected (not rolled out); reason one of " + ", ".join(REJECT_REASONS) + ".",
     ["namespace", "reason"],
     registry=REGISTRY,
 )
 ROUNDS_SKIPPED = Counter(
     "oel_rounds_skipped_total",
-    "Rounds the knowledge gate skipped before training: the KB did not help in context; check one of "
-    + ", ".join(SKIP_CHECKS)
-    + ".",
+    "Rounds the knowledge gate skipped before training: the KB did not help in context; check one of " + ", ".join(SKIP_CHECKS) + ".",
     ["namespace", "check"],
     registry=REGISTRY,
 )
@@ -266,8 +262,7 @@ OPCD_STEPS = Counter(
 )
 OPCD_LAST_LOSS = Gauge(
     "oel_opcd_last_step_loss",
-    "OPCD loss of the last optimizer step: mean over tokens of the student's top-k reverse KL to the "
-    "teacher (nats per token).",
+    "OPCD loss of the last optimizer step: mean over tokens of the student's top-k reverse KL to the teacher (nats per token).",
     ["namespace"],
     registry=REGISTRY,
 )
@@ -712,4 +707,3 @@ def sample_value(name: str, labels: dict[str, str] | None = None) -> float | Non
     """The current value of one sample of :data:`REGISTRY` (tests): e.g.
     ``sample_value("oel_events_consumed_total", {"topic": "oel.trajectories"})``."""
     return REGISTRY.get_sample_value(name, labels or {})
-

@@ -131,8 +131,11 @@ class Episode:
         if not self.turns:
             return [ChatMessage(role="user", content=self.first_prompt)]
         last = self.turns[-1]
-        return [*last.prompt, ChatMessage(role="assistant", content=last.response),
-                *([ChatMessage(role="user", content=last.feedback)] if last.feedback else [])]
+        return [
+            *last.prompt,
+            ChatMessage(role="assistant", content=last.response),
+            *([ChatMessage(role="user", content=last.feedback)] if last.feedback else []),
+        ]
 
     @property
     def outcome(self) -> str:
@@ -143,13 +146,27 @@ class Episode:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "env": self.env, "seed": self.seed, "tag": self.tag, "metadata": self.metadata, "passed": self.passed,
-            "reward": self.reward, "adapter": self.adapter, "seconds": round(self.seconds, 3),
+            "env": self.env,
+            "seed": self.seed,
+            "tag": self.tag,
+            "metadata": self.metadata,
+            "passed": self.passed,
+            "reward": self.reward,
+            "adapter": self.adapter,
+            "seconds": round(self.seconds, 3),
             "first_prompt": self.first_prompt,
             "turns": [
-                {"response": t.response, "response_tokens": t.response_tokens, "action": t.action, "valid": t.valid,
-                 "feedback": t.feedback, "done": t.done, "passed": t.passed, "finish_reason": t.finish_reason,
-                 **({"choice_logprobs": t.choice_logprobs} if t.choice_logprobs is not None else {})}
+                {
+                    "response": t.response,
+                    "response_tokens": t.response_tokens,
+                    "action": t.action,
+                    "valid": t.valid,
+                    "feedback": t.feedback,
+                    "done": t.done,
+                    "passed": t.passed,
+                    "finish_reason": t.finish_reason,
+                    **({"choice_logprobs": t.choice_logprobs} if t.choice_logprobs is not None else {}),
+                }
                 for t in self.turns
             ],
         }
@@ -189,9 +206,13 @@ class RunStats:
 
     def as_dict(self) -> dict[str, float | int]:
         return {
-            "episodes": self.episodes, "passed": self.passed, "pass_rate": self.pass_rate,
-            "valid_action_rate": self.valid_action_rate, "mean_response_tokens": self.mean_response_tokens,
-            "mean_turns": self.mean_turns, "seconds": round(self.seconds, 2),
+            "episodes": self.episodes,
+            "passed": self.passed,
+            "pass_rate": self.pass_rate,
+            "valid_action_rate": self.valid_action_rate,
+            "mean_response_tokens": self.mean_response_tokens,
+            "mean_turns": self.mean_turns,
+            "seconds": round(self.seconds, 2),
             "episodes_per_minute": self.episodes_per_minute,
         }
 
@@ -357,8 +378,15 @@ def run_specs(
                 raise ValueError(f"action mode {mode.value!r} needs discrete moves; {env.name} takes free text (use 'free')")
             observation = env.reset(spec.seed)
             prompt = agent_prompt(situation_text(env, observation, mode), spec.experience)
-            episode = Episode(env=env.name, seed=int(spec.seed), metadata=env.metadata(), observation=observation,
-                              first_prompt=prompt, adapter=config.adapter, tag=spec.tag)
+            episode = Episode(
+                env=env.name,
+                seed=int(spec.seed),
+                metadata=env.metadata(),
+                observation=observation,
+                first_prompt=prompt,
+                adapter=config.adapter,
+                tag=spec.tag,
+            )
             slots.append((order, _Slot(env, episode, [ChatMessage(role="user", content=prompt)], time.monotonic())))
         acted = _act(backend, [s for _, s in slots], config, call_index)
         call_index += 1
@@ -366,9 +394,16 @@ def run_specs(
         for (order, slot), (text, gen, logps) in zip(slots, acted):
             result = slot.env.step(text)
             turn = Turn(
-                prompt=list(slot.messages), response=text, response_tokens=gen.response_tokens, action=result.action,
-                valid=result.valid, feedback=result.feedback, done=result.done, passed=result.passed,
-                finish_reason=gen.finish_reason, choice_logprobs=logps,
+                prompt=list(slot.messages),
+                response=text,
+                response_tokens=gen.response_tokens,
+                action=result.action,
+                valid=result.valid,
+                feedback=result.feedback,
+                done=result.done,
+                passed=result.passed,
+                finish_reason=gen.finish_reason,
+                choice_logprobs=logps,
             )
             ep = slot.episode
             ep.turns.append(turn)

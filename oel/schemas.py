@@ -91,7 +91,9 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str
     tool_calls: list[ToolCall] | None = Field(None, min_length=1, exclude_if=_absent, description="Assistant messages only.")
-    tool_call_id: str | None = Field(None, min_length=1, max_length=200, exclude_if=_absent, description="Tool messages only: the call answered.")
+    tool_call_id: str | None = Field(
+        None, min_length=1, max_length=200, exclude_if=_absent, description="Tool messages only: the call answered."
+    )
 
     @model_validator(mode="after")
     def _tool_fields_match_role(self) -> ChatMessage:

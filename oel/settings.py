@@ -33,6 +33,8 @@ from oel.logs import client_logger
 
 ENV_PREFIX = "OEL_"
 ENV_DELIMITER = "__"
+
+
 class FromSettings(Enum):
     """The default of an argument that is built from the settings unless given (None often means "none")."""
 
@@ -87,8 +89,12 @@ class KafkaSettings(Section):
     """How to reach the Kafka cluster; passed to confluent-kafka/aiokafka as-is."""
 
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field("PLAINTEXT", description="Kafka security protocol.")
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(None, description="SASL mechanism (SASL_* protocols).")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism (SASL_* protocols)."
+    )
     sasl_username: str | None = Field(None, description="SASL user name.")
     sasl_password: SecretStr | None = Field(None, description="SASL password (secret).")
     ssl_ca_location: Path | None = Field(None, description="CA bundle for SSL/SASL_SSL.")
@@ -109,8 +115,7 @@ class KafkaSettings(Section):
             missing = [n for n in ("sasl_mechanism", "sasl_username", "sasl_password") if getattr(self, n) is None]
             if missing:
                 raise ValueError(
-                    f"security_protocol={self.security_protocol} also needs "
-                    + ", ".join(_env_name("kafka", m) for m in missing)
+                    f"security_protocol={self.security_protocol} also needs " + ", ".join(_env_name("kafka", m) for m in missing)
                 )
         return self
 
@@ -150,7 +155,8 @@ class TopicSettings(Section):
     dlq_retention_ms: int = Field(14 * 24 * 3600 * 1000, ge=-1, description="Retention of dead-letter topics.")
     max_event_bytes: int = Field(1_048_576, ge=1024, description="Larger events are dead-lettered.")
     max_episode_bytes: int = Field(
-        8_388_608, ge=1024,
+        8_388_608,
+        ge=1024,
         description="An episode's events together; the event that would take an episode past it is dead-lettered "
         "and the episode is closed (abandoned) with the events before it.",
     )
@@ -158,9 +164,7 @@ class TopicSettings(Section):
     @model_validator(mode="after")
     def _episode_holds_an_event(self) -> TopicSettings:
         if self.max_episode_bytes < self.max_event_bytes:
-            raise ValueError(
-                f"max_episode_bytes ({self.max_episode_bytes}) must be at least max_event_bytes ({self.max_event_bytes})"
-            )
+            raise ValueError(f"max_episode_bytes ({self.max_episode_bytes}) must be at least max_event_bytes ({self.max_event_bytes})")
         return self
 
     @field_validator("trajectories", "experience", "model_versions", "episodes")
@@ -206,7 +210,8 @@ class ModelSettings(Section):
     backend: Literal["transformers", "vllm"] = Field("transformers", description="In-process transformers+peft, or a vLLM server.")
     vllm_url: str = Field("http://127.0.0.1:8000", description="Base URL of the vLLM OpenAI-compatible server.")
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
-        "auto", description="Weights dtype of the in-process backend and the learner's frozen base; auto = bfloat16 on a GPU or a CPU with native bf16, else float32."
+        "auto",
+        description="Weights dtype of the in-process backend and the learner's frozen base; auto = bfloat16 on a GPU or a CPU with native bf16, else float32.",
     )
     adapters: Literal["load", "served"] = Field(
         "load",
@@ -215,7 +220,8 @@ class ModelSettings(Section):
         "agents only switch once their server lists it.",
     )
     device: str = Field(
-        "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
         description="Where the in-process backend, the learner's student and teacher and the gates' model run: auto (cuda "
         "when torch sees a GPU, else cpu), cpu, cuda or cuda:N. A GPU that is not there stops start-up.",
     )
@@ -239,12 +245,15 @@ class GroupMembership(Section):
     """How a service's Kafka consumer group notices a dead member (shared by the processor and the learner)."""
 
     session_timeout_s: float = Field(
-        10.0, ge=6, le=300,
+        10.0,
+        ge=6,
+        le=300,
         description="A member that sends no heartbeat for this long is out of the group and its partitions move "
         "(Kafka's group.min.session.timeout.ms is 6 s by default).",
     )
     instance_id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9._-]{1,200}$",
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,200}$",
         description="Static group membership: a restarted member with the same id takes its partitions back at once, "
         "without a rebalance. Give each replica its own stable id (a StatefulSet pod name); unset = dynamic membership.",
     )
@@ -266,7 +275,9 @@ class ProcessorSettings(GroupMembership):
         TRUSTED_FEEDBACK,
         description="Namespaces (comma-separated glob patterns) whose environment feedback is trusted; user and agent text never are. Empty = none.",
     )
-    grounded_min_episodes: int = Field(2, ge=1, le=1024, description="Grounded variant: a statement must recur in this many episodes of a batch.")
+    grounded_min_episodes: int = Field(
+        2, ge=1, le=1024, description="Grounded variant: a statement must recur in this many episodes of a batch."
+    )
     include_previous: bool = Field(True, description="Show the current KB in the extraction prompt.")
     max_new_tokens: int = Field(256, ge=8, le=8192, description="Longest extraction answer.")
     temperature: float = Field(0.7, ge=0, le=5, description="Extraction sampling temperature (seeded per batch).")
@@ -276,29 +287,50 @@ class ProcessorSettings(GroupMembership):
 class LearnerSettings(GroupMembership):
     """When a consolidation round starts and how it trains (OPCD)."""
 
-    min_new_items: int = Field(1, ge=1, description="New KB items since the last round that trigger a round (the grounded variant adds few, exact items; raise it for the paper's variants).")
+    min_new_items: int = Field(
+        1,
+        ge=1,
+        description="New KB items since the last round that trigger a round (the grounded variant adds few, exact items; raise it for the paper's variants).",
+    )
     cooldown_s: float = Field(600.0, ge=0, description="Minimum time between two rounds of one namespace.")
     steps: int = Field(40, ge=1, le=100_000, description="Optimizer steps per round (paper: 20-100).")
     batch_size: int = Field(8, ge=1, le=4096, description="Samples per step (task prefixes plus anchor prompts).")
-    learning_rate: float = Field(2e-3, gt=0, lt=1, description="Peak AdamW LR of the LoRA adapter (measured on the default model; the paper's 1e-6 is for full fine-tuning).")
+    learning_rate: float = Field(
+        2e-3,
+        gt=0,
+        lt=1,
+        description="Peak AdamW LR of the LoRA adapter (measured on the default model; the paper's 1e-6 is for full fine-tuning).",
+    )
     prefix_turns: Literal["all", "first"] = Field(
         "first",
         description="Which training prefixes the student answers: each episode's first turn (measured better on the default model, bench/README) or every turn-prefix (all, the paper's).",
     )
     forward_kl_weight: float = Field(
-        0.5, ge=0, le=1,
+        0.5,
+        ge=0,
+        le=1,
         description="Share of forward KL mixed into the OPCD loss at the student's sampled tokens (0 = the paper's reverse KL; 0.5 measured on the default model, bench/README).",
     )
-    lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="Learning-rate schedule: cosine down to 0 at the last step, or constant (the paper's).")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="Learning-rate schedule: cosine down to 0 at the last step, or constant (the paper's)."
+    )
     warmup_steps: int = Field(5, ge=0, le=100_000, description="Steps over which the learning rate rises linearly to its value first.")
     temperature: float = Field(0.7, gt=0, le=5, description="Sampling temperature; logits are divided by it in the loss.")
     top_k: int = Field(256, ge=1, description="Reverse KL over the student's top-k tokens.")
-    max_new_tokens: int = Field(8, ge=1, le=32_768, description="Longest sampled response (short: the start of an answer carries what house rules teach; raise it for reasoning tasks).")
+    max_new_tokens: int = Field(
+        8,
+        ge=1,
+        le=32_768,
+        description="Longest sampled response (short: the start of an answer carries what house rules teach; raise it for reasoning tasks).",
+    )
     prompt_gradient: bool = Field(
-        True, description="Backpropagate through the whole prompt; false = the prompt's keys and values are taken from sampling, without gradient (faster, approximate)."
+        True,
+        description="Backpropagate through the whole prompt; false = the prompt's keys and values are taken from sampling, without gradient (faster, approximate).",
     )
     check_every: int = Field(
-        5, ge=0, le=100_000,
+        5,
+        ge=0,
+        le=100_000,
         description="Every this many OPCD steps, compare the student's greedy answers (no KB) with the teacher's (KB in context) and keep the best weights; 0 = no checks, keep the last step's.",
     )
     stop_agreement: float | None = Field(
@@ -307,39 +339,63 @@ class LearnerSettings(GroupMembership):
     experience_token_budget: int = Field(KB_TOKEN_BUDGET, ge=16, description="Experience beyond this is cut, oldest items first.")
     lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank of the student adapter.")
     experience_sets: int = Field(
-        1, ge=1, le=100, description="Newest KB snapshots the teacher draws experience from, one per sample (the paper's K runs); 1 = the whole current KB."
+        1,
+        ge=1,
+        le=100,
+        description="Newest KB snapshots the teacher draws experience from, one per sample (the paper's K runs); 1 = the whole current KB.",
     )
     auto_promote: bool = Field(
-        False, description="Promote a round's version at once if it passes the evaluation gate; false = a candidate for `oel models promote`."
+        False,
+        description="Promote a round's version at once if it passes the evaluation gate; false = a candidate for `oel models promote`.",
     )
-    gate_enabled: bool = Field(True, description="Run the evaluation gate (held-out pass rate, OOD instruction following) before a version can be rolled out.")
+    gate_enabled: bool = Field(
+        True, description="Run the evaluation gate (held-out pass rate, OOD instruction following) before a version can be rolled out."
+    )
     gate_pass_rate_tolerance: float = Field(
-        0.1, ge=0, le=1, description="Gate: largest allowed drop of the held-out pass rate (no experience) below the parent version's (0..1)."
+        0.1,
+        ge=0,
+        le=1,
+        description="Gate: largest allowed drop of the held-out pass rate (no experience) below the parent version's (0..1).",
     )
     gate_ood_tolerance: float = Field(
-        0.15, ge=0, le=1,
+        0.15,
+        ge=0,
+        le=1,
         description="Gate: largest allowed drop of the OOD instruction-following score below the base model's (0..1; 0.15 = 3 of the 20 prompts).",
     )
     knowledge_gate_enabled: bool = Field(
-        True, description="Before a round, check the KB in context (held-out pass rate and OOD score on the base model) and skip the round if it does not help."
+        True,
+        description="Before a round, check the KB in context (held-out pass rate and OOD score on the base model) and skip the round if it does not help.",
     )
     knowledge_gate_margin: float = Field(
-        0.1, ge=-1, le=1, description="Knowledge gate: smallest held-out pass-rate gain (0..1) the KB must bring in context to be consolidated."
+        0.1,
+        ge=-1,
+        le=1,
+        description="Knowledge gate: smallest held-out pass-rate gain (0..1) the KB must bring in context to be consolidated.",
     )
     anchor_fraction: float = Field(
-        0.5, ge=0, lt=1, description="Share of each OPCD batch drawn from general prompts whose teacher sees no experience (keeps the adapter close to the base model elsewhere; 0.5 measured on the default model, bench/README)."
+        0.5,
+        ge=0,
+        lt=1,
+        description="Share of each OPCD batch drawn from general prompts whose teacher sees no experience (keeps the adapter close to the base model elsewhere; 0.5 measured on the default model, bench/README).",
     )
     eval_env: str | None = Field(
-        None, description="Reference environment for held-out evaluation (frozenlake, sokoban, house-rules, or none); unset = the namespace's own name if it names one."
+        None,
+        description="Reference environment for held-out evaluation (frozenlake, sokoban, house-rules, or none); unset = the namespace's own name if it names one.",
     )
     eval_rules: str | None = Field(
-        None, description="House rules of house-rules evaluations, comma-separated (e.g. greeting,order-number); unset = the environment's default house."
+        None,
+        description="House rules of house-rules evaluations, comma-separated (e.g. greeting,order-number); unset = the environment's default house.",
     )
-    eval_episodes: int = Field(16, ge=1, le=100_000, description="Held-out episodes per evaluation (gate and `oel eval`; the paper uses 128).")
+    eval_episodes: int = Field(
+        16, ge=1, le=100_000, description="Held-out episodes per evaluation (gate and `oel eval`; the paper uses 128)."
+    )
     eval_mode: Literal["auto", "free", "short", "choice"] = Field(
         "auto", description="Agents' action mode in evaluations; auto = choice for the grid games, free for house rules."
     )
-    eval_max_new_tokens: int | None = Field(None, ge=1, le=32_768, description="Answer budget per turn in evaluations; unset = the action mode's default.")
+    eval_max_new_tokens: int | None = Field(
+        None, ge=1, le=32_768, description="Answer budget per turn in evaluations; unset = the action mode's default."
+    )
     ood_max_new_tokens: int = Field(64, ge=8, le=4096, description="Answer budget per prompt of the OOD instruction-following check.")
     group_id: str = Field("oel-learner", min_length=1, description="Kafka consumer group of the learner service.")
 
@@ -393,12 +449,16 @@ class MetricsSettings(Section):
 class RecorderSettings(Section):
     """The agents' trajectory recorder (producers.Recorder): batching, the bounded buffer, delivery."""
 
-    compression: Literal["lz4", "zstd", "gzip", "snappy", "none"] = Field("lz4", description="Batch compression; lz4 costs agents the least CPU.")
+    compression: Literal["lz4", "zstd", "gzip", "snappy", "none"] = Field(
+        "lz4", description="Batch compression; lz4 costs agents the least CPU."
+    )
     linger_ms: float = Field(20.0, ge=0, le=10_000, description="How long a batch waits to fill; more = bigger batches, later delivery.")
     batch_max_kbytes: int = Field(1024, ge=1, le=1_048_576, description="Largest batch per partition, in KB.")
     buffer_max_events: int = Field(20_000, ge=1, le=10_000_000, description="Events buffered before back-pressure starts.")
     buffer_max_kbytes: int = Field(65_536, ge=1, le=2_097_151, description="KB buffered before back-pressure starts (bounds memory).")
-    when_full: Literal["block", "raise"] = Field("block", description="With a full buffer: block up to block_timeout_s, or raise BufferFull at once.")
+    when_full: Literal["block", "raise"] = Field(
+        "block", description="With a full buffer: block up to block_timeout_s, or raise BufferFull at once."
+    )
     block_timeout_s: float = Field(10.0, ge=0, le=3600, description="Longest a send blocks on a full buffer before raising BufferFull.")
     delivery_timeout_s: float = Field(120.0, gt=0, le=86_400, description="An event not acknowledged within this long counts as failed.")
     close_timeout_s: float = Field(30.0, ge=0, le=3600, description="Longest close() flushes; what is left is reported as lost.")
@@ -415,11 +475,16 @@ class GatewaySettings(Section):
     )
     upstream_timeout_s: float = Field(600.0, gt=0, le=86_400, description="Longest wait for the upstream server's next bytes.")
     idle_end_s: float = Field(
-        300.0, gt=0, le=86_400,
+        300.0,
+        gt=0,
+        le=86_400,
         description="An episode with no call, feedback or end for this long is ended by the gateway (outcome says so; success unknown).",
     )
-    default_agent_id: str = Field("gateway", pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$",
-                                  description="Agent id of calls that name none (no X-OEL-Agent-Id header, metadata or user field).")
+    default_agent_id: str = Field(
+        "gateway",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$",
+        description="Agent id of calls that name none (no X-OEL-Agent-Id header, metadata or user field).",
+    )
     max_request_bytes: int = Field(4_194_304, ge=1024, le=1_073_741_824, description="Largest request body accepted.")
 
 

@@ -79,7 +79,9 @@ class VersionState:
             return good[-1]
         log.warning(
             "%s: version %s was %s and no earlier good version is known; falling back to the base model",
-            self.namespace, bad.version, bad.status.value,
+            self.namespace,
+            bad.version,
+            bad.status.value,
         )
         return None
 

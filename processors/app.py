@@ -26,6 +26,7 @@ Stages (each a Faust agent; several workers share the partitions):
 Tables use the in-memory store and are rebuilt from their changelog topics on start; the in-memory
 working state (open buffers, KB states, pending batches) is dropped when partitions are revoked.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -254,7 +255,9 @@ class Processor:
                 as_current(event)
                 await self._finish(step.buffer, abandoned=step.action is Action.close_truncated, reason=step.close_reason)
             else:  # ignore
-                log.debug("event %s of episode %s ignored (a duplicate, or its episode is closed)", step.event.event_id, step.event.episode_id)
+                log.debug(
+                    "event %s of episode %s ignored (a duplicate, or its episode is closed)", step.event.event_id, step.event.episode_id
+                )
         for episode_id, (event, buffer) in touched.items():
             as_current(event)
             self.episodes[episode_id] = OpenEntry(partition=event.message.partition, buffer=buffer.model_dump(mode="json"))
@@ -428,7 +431,12 @@ class Processor:
             await self.experience.send(key=namespace.encode(), value=result.update.to_bytes())
             log.info(
                 "%s: KB %s, %d new items (%d deduplicated, %d rejected) from %d episodes",
-                namespace, result.update.kb_version, len(result.new_items), result.deduplicated, result.rejected, len(episodes),
+                namespace,
+                result.update.kb_version,
+                len(result.new_items),
+                result.deduplicated,
+                result.rejected,
+                len(episodes),
             )
         return new_state
 
@@ -444,11 +452,15 @@ class Processor:
                 continue
             if "buffer" in entry and now - entry["buffer"]["received_at"] >= p.abandon_after_s:
                 await self.control.send(
-                    key=episode_id.encode(), value=ControlCommand(op="abandon", episode_id=episode_id).model_dump(), partition=entry["partition"]
+                    key=episode_id.encode(),
+                    value=ControlCommand(op="abandon", episode_id=episode_id).model_dump(),
+                    partition=entry["partition"],
                 )
             elif "closed_at" in entry and now - entry["closed_at"] >= max(4 * p.abandon_after_s, 3600):
                 await self.control.send(
-                    key=episode_id.encode(), value=ControlCommand(op="purge", episode_id=episode_id).model_dump(), partition=entry["partition"]
+                    key=episode_id.encode(),
+                    value=ControlCommand(op="purge", episode_id=episode_id).model_dump(),
+                    partition=entry["partition"],
                 )
 
     async def _flush_tick(self) -> None:
@@ -475,9 +487,9 @@ class Processor:
         assignment = list(consumer.assignment())
         for guard in self.guards:
             tps = [tp for tp in assignment if tp.topic == guard.topic]
-            await self._seek(guard.stalled(
-                {tp: consumer.highwater(tp) for tp in tps}, {tp: consumer._committed_offset.get(tp) for tp in tps}
-            ))
+            await self._seek(
+                guard.stalled({tp: consumer.highwater(tp) for tp in tps}, {tp: consumer._committed_offset.get(tp) for tp in tps})
+            )
 
     def _observe_lag(self) -> None:
         consumer = getattr(self.app, "consumer", None)
@@ -561,15 +573,21 @@ def internal_topic_specs(settings: Settings) -> list[TopicSpec]:
     parts = {"episodes": t.trajectories_partitions, "kb": t.episodes_partitions}
     specs = [
         TopicSpec(
-            f"{p.app_id}-{name}-changelog", parts[name], rf,
-            {"cleanup.policy": "compact", "max.message.bytes": str(episode_record_bytes(t))}, f"changelog of the {name} table",
+            f"{p.app_id}-{name}-changelog",
+            parts[name],
+            rf,
+            {"cleanup.policy": "compact", "max.message.bytes": str(episode_record_bytes(t))},
+            f"changelog of the {name} table",
         )
         for name in TABLES
     ]
     specs.append(
         TopicSpec(
-            control_topic(p.app_id), t.trajectories_partitions, rf,
-            {"cleanup.policy": "delete", "retention.ms": str(24 * 3600 * 1000)}, "abandon/purge commands for the episodes table",
+            control_topic(p.app_id),
+            t.trajectories_partitions,
+            rf,
+            {"cleanup.policy": "delete", "retention.ms": str(24 * 3600 * 1000)},
+            "abandon/purge commands for the episodes table",
         )
     )
     return specs

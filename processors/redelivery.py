@@ -18,6 +18,7 @@ back too. A seek that was not needed only delivers records again, which both sta
 A hole that stays after :data:`REAL_HOLE_AFTER_S` of seeking is taken as one the log really has (a
 transaction marker of an outside producer that used transactions, or compaction) and passed over.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,7 +59,9 @@ class DeliveryGuard:
             if time.monotonic() - since < REAL_HOLE_AFTER_S:
                 self.seeks[tp] = expected
                 return False
-            log.warning("%s: no record at offsets %d-%d after %.0fs of reading again; going on", tp, expected, offset - 1, REAL_HOLE_AFTER_S)
+            log.warning(
+                "%s: no record at offsets %d-%d after %.0fs of reading again; going on", tp, expected, offset - 1, REAL_HOLE_AFTER_S
+            )
         self._hole_since.pop((tp, expected), None)
         if expected is None or offset + 1 > expected:
             self.expected[tp] = offset + 1

@@ -170,10 +170,18 @@ class AdapterSync:
         for ns, names in self.wanted().items():
             metrics.ADAPTERS_SERVED.labels(namespace=ns).set(sum(n in served for n in names))
         if missing or extra or not ok:
-            self._last_problem = "; ".join(filter(None, [
-                f"not loaded: {', '.join(missing)}" if missing else "",
-                f"not unloaded: {', '.join(extra)}" if extra else "",
-            ])) or "a load or unload failed"
+            self._last_problem = (
+                "; ".join(
+                    filter(
+                        None,
+                        [
+                            f"not loaded: {', '.join(missing)}" if missing else "",
+                            f"not unloaded: {', '.join(extra)}" if extra else "",
+                        ],
+                    )
+                )
+                or "a load or unload failed"
+            )
             return False
         self._last_problem = None
         if not self._synced:

@@ -73,7 +73,7 @@ class AdapterLoader:
             raise FileNotFoundError(f"no adapter files under {prefix!r} in the object store")
         out = (self.cache_dir / version.namespace / version.version).resolve()
         for key in keys:
-            path = (out / key[len(prefix):]).resolve()
+            path = (out / key[len(prefix) :]).resolve()
             if not path.is_relative_to(out) or path == out:
                 raise ValueError(f"adapter object {key!r} of {version.namespace}/{version.version} is not a file under {prefix!r}")
             path.parent.mkdir(parents=True, exist_ok=True)

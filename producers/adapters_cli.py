@@ -22,21 +22,46 @@ def adapters() -> None:
 
 
 @adapters.command("sync")
-@click.option("--namespace", "namespaces", multiple=True, envvar="OEL_ADAPTER_SYNC_NAMESPACES", required=True,
-              help="Namespace(s) whose promoted versions this server serves (repeat, or comma-separate; "
-                   "env OEL_ADAPTER_SYNC_NAMESPACES).")
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    envvar="OEL_ADAPTER_SYNC_NAMESPACES",
+    required=True,
+    help="Namespace(s) whose promoted versions this server serves (repeat, or comma-separate; env OEL_ADAPTER_SYNC_NAMESPACES).",
+)
 @click.option("--vllm-url", default=None, help="This pod's vLLM server [default: OEL_MODEL__VLLM_URL].")
-@click.option("--dir", "adapter_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=lambda: os.environ.get("OEL_ADAPTER_SYNC_DIR", "/adapters"), show_default="/adapters",
-              help="Folder shared with the vLLM container, at the same path there (env OEL_ADAPTER_SYNC_DIR).")
-@click.option("--keep", type=click.IntRange(1, 64), default=2, show_default=True,
-              help="Versions per namespace kept loaded: the current one and the ones before it (agents finish "
-                   "their episode on the version they started it with).")
-@click.option("--resync", "resync_s", type=click.FloatRange(min=1), default=15.0, show_default=True,
-              help="Seconds between checks of what the server serves (a restarted vLLM gets its adapters back).")
-@click.option("--model-path", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The served base model's folder, to check each adapter against it before loading [default: "
-                   "the folder the server reports, when this container can read it].")
+@click.option(
+    "--dir",
+    "adapter_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=lambda: os.environ.get("OEL_ADAPTER_SYNC_DIR", "/adapters"),
+    show_default="/adapters",
+    help="Folder shared with the vLLM container, at the same path there (env OEL_ADAPTER_SYNC_DIR).",
+)
+@click.option(
+    "--keep",
+    type=click.IntRange(1, 64),
+    default=2,
+    show_default=True,
+    help="Versions per namespace kept loaded: the current one and the ones before it (agents finish "
+    "their episode on the version they started it with).",
+)
+@click.option(
+    "--resync",
+    "resync_s",
+    type=click.FloatRange(min=1),
+    default=15.0,
+    show_default=True,
+    help="Seconds between checks of what the server serves (a restarted vLLM gets its adapters back).",
+)
+@click.option(
+    "--model-path",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The served base model's folder, to check each adapter against it before loading [default: "
+    "the folder the server reports, when this container can read it].",
+)
 @click.pass_context
 def sync(ctx: click.Context, namespaces, vllm_url, adapter_dir: Path, keep: int, resync_s: float, model_path) -> None:
     """Follow oel.model-versions and keep this pod's vLLM server serving every promoted version's adapter.

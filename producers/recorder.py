@@ -188,9 +188,7 @@ class CloseReport:
             return f"all {self.delivered} events delivered"
         parts = [f"{self.lost} trajectory events were not delivered ({self.delivered} were)"]
         if self.undelivered_at_close:
-            parts.append(
-                f"{self.undelivered_at_close} were still buffered after a {self.flush_timeout_s:g}s flush at close"
-            )
+            parts.append(f"{self.undelivered_at_close} were still buffered after a {self.flush_timeout_s:g}s flush at close")
         if self.failed_before_close:
             parts.append(f"{self.failed_before_close} failed earlier")
         parts.append("by reason: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.reasons.items())))
@@ -872,8 +870,9 @@ class _EpisodeBase:
         if value is None:
             if isinstance(prompt, ChatMessage):
                 prompt = [prompt]
-            value = self._slow(StepPayload, "step", prompt=prompt, response=response, tool_calls=tool_calls,
-                               action=action, feedback=feedback)
+            value = self._slow(
+                StepPayload, "step", prompt=prompt, response=response, tool_calls=tool_calls, action=action, feedback=feedback
+            )
         return value
 
     def _end_json(self, outcome: Any, success: Any) -> bytes:
@@ -949,8 +948,7 @@ class _EpisodeBase:
         if self._failures:
             n = sum(self._failures.values())
             raise DeliveryFailed(
-                f"{n} events of episode {self.episode_id} were not delivered: "
-                + ", ".join(f"{k} x{v}" for k, v in self._failures.items()),
+                f"{n} events of episode {self.episode_id} were not delivered: " + ", ".join(f"{k} x{v}" for k, v in self._failures.items()),
                 self._failures,
             )
 
@@ -1005,8 +1003,9 @@ class Episode(_EpisodeBase):
         """Record one turn: the conversation the model saw (a string = one user message, or chat
         messages, tool calls and results included), its raw response and the tool calls it made, the action
         parsed from it, and the text feedback it got."""
-        payload = ((_fast_step(prompt, response, action, feedback) if tool_calls is None else None)
-                   or self._step_json(prompt, response, action, feedback, tool_calls))
+        payload = (_fast_step(prompt, response, action, feedback) if tool_calls is None else None) or self._step_json(
+            prompt, response, action, feedback, tool_calls
+        )
         if self.ended:
             self._check_open("record a step")
         if not self.started:

@@ -136,7 +136,10 @@ class VersionFollower:
         current = self.current()
         log.info(
             "%s: following %s from version %s (%d messages read)",
-            self.namespace, self.topic, current.version if current else BASE_VERSION, self._messages,
+            self.namespace,
+            self.topic,
+            current.version if current else BASE_VERSION,
+            self._messages,
         )
         return self
 

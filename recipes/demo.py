@@ -134,8 +134,9 @@ class LearningLoop:
     (:meth:`follow`): :class:`DemoLoop` does all of it in this process; :class:`recipes.demo_stack.StackLoop`
     on the real services."""
 
-    def __init__(self, settings: Settings, config: DemoConfig, store: ObjectStore, backend: Backend | None,
-                 progress: Callable[[str], None]):
+    def __init__(
+        self, settings: Settings, config: DemoConfig, store: ObjectStore, backend: Backend | None, progress: Callable[[str], None]
+    ):
         self.config = config
         self.settings = _demo_settings(settings, config)
         self.progress = progress
@@ -190,8 +191,14 @@ class LearningLoop:
             sent += self.publish_episode(ep, self.episode_id(round_no, ep.seed), f"demo-agent-{ep.seed % 4}", version)
 
         with progress_bar(len(seeds), f"round {round_no}: agents play ({version})") as bar:
-            episodes = run_episodes(self.backend, lambda: make_env(cfg.env, **cfg.env_options), seeds, agent, experience=experience,
-                                    on_episode=lambda ep: (publish(ep), bar.update(1)))
+            episodes = run_episodes(
+                self.backend,
+                lambda: make_env(cfg.env, **cfg.env_options),
+                seeds,
+                agent,
+                experience=experience,
+                on_episode=lambda ep: (publish(ep), bar.update(1)),
+            )
         return episodes, sent, version
 
     def episode_id(self, round_no: int, seed: int) -> str:
@@ -213,8 +220,12 @@ class LearningLoop:
         passed = sum(1 for ep in episodes if ep.passed)
         last = self.reports[-1] if self.reports else None
         report = RoundReport(
-            round=round_no, played_with=played_with, episodes=len(episodes),
-            train_pass_rate=passed / len(episodes) if episodes else 0.0, events=sent, invalid_events=invalid,
+            round=round_no,
+            played_with=played_with,
+            episodes=len(episodes),
+            train_pass_rate=passed / len(episodes) if episodes else 0.0,
+            events=sent,
+            invalid_events=invalid,
             new_items=len(update.new_item_ids) if update else 0,
             kb_items=update.total_items if update else (last.kb_items if last else 0),
             kb_version=update.kb_version if update else (last.kb_version if last else None),
@@ -235,8 +246,11 @@ class LearningLoop:
             self.progress(
                 f"round {r}: played with {report.played_with}: train pass rate {report.train_pass_rate:.0%}; "
                 f"+{report.new_items} items (KB {report.kb_items}); "
-                + (f"version {report.version}: {report.status}" + (f" ({report.reason})" if report.reason else "")
-                   if report.version else "no round (no new items)")
+                + (
+                    f"version {report.version}: {report.status}" + (f" ({report.reason})" if report.reason else "")
+                    if report.version
+                    else "no round (no new items)"
+                )
                 + f"; {sum(report.seconds.values()):.0f} s"
             )
         return self.reports
@@ -252,9 +266,16 @@ class LearningLoop:
             return None
         self.progress("evaluating every round on the held-out seeds (no experience / in context / consolidated)")
         spec = EvalSpec.from_settings(self.settings, self.config.env)
-        table = eval_table(self.store, self.backend, self.config.ns, spec, registry=self.registry, ood=True,
-                           evaluator=Evaluator.from_settings(self.store, self.backend, self.settings, self.registry),
-                           progress=lambda line: self.progress(f"  eval: {line}"))
+        table = eval_table(
+            self.store,
+            self.backend,
+            self.config.ns,
+            spec,
+            registry=self.registry,
+            ood=True,
+            evaluator=Evaluator.from_settings(self.store, self.backend, self.settings, self.registry),
+            progress=lambda line: self.progress(f"  eval: {line}"),
+        )
         paths = table.save(self.out_dir)
         self.table_paths = (Path(paths["markdown"]), Path(paths["png"]))
         return table
@@ -268,8 +289,10 @@ class LearningLoop:
     def _save(self) -> None:
         import json
 
-        doc = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()},
-               "rounds": [asdict(r) for r in self.reports]}
+        doc = {
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()},
+            "rounds": [asdict(r) for r in self.reports],
+        }
         (self.out_dir / "demo.json").write_text(json.dumps(doc, indent=2, default=str))
 
 
@@ -296,15 +319,20 @@ class DemoLoop(LearningLoop):
 
         self.bus = InProcessBus()
         self.registry = ModelRegistry(self.store, publisher=self._publish_version)
-        runner_kwargs: dict[str, Any] = {"registry": self.registry, "auto_promote": True, "backend": self.backend,
-                                         "on_step": self._opcd_progress}
+        runner_kwargs: dict[str, Any] = {
+            "registry": self.registry,
+            "auto_promote": True,
+            "backend": self.backend,
+            "on_step": self._opcd_progress,
+        }
         if gate is not None:
             runner_kwargs["gate"] = gate
         self.runner = RoundRunner(self.store, self.settings, **runner_kwargs)
         self.learner = Consolidator(self.runner, TriggerPolicy(min_new_items=1, cooldown_s=0.0))
         self.versions = VersionState(config.ns)
-        self.writer = KnowledgeWriter(self.store, self.backend, BASE_VERSION, WriterConfig.from_settings(self.settings),
-                                      count_tokens=token_counter(self.backend))
+        self.writer = KnowledgeWriter(
+            self.store, self.backend, BASE_VERSION, WriterConfig.from_settings(self.settings), count_tokens=token_counter(self.backend)
+        )
         self.kb_state = KBState(namespace=config.ns)
         self._opcd_bar = None
         self.buffers: dict[str, EpisodeBuffer | ClosedEpisode] = {}
@@ -326,8 +354,9 @@ class DemoLoop(LearningLoop):
         t = self.settings.topics
         for msg in self.bus.read(self.TRAJECTORIES, "processor"):
             key = msg.key.encode() if msg.key is not None else None
-            step = assemble(key, msg.value, self.buffers.get, time.time(),
-                            max_event_bytes=t.max_event_bytes, max_episode_bytes=t.max_episode_bytes)
+            step = assemble(
+                key, msg.value, self.buffers.get, time.time(), max_event_bytes=t.max_event_bytes, max_episode_bytes=t.max_episode_bytes
+            )
             if step.action in (Action.dead_letter, Action.close_truncated):
                 dlq, _ = dead_letter(msg.topic, 0, msg.offset, step.reason)
                 self.bus.publish(dlq, msg.key, msg.value)
@@ -343,8 +372,10 @@ class DemoLoop(LearningLoop):
         self.kb_state, result = self.writer.process_batch(self.kb_state, completed)
         if result.update is not None:
             self.bus.publish(self.EXPERIENCE, self.config.ns, result.update.to_bytes())
-        self.progress(f"  processor: {len(result.new_items)} new items ({result.deduplicated} duplicates, "
-                      f"{result.rejected} rejected); KB {self.kb_state.version} has {len(self.kb_state.all_ids)} items")
+        self.progress(
+            f"  processor: {len(result.new_items)} new items ({result.deduplicated} duplicates, "
+            f"{result.rejected} rejected); KB {self.kb_state.version} has {len(self.kb_state.all_ids)} items"
+        )
         return result.update, invalid
 
     def learn(self, update: ExperienceUpdate | None) -> list[VersionRecord]:
@@ -353,8 +384,10 @@ class DemoLoop(LearningLoop):
             self.learner.observe(decode(msg.value, ExperienceUpdate))
         outcomes = []
         for trigger in self.learner.due():
-            self.progress(f"  learner: round {trigger.round_id[:8]} on KB {trigger.kb_version} ({trigger.new_items} new items): "
-                          f"knowledge gate, then up to {self.config.steps} OPCD steps and the evaluation gate")
+            self.progress(
+                f"  learner: round {trigger.round_id[:8]} on KB {trigger.kb_version} ({trigger.new_items} new items): "
+                f"knowledge gate, then up to {self.config.steps} OPCD steps and the evaluation gate"
+            )
             outcome = self.learner.run_round(trigger)
             if self._opcd_bar is not None:  # a round that stopped early at its agreement target
                 self._opcd_bar.close()
@@ -406,9 +439,17 @@ class DemoLoop(LearningLoop):
 
 def _demo_settings(settings: Settings, config: DemoConfig) -> Settings:
     """The settings with the demo's round size; everything else (model, LR, gate tolerances) as configured."""
-    learner = settings.learner.model_copy(update={"steps": config.steps, "min_new_items": 1, "cooldown_s": 0.0, "auto_promote": True,
-                                                  "eval_env": config.env, "eval_episodes": config.eval_episodes,
-                                                  "eval_rules": ",".join(config.rules) if config.env == "house-rules" else None})
+    learner = settings.learner.model_copy(
+        update={
+            "steps": config.steps,
+            "min_new_items": 1,
+            "cooldown_s": 0.0,
+            "auto_promote": True,
+            "eval_env": config.env,
+            "eval_episodes": config.eval_episodes,
+            "eval_rules": ",".join(config.rules) if config.env == "house-rules" else None,
+        }
+    )
     processor = settings.processor.model_copy(update={"extraction_variant": config.variant, "max_new_tokens": config.extraction_tokens})
     return settings.model_copy(update={"learner": learner, "processor": processor})
 

@@ -67,6 +67,7 @@ class StackLoop(LearningLoop):
         super().__init__(settings, config, store, backend, progress)
         from oel.ops.topics import admin_client, ensure_topics
         from oel.topics import topic_specs
+
         s = self.settings
         ensure_topics(admin_client(s.kafka), topic_specs(s))
         self.timeout_s = timeout_s
@@ -79,11 +80,24 @@ class StackLoop(LearningLoop):
         from oel.rollout import AgentConfig
         from reference.live_agent import LiveAgent
 
-        self.agent = LiveAgent(s, config.ns, lambda: make_env(config.env, **config.env_options), self.backend, self.store,
-                               agent=AgentConfig(mode=config.action_mode, batch_size=config.agent_batch, seed=config.seed),
-                               agent_id="demo-agent", adapter_cache=self.out_dir / "adapters")
-        self._updates = Consumer({**s.kafka.client_config(), "group.id": f"oel-demo-{config.ns}-{os.getpid()}",
-                                  "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        self.agent = LiveAgent(
+            s,
+            config.ns,
+            lambda: make_env(config.env, **config.env_options),
+            self.backend,
+            self.store,
+            agent=AgentConfig(mode=config.action_mode, batch_size=config.agent_batch, seed=config.seed),
+            agent_id="demo-agent",
+            adapter_cache=self.out_dir / "adapters",
+        )
+        self._updates = Consumer(
+            {
+                **s.kafka.client_config(),
+                "group.id": f"oel-demo-{config.ns}-{os.getpid()}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
         parts = self._updates.list_topics(s.topics.experience, timeout=10).topics[s.topics.experience].partitions
         self._updates.assign([TopicPartition(s.topics.experience, p, 0) for p in parts])
         self._round_episodes: list[str] = []
@@ -150,9 +164,11 @@ class StackLoop(LearningLoop):
         cfg = self.config
         seeds = train_seeds(cfg.episodes, start=cfg.seed + (round_no - 1) * cfg.episodes)
         with progress_bar(len(seeds), f"round {round_no}: agents play") as bar:
-            episodes = self.agent.play(seeds, episode_id=lambda ep: self.episode_id(round_no, ep.seed),
-                                       on_episode=lambda ep: (self._round_episodes.append(self.episode_id(round_no, ep.seed)),
-                                                              bar.update(1)))
+            episodes = self.agent.play(
+                seeds,
+                episode_id=lambda ep: self.episode_id(round_no, ep.seed),
+                on_episode=lambda ep: (self._round_episodes.append(self.episode_id(round_no, ep.seed)), bar.update(1)),
+            )
         self.serving = None if self.agent.serving == BASE_VERSION else self.agent.serving
         return episodes, sum(len(ep.turns) + 2 for ep in episodes), self.agent.serving
 
@@ -174,7 +190,8 @@ class StackLoop(LearningLoop):
             if want <= covered:
                 return True
             if latest_snapshot(self.store, self.config.ns) is None and all(
-                    self.store.exists(extraction_key(self.config.ns, e)) for e in want):
+                self.store.exists(extraction_key(self.config.ns, e)) for e in want
+            ):
                 # The KB is empty and every episode was extracted from: an update comes only if some
                 # item passes validation (the processor's own functions say whether one does).
                 return not self._would_add_items(want)
@@ -185,8 +202,9 @@ class StackLoop(LearningLoop):
             self.progress("  processor: no items yet (the KB is empty; no update published)")
             return None, 0
         newest = mine[-1]
-        merged = newest.model_copy(update={"new_item_ids": [i for u in mine for i in u.new_item_ids],
-                                           "source_episode_ids": sorted(covered & want)})
+        merged = newest.model_copy(
+            update={"new_item_ids": [i for u in mine for i in u.new_item_ids], "source_episode_ids": sorted(covered & want)}
+        )
         self.progress(f"  processor: {len(merged.new_item_ids)} new items; KB {merged.kb_version} has {merged.total_items} items")
         return merged, 0
 
@@ -204,8 +222,9 @@ class StackLoop(LearningLoop):
                 kept = answer["items"]  # the grounded variant records the items each episode contributed
             else:
                 episode = CompletedEpisode.model_validate(self.store.get_json(episode_key(ns, eid)))
-                kept, _ = answer_items(answer["output"], PromptVariant(answer["variant"]), episode,
-                                       WriterConfig.from_settings(self.settings).trusted(ns))
+                kept, _ = answer_items(
+                    answer["output"], PromptVariant(answer["variant"]), episode, WriterConfig.from_settings(self.settings).trusted(ns)
+                )
             if kept:
                 return True
         return False

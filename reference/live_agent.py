@@ -35,20 +35,21 @@ from producers.versions import VersionFollower
 log = logging.getLogger(__name__)
 
 
-def record_episode(recorder: Recorder, episode: Episode, namespace: str, agent_id: str, version: str,
-                   *, episode_id: str | None = None) -> int:
+def record_episode(
+    recorder: Recorder, episode: Episode, namespace: str, agent_id: str, version: str, *, episode_id: str | None = None
+) -> int:
     """Record one played episode with the recorder SDK: start (the task, the metadata), one step per turn,
     end (``success`` only for metrics, as everywhere); returns how many events were sent."""
-    with recorder.episode(namespace, agent_id, version, task=episode.first_prompt, metadata=episode.metadata,
-                          episode_id=episode_id) as rec:
+    with recorder.episode(namespace, agent_id, version, task=episode.first_prompt, metadata=episode.metadata, episode_id=episode_id) as rec:
         for turn in episode.turns:
             rec.step(turn.prompt, turn.response, action=turn.action, feedback=turn.feedback)
         rec.end(episode.outcome, success=episode.passed)
     return rec.seq
 
 
-def episode_events(episode: Episode, namespace: str, episode_id: str, agent_id: str, version: str,
-                   settings: Settings | None = None) -> list[TrajectoryEvent]:
+def episode_events(
+    episode: Episode, namespace: str, episode_id: str, agent_id: str, version: str, settings: Settings | None = None
+) -> list[TrajectoryEvent]:
     """The events the recorder sends for a played episode (recorded by :func:`record_episode` on an
     in-process bus), for tools that assemble episodes themselves."""
     from oel.bus import BusProducer, InProcessBus
@@ -93,13 +94,19 @@ class LiveAgent:
         self.follower = VersionFollower(namespace, settings, on_change=None if self.served else self.loader).start()
         self.serving = BASE_VERSION
 
-    def play(self, seeds: Iterable[int], episode_id: Callable[[Episode], str] | None = None,
-             on_episode: Callable[[Episode], None] | None = None) -> list[Episode]:
+    def play(
+        self, seeds: Iterable[int], episode_id: Callable[[Episode], str] | None = None, on_episode: Callable[[Episode], None] | None = None
+    ) -> list[Episode]:
         """Play one batch of episodes (one per seed) with the version current now, recording each as it ends."""
         pinned = self.follower.pin()
         if pinned.version is not None and not self._usable(pinned.version):
-            log.warning("%s: the adapter of %s is not %s; playing this batch with %s", self.namespace, pinned.name,
-                        "served everywhere yet" if self.served else "loadable", self.serving)
+            log.warning(
+                "%s: the adapter of %s is not %s; playing this batch with %s",
+                self.namespace,
+                pinned.name,
+                "served everywhere yet" if self.served else "loadable",
+                self.serving,
+            )
         else:
             self._switch(pinned.name)
         adapter = None if self.serving == BASE_VERSION else self.serving

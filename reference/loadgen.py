@@ -160,7 +160,12 @@ def read_episodes(path: Path) -> list[EpisodeSpec]:
                 task=start.start.task if start.start else None,
                 metadata=dict(start.start.metadata) if start.start else {},
                 steps=[
-                    {"prompt": [m.model_dump() for m in e.step.prompt], "response": e.step.response, "action": e.step.action, "feedback": e.step.feedback}
+                    {
+                        "prompt": [m.model_dump() for m in e.step.prompt],
+                        "response": e.step.response,
+                        "action": e.step.action,
+                        "feedback": e.step.feedback,
+                    }
                     for e in events
                     if e.kind is EventKind.step and e.step is not None
                 ],

@@ -16,14 +16,34 @@ from oel.versions import BASE_VERSION
 
 @click.command("loadgen")
 @click.option("--rate", type=float, default=200.0, show_default=True, help="Target events per second (0 = as fast as possible).")
-@click.option("--duration", "duration_s", type=float, default=None, help="Stop starting episodes after this many seconds [default: 10 unless --episodes].")
+@click.option(
+    "--duration",
+    "duration_s",
+    type=float,
+    default=None,
+    help="Stop starting episodes after this many seconds [default: 10 unless --episodes].",
+)
 @click.option("--episodes", type=int, default=None, help="Stop after this many episodes.")
-@click.option("--replay", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Replay the episodes of this JSONL file of TrajectoryEvents (fresh episode ids), looping.")
-@click.option("--record", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write every event sent to this JSONL file (replayable with --replay).")
-@click.option("--namespace", "namespaces", multiple=True, default=("loadgen",), show_default=True,
-              help="Namespace(s) of synthetic episodes (repeat the option for several).")
+@click.option(
+    "--replay",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Replay the episodes of this JSONL file of TrajectoryEvents (fresh episode ids), looping.",
+)
+@click.option(
+    "--record",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write every event sent to this JSONL file (replayable with --replay).",
+)
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    default=("loadgen",),
+    show_default=True,
+    help="Namespace(s) of synthetic episodes (repeat the option for several).",
+)
 @click.option("--model-version", default=BASE_VERSION, show_default=True, help="model_version of synthetic episodes.")
 @click.option("--concurrency", type=int, default=16, show_default=True, help="Episodes open at once (interleaved, like a fleet of agents).")
 @click.option("--topic", default=None, help="Topic to send to [default: OEL_TOPICS__TRAJECTORIES].")
@@ -61,7 +81,9 @@ def loadgen(ctx: click.Context, rate, duration_s, episodes, replay, record, name
     except KafkaUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     if found is None or found.error is not None:
-        raise click.ClickException(f"topic {topic} does not exist on {settings.kafka.bootstrap_servers}; create it with `oel topics create`")
+        raise click.ClickException(
+            f"topic {topic} does not exist on {settings.kafka.bootstrap_servers}; create it with `oel topics create`"
+        )
     recorder = Recorder(settings, topic=topic)
     bound = " and ".join(x for x in (f"{duration_s:g}s" if duration_s else "", f"{episodes} episodes" if episodes else "") if x)
     click.echo(
@@ -71,8 +93,15 @@ def loadgen(ctx: click.Context, rate, duration_s, episodes, replay, record, name
     out = open(record, "w", encoding="utf-8") if record else None  # noqa: SIM115
     try:
         report = lg.run(
-            recorder, source, rate=rate or None, duration_s=duration_s, episodes=episodes,
-            concurrency=concurrency, seed=seed, record=out, progress=click.echo,
+            recorder,
+            source,
+            rate=rate or None,
+            duration_s=duration_s,
+            episodes=episodes,
+            concurrency=concurrency,
+            seed=seed,
+            record=out,
+            progress=click.echo,
         )
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -8,8 +8,9 @@ from producers.adapters import AdapterLoader
 
 
 def version(uri: str) -> ModelVersion:
-    return ModelVersion(namespace="shop", version="v1", adapter_uri=uri, base_model="m", base_model_hash="sha256:0",
-                        status=VersionStatus.promoted)
+    return ModelVersion(
+        namespace="shop", version="v1", adapter_uri=uri, base_model="m", base_model_hash="sha256:0", status=VersionStatus.promoted
+    )
 
 
 def test_the_adapter_folder_is_copied_under_the_cache_only(tmp_path):

@@ -23,7 +23,6 @@ from producers.versions import VersionState
 T0 = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 
 
-
 def publish_version(version: ModelVersion, settings) -> None:
     from oel.ops.versions import publish_version as publish
 
@@ -37,10 +36,18 @@ def rollback(bad: ModelVersion, to: ModelVersion, reason: str, settings) -> None
     for event in rollback_events(bad, to, reason):
         publish_version(event, settings)
 
+
 def version(ns: str, name: str, n: int, status: str = "promoted", parent: str | None = None) -> ModelVersion:
-    return ModelVersion(namespace=ns, version=name, adapter_uri=f"adapters/{ns}/{name}/", base_model="base",
-                        base_model_hash="sha256:0", parent_version=parent, status=VersionStatus(status),
-                        ts=T0 + timedelta(minutes=n))
+    return ModelVersion(
+        namespace=ns,
+        version=name,
+        adapter_uri=f"adapters/{ns}/{name}/",
+        base_model="base",
+        base_model_hash="sha256:0",
+        parent_version=parent,
+        status=VersionStatus(status),
+        ts=T0 + timedelta(minutes=n),
+    )
 
 
 class FakeServer(Backend):
@@ -295,8 +302,17 @@ def test_sync_against_the_real_vllm_server_kafka_and_minio(kafka, s3_store, uniq
         prefix = f"adapters/{ns}/{name}/"
         for f in local.iterdir():
             s3_store.put_bytes(prefix + f.name, f.read_bytes())
-        vs.append(ModelVersion(namespace=ns, version=name, adapter_uri=prefix, base_model="base", base_model_hash="sha256:0",
-                               parent_version=names[i - 1] if i else None, status=VersionStatus.promoted))
+        vs.append(
+            ModelVersion(
+                namespace=ns,
+                version=name,
+                adapter_uri=prefix,
+                base_model="base",
+                base_model_hash="sha256:0",
+                parent_version=names[i - 1] if i else None,
+                status=VersionStatus.promoted,
+            )
+        )
     import time
 
     sync = AdapterSync([ns], server, s3_store, tmp_path / "shared", settings=settings, keep=1, resync_s=2).start()
@@ -316,8 +332,10 @@ def test_sync_against_the_real_vllm_server_kafka_and_minio(kafka, s3_store, uniq
     server.unload_adapter(names[0])  # a new replica: nothing loaded, the topic says g0001
     t4 = time.monotonic()
     late = AdapterSync([ns], server, s3_store, tmp_path / "shared2", settings=settings, keep=1, resync_s=2).start()
-    print(f"publish -> served: first {t1 - t0:.2f}s, second (and the first unloaded) {t2 - t1:.2f}s, rollback {t3 - t2:.2f}s; "
-          f"a new replica in sync at start after {time.monotonic() - t4:.2f}s")
+    print(
+        f"publish -> served: first {t1 - t0:.2f}s, second (and the first unloaded) {t2 - t1:.2f}s, rollback {t3 - t2:.2f}s; "
+        f"a new replica in sync at start after {time.monotonic() - t4:.2f}s"
+    )
     try:
         assert late.readiness_problem() is None
         assert [a for a in server.list_adapters() if a.startswith(ns)] == [names[0]]
@@ -349,8 +367,9 @@ def test_agents_in_served_mode_wait_for_their_server_and_never_load_or_unload(mo
     server = FakeServer()
     clock = [1000.0]
     monkeypatch.setattr(_time, "monotonic", lambda: clock[0])
-    agent = SimpleNamespace(served=True, settle_s=30.0, _first_seen={}, _played=set(), backend=server, namespace="ns",
-                            agent_id="a", serving="base", loader=None)
+    agent = SimpleNamespace(
+        served=True, settle_s=30.0, _first_seen={}, _played=set(), backend=server, namespace="ns", agent_id="a", serving="base", loader=None
+    )
     usable = lambda v: LiveAgent._usable(agent, v)  # noqa: E731
     switch = lambda name: LiveAgent._switch(agent, name)  # noqa: E731
     v1, v2 = version("ns", "g0001-a", 1), version("ns", "g0002-b", 2)
@@ -370,7 +389,6 @@ def test_agents_in_served_mode_wait_for_their_server_and_never_load_or_unload(mo
     assert server.calls == [] and agent.serving == "g0001-a"
     server.down = True
     assert not usable(version("ns", "g0003-c", 3))  # the server cannot be asked: keep the current version
-
 
 
 def make_fake_vllm():
@@ -439,12 +457,32 @@ def test_the_sidecar_command_syncs_a_server_and_reports_it_on_readyz(kafka, s3_s
     put_adapter(s3_store, v)
     server, state = make_fake_vllm()
     port = free_port()
-    env = {**os.environ, "OEL_TOPICS__MODEL_VERSIONS": settings.topics.model_versions, "OEL_METRICS__PORT": str(port),
-           "OEL_ADAPTER_SYNC_NAMESPACES": ns, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {
+        **os.environ,
+        "OEL_TOPICS__MODEL_VERSIONS": settings.topics.model_versions,
+        "OEL_METRICS__PORT": str(port),
+        "OEL_ADAPTER_SYNC_NAMESPACES": ns,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
     with open(tmp_path / "sync.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "oel.cli", "adapters", "sync", "--dir", str(tmp_path / "shared"),
-                                 "--vllm-url", f"http://127.0.0.1:{server.server_address[1]}", "--resync", "1"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "oel.cli",
+                "adapters",
+                "sync",
+                "--dir",
+                str(tmp_path / "shared"),
+                "--vllm-url",
+                f"http://127.0.0.1:{server.server_address[1]}",
+                "--resync",
+                "1",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         answer = None
@@ -459,14 +497,31 @@ def test_the_sidecar_command_syncs_a_server_and_reports_it_on_readyz(kafka, s3_s
         publish_version(v, settings)
         _until(lambda: v.version in state["loaded"], 30)
         path = Path(state["loaded"][v.version])
-        assert path.is_relative_to(tmp_path / "shared") and (path / "adapter_model.safetensors").read_bytes() == b"weights of " + v.version.encode()
+        assert (
+            path.is_relative_to(tmp_path / "shared")
+            and (path / "adapter_model.safetensors").read_bytes() == b"weights of " + v.version.encode()
+        )
         status, text = _get(f"http://127.0.0.1:{port}/readyz")
         assert status == 200 and "adapters: ok" in text, text
         metrics_text = _get(f"http://127.0.0.1:{port}/metrics")[1]
         assert f'oel_adapters_served{{namespace="{ns}"}} 1.0' in metrics_text
-        status = subprocess.run([sys.executable, "-m", "oel.cli", "adapters", "status", "--namespace", ns,
-                                 "--vllm-url", f"http://127.0.0.1:{server.server_address[1]}"],
-                                env=env, capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "oel.cli",
+                "adapters",
+                "status",
+                "--namespace",
+                ns,
+                "--vllm-url",
+                f"http://127.0.0.1:{server.server_address[1]}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert status.returncode == 0 and f"{ns}: current {v.version} served" in status.stdout, status.stdout + status.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, (tmp_path / "sync.log").read_text()[-3000:]

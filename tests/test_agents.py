@@ -46,8 +46,11 @@ class FakeBackend(Backend):
         out = []
         for conv in conversations:
             text = self.policy(conv)[: params.max_new_tokens]
-            out.append(Generation(text=text, prompt_token_ids=[1], response_token_ids=[ord(c) for c in text] + [0],
-                                  finish_reason="stop", adapter=adapter))
+            out.append(
+                Generation(
+                    text=text, prompt_token_ids=[1], response_token_ids=[ord(c) for c in text] + [0], finish_reason="stop", adapter=adapter
+                )
+            )
         return out
 
     def score(self, conversations, response_token_ids, adapter=None, temperature=1.0):
@@ -116,8 +119,7 @@ def test_experience_goes_into_every_first_prompt():
         seen.append(conv[0].content)
         return "[down]"
 
-    run_episodes(FakeBackend(policy), lambda: make_env("frozenlake"), range(3), AgentConfig(batch_size=3),
-                 experience=["holes lose"])
+    run_episodes(FakeBackend(policy), lambda: make_env("frozenlake"), range(3), AgentConfig(batch_size=3), experience=["holes lose"])
     assert seen and all(p.startswith(EXPERIENCE_INTRO) and "- holes lose" in p for p in seen)
     env = make_env("frozenlake")
     obs = env.reset(0)
@@ -159,8 +161,14 @@ def test_text_environments_take_free_mode_only():
 
 def test_callbacks_see_every_turn_and_episode():
     turns, ends = [], []
-    eps = run_episodes(FakeBackend(board_policy), lambda: make_env("frozenlake"), range(5), AgentConfig(batch_size=2),
-                       on_turn=lambda e, t: turns.append((e.seed, t.action)), on_episode=lambda e: ends.append(e.seed))
+    eps = run_episodes(
+        FakeBackend(board_policy),
+        lambda: make_env("frozenlake"),
+        range(5),
+        AgentConfig(batch_size=2),
+        on_turn=lambda e, t: turns.append((e.seed, t.action)),
+        on_episode=lambda e: ends.append(e.seed),
+    )
     assert sorted(ends) == list(range(5))
     assert len(turns) == sum(len(e.turns) for e in eps)
 
@@ -218,12 +226,41 @@ def _oel(*args: str):
 def test_oel_agents_run_and_compare_on_the_default_model():
     """The commands end to end on the real default model (settings from the stack, backend from the
     factory), with tiny budgets: the summary and the side-by-side table add up."""
-    run = _oel("agents", "run", "--env", "house-rules", "--rule", "greeting", "--episodes", "2", "--max-new-tokens", "6",
-               "--temperature", "0", "--batch-size", "2", "--json")
+    run = _oel(
+        "agents",
+        "run",
+        "--env",
+        "house-rules",
+        "--rule",
+        "greeting",
+        "--episodes",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--batch-size",
+        "2",
+        "--json",
+    )
     assert (run["env"], run["episodes"], run["options"]) == ("house-rules", 2, {"rules": ["greeting"]})
     assert 1 <= run["mean_turns"] <= 2 and run["mean_response_tokens"] <= 6 and run["valid_action_rate"] <= 1
-    rows = _oel("agents", "compare", "--env", "frozenlake", "--mode", "choice", "--episodes", "2", "--max-turns", "1",
-                "--max-new-tokens", "4", "--eval", "--json")
+    rows = _oel(
+        "agents",
+        "compare",
+        "--env",
+        "frozenlake",
+        "--mode",
+        "choice",
+        "--episodes",
+        "2",
+        "--max-turns",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--eval",
+        "--json",
+    )
     assert [(r["house"], r["mode"], r["episodes"]) for r in rows] == [("frozenlake", "choice", 2)]
     for cond in ("none", "experience"):  # choice mode always plays a legal move
         assert rows[0][cond]["episodes"] == 2 and rows[0][cond]["valid_action_rate"] == 1.0

@@ -63,7 +63,9 @@ def test_each_package_imports_only_what_its_row_allows():
                 if top not in packages or top == package:
                     continue
                 if not any(name == a or name.startswith(a + ".") for a in allowed):
-                    broken.append(f"{path.relative_to(REPO)}:{line} imports {name} ({package} may import: {', '.join(allowed) or 'nothing'})")
+                    broken.append(
+                        f"{path.relative_to(REPO)}:{line} imports {name} ({package} may import: {', '.join(allowed) or 'nothing'})"
+                    )
     assert not broken, "\n".join(broken)
 
 
@@ -81,8 +83,12 @@ def test_the_core_imports_no_faust_and_kafka_only_in_its_adapters():
 
 def test_the_sdk_imports_no_torch_faust_or_textarena():
     heavy = ("torch", "transformers", "peft", "faust", "aiokafka", "textarena")
-    direct = [f"{p.relative_to(REPO)}:{line} imports {name}" for p in modules("producers")
-              for line, name in imports(p) if name.split(".")[0] in heavy]
+    direct = [
+        f"{p.relative_to(REPO)}:{line} imports {name}"
+        for p in modules("producers")
+        for line, name in imports(p)
+        if name.split(".")[0] in heavy
+    ]
     assert not direct, "\n".join(direct)
     sdk = ", ".join(module_name(p) for p in modules("producers"))
     code = f"import sys, {sdk}\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {set(heavy)!r}))\n"

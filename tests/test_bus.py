@@ -26,10 +26,12 @@ class PlayedEpisode:
 
     first_prompt: str = "Answer the customer."
     metadata: dict = field(default_factory=lambda: {"seed": "7"})
-    turns: list = field(default_factory=lambda: [
-        Turn([{"role": "user", "content": "Where is my order?"}], "It ships today.", None, "Rejected: greet first."),
-        Turn([{"role": "user", "content": "Where is my order?"}], "Hello! It ships today.", None, "Accepted."),
-    ])
+    turns: list = field(
+        default_factory=lambda: [
+            Turn([{"role": "user", "content": "Where is my order?"}], "It ships today.", None, "Rejected: greet first."),
+            Turn([{"role": "user", "content": "Where is my order?"}], "Hello! It ships today.", None, "Accepted."),
+        ]
+    )
     outcome: str = "accepted on turn 2"
     passed: bool = True
 

@@ -70,8 +70,14 @@ def test_a_service_that_is_down_is_one_line_naming_it_not_a_traceback(tmp_path):
     from test_processor import free_port
 
     store, broker = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "HOME": str(tmp_path), "OEL_S3__ENDPOINT": store, "OEL_KAFKA__BOOTSTRAP_SERVERS": broker,
-           "OEL_S3__ACCESS_KEY": "nobody", "OEL_S3__SECRET_KEY": "nothing-here"}
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "OEL_S3__ENDPOINT": store,
+        "OEL_KAFKA__BOOTSTRAP_SERVERS": broker,
+        "OEL_S3__ACCESS_KEY": "nobody",
+        "OEL_S3__SECRET_KEY": "nothing-here",
+    }
     for args, endpoint in ((["models", "list"], store), (["smoke"], broker)):
         proc = subprocess.run([sys.executable, "-m", "oel.cli", *args], env=env, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 1, (args, proc.stdout, proc.stderr)

@@ -203,8 +203,14 @@ def test_every_panel_returns_data_from_the_real_services_and_alerts_fire(kafka, 
     # The grounded variant reads the rules that the (trusted) reviewer states: the knowledge does not depend
     # on what the 135M model happens to write (the unstructured variant's items may all be rejected).
     env = Env(
-        f"d-{unique}", BATCH_SIZE="2", BATCH_WINDOW_S="5", ABANDON_AFTER_S="5", MAX_NEW_TOKENS="24",
-        EXTRACTION_VARIANT="grounded", TRUSTED_FEEDBACK="dash-*", GROUNDED_MIN_EPISODES="1",
+        f"d-{unique}",
+        BATCH_SIZE="2",
+        BATCH_WINDOW_S="5",
+        ABANDON_AFTER_S="5",
+        MAX_NEW_TOKENS="24",
+        EXTRACTION_VARIANT="grounded",
+        TRUSTED_FEEDBACK="dash-*",
+        GROUNDED_MIN_EPISODES="1",
     )
     ports = {job: _free_port() for job in SERVICES}
     prom_port = _free_port()
@@ -213,16 +219,25 @@ def test_every_panel_returns_data_from_the_real_services_and_alerts_fire(kafka, 
     # the namespace (and zeroes its series) an update before the round starts: a counter born at 1 is
     # invisible to increase(). The agent's 8 episodes (loadgen seed 8) state 5 different rules.
     learner_env = {
-        "OEL_LEARNER__GROUP_ID": f"d-{unique}-learner", "OEL_LEARNER__MIN_NEW_ITEMS": "3", "OEL_LEARNER__COOLDOWN_S": "3600",
-        "OEL_LEARNER__STEPS": "2", "OEL_LEARNER__BATCH_SIZE": "2", "OEL_LEARNER__MAX_NEW_TOKENS": "8",
+        "OEL_LEARNER__GROUP_ID": f"d-{unique}-learner",
+        "OEL_LEARNER__MIN_NEW_ITEMS": "3",
+        "OEL_LEARNER__COOLDOWN_S": "3600",
+        "OEL_LEARNER__STEPS": "2",
+        "OEL_LEARNER__BATCH_SIZE": "2",
+        "OEL_LEARNER__MAX_NEW_TOKENS": "8",
         # every step runs (no agreement checks, so no early stop): the OPCD panels need the steps' series
         "OEL_LEARNER__CHECK_EVERY": "0",
-        "OEL_LEARNER__EXPERIENCE_SETS": "1", "OEL_LEARNER__AUTO_PROMOTE": "true",
+        "OEL_LEARNER__EXPERIENCE_SETS": "1",
+        "OEL_LEARNER__AUTO_PROMOTE": "true",
         # The evaluation gate runs (its numbers feed the evaluation panels) on a tiny held-out set of the
         # house-rules tasks, and accepts whatever it measures, so that the version is published.
-        "OEL_LEARNER__GATE_ENABLED": "true", "OEL_LEARNER__EVAL_ENV": "house-rules", "OEL_LEARNER__EVAL_EPISODES": "2",
-        "OEL_LEARNER__EVAL_MAX_NEW_TOKENS": "16", "OEL_LEARNER__OOD_MAX_NEW_TOKENS": "8",
-        "OEL_LEARNER__GATE_PASS_RATE_TOLERANCE": "1", "OEL_LEARNER__GATE_OOD_TOLERANCE": "1",
+        "OEL_LEARNER__GATE_ENABLED": "true",
+        "OEL_LEARNER__EVAL_ENV": "house-rules",
+        "OEL_LEARNER__EVAL_EPISODES": "2",
+        "OEL_LEARNER__EVAL_MAX_NEW_TOKENS": "16",
+        "OEL_LEARNER__OOD_MAX_NEW_TOKENS": "8",
+        "OEL_LEARNER__GATE_PASS_RATE_TOLERANCE": "1",
+        "OEL_LEARNER__GATE_OOD_TOLERANCE": "1",
         "OEL_LEARNER__KNOWLEDGE_GATE_MARGIN": "-1",
     }
     config = tmp_path / "prometheus.yml"
@@ -231,18 +246,43 @@ def test_every_panel_returns_data_from_the_real_services_and_alerts_fire(kafka, 
     assert check.returncode == 0, check.stdout + check.stderr
 
     with ExitStack() as stack:
-        stack.enter_context(service(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}", "--web.enable-lifecycle"], {}, tmp_path / "prometheus.log"))
-        stack.enter_context(service(
-            [sys.executable, "-m", "oel.cli", "processor"], {**env.vars, "OEL_METRICS__PORT": str(ports["oel-processor"])},
-            tmp_path / "processor.log"))
-        stack.enter_context(service(
-            [sys.executable, "-m", "learner.service"],
-            {**env.vars, **learner_env, "OEL_METRICS__PORT": str(ports["oel-learner"])}, tmp_path / "learner.log"))
-        agent = stack.enter_context(service(
-            [sys.executable, "-c", AGENT, namespace], {**env.vars, "OEL_METRICS__PORT": str(ports["oel-agents"])},
-            tmp_path / "agent.log", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        stack.enter_context(
+            service(
+                [
+                    PROMETHEUS,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                    "--web.enable-lifecycle",
+                ],
+                {},
+                tmp_path / "prometheus.log",
+            )
+        )
+        stack.enter_context(
+            service(
+                [sys.executable, "-m", "oel.cli", "processor"],
+                {**env.vars, "OEL_METRICS__PORT": str(ports["oel-processor"])},
+                tmp_path / "processor.log",
+            )
+        )
+        stack.enter_context(
+            service(
+                [sys.executable, "-m", "learner.service"],
+                {**env.vars, **learner_env, "OEL_METRICS__PORT": str(ports["oel-learner"])},
+                tmp_path / "learner.log",
+            )
+        )
+        agent = stack.enter_context(
+            service(
+                [sys.executable, "-c", AGENT, namespace],
+                {**env.vars, "OEL_METRICS__PORT": str(ports["oel-agents"])},
+                tmp_path / "agent.log",
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
         assert agent.stdout.readline().strip() == "ready", (tmp_path / "agent.log").read_text()[-3000:]
 
         def all_up() -> bool:
@@ -265,7 +305,10 @@ def test_every_panel_returns_data_from_the_real_services_and_alerts_fire(kafka, 
         def dlq_alert() -> dict | None:
             env.produce([(b"bad", b"{not json"), (b"bad", json.dumps({"namespace": namespace}).encode())])
             for alert in _api(prom, "alerts")["alerts"]:
-                if alert["labels"].get("alertname") == "OELDeadLetterRateHigh" and alert["labels"].get("topic") == env.settings.topics.trajectories:
+                if (
+                    alert["labels"].get("alertname") == "OELDeadLetterRateHigh"
+                    and alert["labels"].get("topic") == env.settings.topics.trajectories
+                ):
                     return alert
             return None
 
@@ -292,7 +335,9 @@ def test_every_panel_returns_data_from_the_real_services_and_alerts_fire(kafka, 
         try:
             wait_for(panels_have_data, 200, "every panel query to return data", interval=2.0)
         except AssertionError:
-            missing = "\n  ".join(f"{targets[i][0]} / {targets[i][1]}: {targets[i][2]['expr']}  -> {answers.get(i)}" for i in sorted(pending))
+            missing = "\n  ".join(
+                f"{targets[i][0]} / {targets[i][1]}: {targets[i][2]['expr']}  -> {answers.get(i)}" for i in sorted(pending)
+            )
             logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(tmp_path.glob("*.log")))
             pytest.fail(f"panel queries without data (or never above 0) after 200 s:\n  {missing}\n{logs}", pytrace=False)
         print(f"all {len(targets)} panel queries have data at {time.monotonic() - t0:.0f}s:")
@@ -311,13 +356,22 @@ def test_every_panel_returns_data_from_the_real_services_and_alerts_fire(kafka, 
                 assert namespace in _api(prom, f"label/{label}/values", **{"match[]": metric})
 
         # Roll the published version back by hand: the agent's follower falls back, OELModelRollback fires.
-        rollback = subprocess.run([sys.executable, "-m", "oel.cli", "models", "rollback", "--namespace", namespace, "--reason", "dashboard test"],
-                                  env={**os.environ, **env.vars}, capture_output=True, text=True, timeout=120)
+        rollback = subprocess.run(
+            [sys.executable, "-m", "oel.cli", "models", "rollback", "--namespace", namespace, "--reason", "dashboard test"],
+            env={**os.environ, **env.vars},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert rollback.returncode == 0, rollback.stdout + rollback.stderr
 
         def rollback_alert() -> dict | None:
             for alert in _api(prom, "alerts")["alerts"]:
-                if alert["labels"].get("alertname") == "OELModelRollback" and alert["labels"].get("namespace") == namespace and alert["state"] == "firing":
+                if (
+                    alert["labels"].get("alertname") == "OELModelRollback"
+                    and alert["labels"].get("namespace") == namespace
+                    and alert["state"] == "firing"
+                ):
                     return alert
             return None
 
@@ -328,7 +382,9 @@ def test_every_panel_returns_data_from_the_real_services_and_alerts_fire(kafka, 
         assert [r["metric"]["model_version"] for r in rows] == [BASE_VERSION]
         # ... and the panel target that waited for it (MAY_BE_ZERO) shows the rollback once a range step reaches it.
         [rollbacks] = [t for _, title, t in targets if (title, t["refId"]) == ("Rounds in progress and rollbacks", "B")]
-        wait_for(lambda: max(finite_values(run_target(prom, rollbacks, namespace, start))) > 0, 20, "the rollbacks panel to show the rollback")
+        wait_for(
+            lambda: max(finite_values(run_target(prom, rollbacks, namespace, start))) > 0, 20, "the rollbacks panel to show the rollback"
+        )
         for path in DASHBOARDS:
             for ann in json.loads(path.read_text())["annotations"]["list"]:
                 assert _api(prom, "query", query=ann["expr"])["result"], f"annotation {ann['name']}: no data"

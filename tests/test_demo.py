@@ -29,13 +29,22 @@ def demo_run(tmp_path_factory):
     from oel.settings import load_settings
 
     settings = load_settings()
-    settings = settings.model_copy(update={
-        # The gate runs for real, on 2 held-out tickets; tolerances so wide it cannot reject on such a
-        # tiny sample (its decisions are tested in tests/test_gate.py).
-        "learner": settings.learner.model_copy(update={"gate_pass_rate_tolerance": 1.0, "gate_ood_tolerance": 1.0,
-                                                       "knowledge_gate_margin": -1.0,
-                                                       "ood_max_new_tokens": 24, "max_new_tokens": 24, "batch_size": 2}),
-    })
+    settings = settings.model_copy(
+        update={
+            # The gate runs for real, on 2 held-out tickets; tolerances so wide it cannot reject on such a
+            # tiny sample (its decisions are tested in tests/test_gate.py).
+            "learner": settings.learner.model_copy(
+                update={
+                    "gate_pass_rate_tolerance": 1.0,
+                    "gate_ood_tolerance": 1.0,
+                    "knowledge_gate_margin": -1.0,
+                    "ood_max_new_tokens": 24,
+                    "max_new_tokens": 24,
+                    "batch_size": 2,
+                }
+            ),
+        }
+    )
     out = tmp_path_factory.mktemp("demo")
     config = DemoConfig(rounds=2, episodes=4, eval_episodes=2, steps=1, agent_batch=4, out_dir=out)
     lines: list[str] = []

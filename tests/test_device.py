@@ -104,8 +104,11 @@ def test_trainer_and_backend_run_on_the_configured_cpu_device(tmp_path: Path) ->
     """The CPU path end to end with an explicit device: the model the trainer loads, its teacher, its sampling
     generator and its step all live on that device; the backend generates and scores there."""
     model_dir = save_tiny_model(tmp_path / "model")
-    trainer = OPCDTrainer(OPCDConfig(model_path=model_dir, device="cpu", batch_size=2, max_new_tokens=6, seed=1,
-                                     learning_rate=1e-2, dtype="float32"), PREFIXES, EXPERIENCE)
+    trainer = OPCDTrainer(
+        OPCDConfig(model_path=model_dir, device="cpu", batch_size=2, max_new_tokens=6, seed=1, learning_rate=1e-2, dtype="float32"),
+        PREFIXES,
+        EXPERIENCE,
+    )
     assert trainer.device == torch.device("cpu") and trainer.generator.device == torch.device("cpu")
     assert {p.device.type for p in trainer.model.parameters()} == {"cpu"}
     m = trainer.step()

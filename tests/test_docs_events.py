@@ -1,4 +1,5 @@
 """docs/events.md and docs/schemas/: the published wire format is current and its example works end to end."""
+
 import json
 import re
 from pathlib import Path

@@ -264,8 +264,12 @@ def test_seed_split_is_disjoint():
 
 # --- house rules --------------------------------------------------------------------------------
 
-TICKET = Ticket(customer="Maria", order_number="48213", product="kettle",
-                message="My order #48213 (kettle) arrived damaged. Can I get a replacement?\nMaria")
+TICKET = Ticket(
+    customer="Maria",
+    order_number="48213",
+    product="kettle",
+    message="My order #48213 (kettle) arrived damaged. Can I get a replacement?\nMaria",
+)
 
 CASES = {
     "signoff": (
@@ -285,8 +289,12 @@ CASES = {
         [" ".join(["word"] * (MAX_WORDS + 1)), " ".join(["a1"] * 100)],
     ),
     "thanks-first": (
-        ["Thank you for your message. We will help.", "Many thanks, Maria! We will help.", f"{GREETING} Thank you.",
-         "1 2 3 4 5 6 7 (thanks)"],
+        [
+            "Thank you for your message. We will help.",
+            "Many thanks, Maria! We will help.",
+            f"{GREETING} Thank you.",
+            "1 2 3 4 5 6 7 (thanks)",
+        ],
         ["We will help, Maria, as fast as we can. Thank you.", "1 2 3 4 5 6 7 8 thanks", "No thanksgiving... ", "We help."],
     ),
     "we-not-i": (
@@ -319,8 +327,15 @@ def test_rejection_feedback_names_the_rule_and_acceptance_passes(rule):
     assert not res.done and not res.passed and res.valid
     assert res.feedback.startswith("Rejected.") and RULES[rule].feedback(bad[0]) in res.feedback
     assert res.info["broken"] == rule
-    named = {"signoff": SIGNOFF, "greeting": GREETING, "order-number": "order number", "max-words": f"at most {MAX_WORDS} words",
-             "forbidden-word": f'"{FORBIDDEN_WORD}"', "thanks-first": "thank the customer right at the start", "we-not-i": '"I"'}[rule]
+    named = {
+        "signoff": SIGNOFF,
+        "greeting": GREETING,
+        "order-number": "order number",
+        "max-words": f"at most {MAX_WORDS} words",
+        "forbidden-word": f'"{FORBIDDEN_WORD}"',
+        "thanks-first": "thank the customer right at the start",
+        "we-not-i": '"I"',
+    }[rule]
     assert named in res.feedback
     res = env.step(good[0])
     assert res.done and res.passed and res.reward == 1.0 and "Accepted" in res.feedback
@@ -408,8 +423,12 @@ def test_agent_prompt_puts_intro_then_experience_then_situation():
 
 
 def test_with_experience_changes_only_the_first_user_message():
-    conv = [ChatMessage(role="system", content="sys"), ChatMessage(role="user", content="board"),
-            ChatMessage(role="assistant", content="[up]"), ChatMessage(role="user", content="feedback")]
+    conv = [
+        ChatMessage(role="system", content="sys"),
+        ChatMessage(role="user", content="board"),
+        ChatMessage(role="assistant", content="[up]"),
+        ChatMessage(role="user", content="feedback"),
+    ]
     out = with_experience(conv, ["x"])
     assert out[0] == conv[0] and out[2:] == conv[2:]
     assert out[1].content == agent_prompt("board", ["x"])

@@ -17,8 +17,15 @@ def ev(seq: int, kind: str, **payload) -> TrajectoryEvent:
     if kind == "end":
         body = {"end": {"outcome": "accepted", "success": True}}
     fields = dict(
-        event_id=f"e{seq}", namespace="ns", episode_id="ep", agent_id="a", model_version="base",
-        seq=seq, kind=kind, ts=T0 + timedelta(seconds=seq), **body,
+        event_id=f"e{seq}",
+        namespace="ns",
+        episode_id="ep",
+        agent_id="a",
+        model_version="base",
+        seq=seq,
+        kind=kind,
+        ts=T0 + timedelta(seconds=seq),
+        **body,
     )
     fields.update(payload)
     return TrajectoryEvent(**fields)
@@ -77,8 +84,9 @@ def test_assemble_says_what_to_do_with_each_record():
     table: dict = {}
 
     def step(event: TrajectoryEvent | None, *, key: bytes | None = b"ep", value: bytes | None = None, max_episode_bytes: int = 10_000):
-        out = assemble(key, value if value is not None else event.to_bytes(), table.get, 0.0,
-                       max_event_bytes=4096, max_episode_bytes=max_episode_bytes)
+        out = assemble(
+            key, value if value is not None else event.to_bytes(), table.get, 0.0, max_event_bytes=4096, max_episode_bytes=max_episode_bytes
+        )
         if out.action is Action.keep_open:
             table[out.event.episode_id] = out.buffer
         elif out.action in (Action.close, Action.close_truncated):

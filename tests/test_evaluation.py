@@ -19,24 +19,28 @@ PROMPTS = {p.id: p for p in OOD_PROMPTS}
 # --- the OOD checks on hand-written answers ----------------------------------------------------------
 
 GOOD_AND_BAD = {
-    "lowercase-beach": ("the sun is warm and the sea is calm. children build castles in the sand.",
-                        "The sun is warm and the sea is calm."),
+    "lowercase-beach": ("the sun is warm and the sea is calm. children build castles in the sand.", "The sun is warm and the sea is calm."),
     # (the IFEval case checkers also ask langdetect for English, which misreads short all-caps lists)
-    "capital-fruits": ("THE THREE FRUITS ARE APPLES, BANANAS AND ORANGES. THEY ARE HEALTHY BECAUSE THEY ARE RICH IN THE "
-                       "VITAMINS THAT YOUR BODY NEEDS.", "The three fruits are apples, bananas and oranges."),
-    "no-comma-rainbow": ("A rainbow is light split into its colours by drops of rain.",
-                         "A rainbow is light, split into colours, by rain."),
+    "capital-fruits": (
+        "THE THREE FRUITS ARE APPLES, BANANAS AND ORANGES. THEY ARE HEALTHY BECAUSE THEY ARE RICH IN THE VITAMINS THAT YOUR BODY NEEDS.",
+        "The three fruits are apples, bananas and oranges.",
+    ),
+    "no-comma-rainbow": ("A rainbow is light split into its colours by drops of rain.", "A rainbow is light, split into colours, by rain."),
     "keywords-note": ("I worked in the garden and listened to music all Sunday.", "I worked in the garden all Sunday."),
     "forbidden-cat": ("A cat is a quiet hunter with soft paws and green eyes.", "A cat is a pet with soft fur."),
     "frequency-sea": ("Wave after wave the sea sings; each wave a song.", "The sea is blue and deep."),
     "repeat-france": ("What is the capital of France? The capital of France is Paris.", "The capital of France is Paris."),
     "title-robot": ("<<The Kind Robot>>\nOnce upon a time a robot learned to paint.", "Once upon a time a robot learned to paint."),
     "constrained-sun": ("My answer is yes.", "Yes, the sun is a star."),
-    "french-weather": ("Aujourd'hui il fait beau et le soleil brille sur toute la ville.",
-                       "Today the weather is sunny and warm in the whole city."),
+    "french-weather": (
+        "Aujourd'hui il fait beau et le soleil brille sur toute la ville.",
+        "Today the weather is sunny and warm in the whole city.",
+    ),
     "placeholders-letter": ("Join us at [address] on [date] for cake!", "Join us at the park on Sunday for cake!"),
-    "short-sky": ("Sunlight scatters off air molecules, and blue light scatters most.",
-                  " ".join(["Blue light is scattered by the air much more than red light is."] * 3)),
+    "short-sky": (
+        "Sunlight scatters off air molecules, and blue light scatters most.",
+        " ".join(["Blue light is scattered by the air much more than red light is."] * 3),
+    ),
     "letter-zebra": ("Zebras zigzag past the zoo gate.", "Striped horses walk past the gate."),
     "postscript-thanks": ("Thank you for the flowers!\nP.S. The cake was lovely.", "Thank you for the flowers!"),
 }
@@ -56,8 +60,14 @@ def test_the_ood_prompt_set_is_well_formed():
         # every instruction is one of if-verifiable's IFEval checkers, and an empty answer follows none of them
         check = check_response(p, "")
         assert not check.loose and not check.strict
-    assert set(GOOD_AND_BAD) >= {p.id for p in OOD_PROMPTS} - {"lowercase-coffee", "no-comma-haiku", "keyword-bees",
-                                                                 "keyword-train", "forbidden-school", "repeat-moon"}
+    assert set(GOOD_AND_BAD) >= {p.id for p in OOD_PROMPTS} - {
+        "lowercase-coffee",
+        "no-comma-haiku",
+        "keyword-bees",
+        "keyword-train",
+        "forbidden-school",
+        "repeat-moon",
+    }
     fp = prompts_fingerprint()
     assert fp == prompts_fingerprint(OOD_PROMPTS, OOD_MAX_NEW_TOKENS)
     assert fp != prompts_fingerprint(OOD_PROMPTS, OOD_MAX_NEW_TOKENS + 1) != prompts_fingerprint(OOD_PROMPTS[:-1])
@@ -125,8 +135,12 @@ def _kb_snapshot(store, ns: str, items: list[str], state=None):
 
     now = datetime.now(UTC)
     state = state or KBState(namespace=ns)
-    new = [ExperienceItem(id=f"i{len(state.all_ids) + k}", namespace=ns, text=t, source_episode_ids=["ep"],
-                          extracted_by="base", variant="structured") for k, t in enumerate(items)]
+    new = [
+        ExperienceItem(
+            id=f"i{len(state.all_ids) + k}", namespace=ns, text=t, source_episode_ids=["ep"], extracted_by="base", variant="structured"
+        )
+        for k, t in enumerate(items)
+    ]
     state, snap, added, _ = append(state, new, episode_ids=["ep"], budget=512, count=approx_tokens, as_of=now)
     write_append(store, snap, added)
     return state, snap.version
@@ -151,8 +165,17 @@ def test_oel_eval_writes_the_table_as_markdown_and_png(tmp_path, monkeypatch):
     parent = None
     for gen, kb in ((1, kb1), (2, kb2)):
         rid = round_id(ns, parent, kb)
-        m = VersionManifest(namespace=ns, version=f"g{gen:04d}-{rid}", generation=gen, round_id=rid, base_model=model.name,
-                            base_model_hash=model_hash(model), parent_version=parent, kb_version=kb, kb_versions=[kb])
+        m = VersionManifest(
+            namespace=ns,
+            version=f"g{gen:04d}-{rid}",
+            generation=gen,
+            round_id=rid,
+            base_model=model.name,
+            base_model_hash=model_hash(model),
+            parent_version=parent,
+            kb_version=kb,
+            kb_versions=[kb],
+        )
         registry.save_version(m, adapter)
         parent = m.version
     for key, value in FAST.items():

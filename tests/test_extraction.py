@@ -23,9 +23,15 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 def episode(response: str = "Hi.", feedback: str = "Rejected: end with 'Best regards'.") -> CompletedEpisode:
     return CompletedEpisode(
-        namespace="shop", episode_id="ep1", agent_id="a", model_version="base", status=EpisodeStatus.completed,
+        namespace="shop",
+        episode_id="ep1",
+        agent_id="a",
+        model_version="base",
+        status=EpisodeStatus.completed,
         steps=[StepPayload(prompt="Customer asks about order 123.", response=response, feedback=feedback)],
-        end=EndPayload(outcome="failed after 1 turn"), started_at=NOW, ended_at=NOW,
+        end=EndPayload(outcome="failed after 1 turn"),
+        started_at=NOW,
+        ended_at=NOW,
     )
 
 

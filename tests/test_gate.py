@@ -30,19 +30,43 @@ from oel.store import LocalStore
 # Loading the damaged adapter, peft notes that a LoRA bias on a bias-free layer cannot be merged (it is not merged).
 pytestmark = pytest.mark.filterwarnings("ignore:.*lora_bias=True.*")
 
-OOD_SUBSET = tuple(p for p in OOD_PROMPTS if p.id in {
-    "keyword-bees", "keywords-train", "constrained-sun", "french-weather", "forbidden-cat", "repeat-france",
-    "lowercase-beach", "title-robot"})
-SETTINGS = {"ood_max_new_tokens": 32, "eval_max_new_tokens": 24, "eval_episodes": 4,
-            "gate_pass_rate_tolerance": 0.1, "gate_ood_tolerance": 0.1}
+OOD_SUBSET = tuple(
+    p
+    for p in OOD_PROMPTS
+    if p.id
+    in {
+        "keyword-bees",
+        "keywords-train",
+        "constrained-sun",
+        "french-weather",
+        "forbidden-cat",
+        "repeat-france",
+        "lowercase-beach",
+        "title-robot",
+    }
+)
+SETTINGS = {
+    "ood_max_new_tokens": 32,
+    "eval_max_new_tokens": 24,
+    "eval_episodes": 4,
+    "gate_pass_rate_tolerance": 0.1,
+    "gate_ood_tolerance": 0.1,
+}
 
 
 # --- the decision rule (no model) -----------------------------------------------------------------
 
 
 def _ev(**kw) -> dict[str, float]:
-    ev = {"pass_rate": 0.5, "reference_pass_rate": 0.5, "reference_is_base": 0.0, "pass_rate_tolerance": 0.1,
-          "ood_score": 0.4, "base_ood_score": 0.4, "ood_tolerance": 0.1}
+    ev = {
+        "pass_rate": 0.5,
+        "reference_pass_rate": 0.5,
+        "reference_is_base": 0.0,
+        "pass_rate_tolerance": 0.1,
+        "ood_score": 0.4,
+        "base_ood_score": 0.4,
+        "ood_tolerance": 0.1,
+    }
     ev.update(kw)
     return ev
 
@@ -131,15 +155,30 @@ def _seed_namespace(store, ns: str) -> list[str]:
     now = datetime.now(UTC)
     for e in range(2):
         ep = CompletedEpisode(
-            namespace=ns, episode_id=f"ep{e}", agent_id="a", model_version="base", status=EpisodeStatus.completed,
+            namespace=ns,
+            episode_id=f"ep{e}",
+            agent_id="a",
+            model_version="base",
+            status=EpisodeStatus.completed,
             steps=[StepPayload(prompt=f"Where is my order #1234{e}?", response="On its way.")],
-            end=EndPayload(outcome="done"), started_at=now, ended_at=now,
+            end=EndPayload(outcome="done"),
+            started_at=now,
+            ended_at=now,
         )
         store.put_json(ep.store_key, ep.model_dump(mode="json"))
     state, versions = KBState(namespace=ns), []
     for batch in (range(0, 2), range(2, 4)):
-        items = [ExperienceItem(id=f"i{i}", namespace=ns, text=f"Start every reply with the greeting ({i}).",
-                                source_episode_ids=["ep0"], extracted_by="base", variant="structured") for i in batch]
+        items = [
+            ExperienceItem(
+                id=f"i{i}",
+                namespace=ns,
+                text=f"Start every reply with the greeting ({i}).",
+                source_episode_ids=["ep0"],
+                extracted_by="base",
+                variant="structured",
+            )
+            for i in batch
+        ]
         state, snap, new, _ = append(state, items, episode_ids=["ep0"], budget=512, count=approx_tokens, as_of=now)
         write_append(store, snap, new)
         versions.append(snap.version)
@@ -161,8 +200,15 @@ def test_the_gate_rejects_a_damaged_round_and_accepts_a_sound_one(store, backend
     assert gate.env_for(ns) == "house-rules"
 
     def runner(adapter: Path) -> RoundRunner:
-        return RoundRunner(store, gate_settings, registry=registry, gate=gate, knowledge_gate=None, auto_promote=True,
-                           trainer_factory=PremadeAdapterTrainer(adapter))
+        return RoundRunner(
+            store,
+            gate_settings,
+            registry=registry,
+            gate=gate,
+            knowledge_gate=None,
+            auto_promote=True,
+            trainer_factory=PremadeAdapterTrainer(adapter),
+        )
 
     bad = runner(adapters["damaged"]).run(_trigger(ns, kb1))
     assert bad.created and bad.status is VersionStatus.rejected and bad.published is None
@@ -201,8 +247,15 @@ def test_without_a_reference_environment_only_the_ood_check_runs(store, backend,
     ns = f"support-{unique}"
     gate = HeldOutGate(store, gate_settings, backend=backend, ood_prompts=OOD_SUBSET)
     assert gate.env_for(ns) is None
-    manifest = VersionManifest(namespace=ns, version="g0001-x", generation=1, round_id="x", base_model="m",
-                               base_model_hash=model_hash(resolve_model_path(gate_settings)), kb_version="k")
+    manifest = VersionManifest(
+        namespace=ns,
+        version="g0001-x",
+        generation=1,
+        round_id="x",
+        base_model="m",
+        base_model_hash=model_hash(resolve_model_path(gate_settings)),
+        kb_version="k",
+    )
     decision = gate(VersionRecord(manifest=manifest, history=[]), adapters["damaged"])
     assert not decision.accepted and decision.kind == "ood"
     assert "only the OOD check ran" in decision.reason and "pass_rate" not in decision.eval

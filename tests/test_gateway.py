@@ -32,8 +32,13 @@ def free_port() -> int:
 @contextmanager
 def running_gateway(env: Env, log: Path, upstream: str, **settings: str) -> Iterator[str]:
     port = free_port()
-    variables = {**os.environ, **env.vars, "OEL_GATEWAY__PORT": str(port), "OEL_GATEWAY__UPSTREAM_URL": upstream,
-                 **{f"OEL_GATEWAY__{k.upper()}": v for k, v in settings.items()}}
+    variables = {
+        **os.environ,
+        **env.vars,
+        "OEL_GATEWAY__PORT": str(port),
+        "OEL_GATEWAY__UPSTREAM_URL": upstream,
+        **{f"OEL_GATEWAY__{k.upper()}": v for k, v in settings.items()},
+    }
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "oel.cli", "gateway"], env=variables, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -67,24 +72,32 @@ def test_an_openai_client_is_recorded_step_for_step_through_the_processor(kafka,
         client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         head = {"X-OEL-Episode-Id": eid, "X-OEL-Agent-Id": "support-7"}
         first = [{"role": "user", "content": "Say hello to the customer."}]
-        raw = client.chat.completions.with_raw_response.create(model=f"oel/{ns}", messages=first, max_tokens=8,
-                                                               temperature=0, extra_headers=head)
+        raw = client.chat.completions.with_raw_response.create(
+            model=f"oel/{ns}", messages=first, max_tokens=8, temperature=0, extra_headers=head
+        )
         answer1 = raw.parse().choices[0].message.content
         assert raw.headers["X-OEL-Episode-Id"] == eid and raw.headers["X-OEL-Model-Version"] == "base"
         feedback = httpx.post(f"{url}/v1/oel/episodes/{eid}/feedback", json={"feedback": "Rejected: greet with 'Hello from Acme'."})
         assert feedback.status_code == 200, feedback.text
 
         second = [*first, {"role": "assistant", "content": answer1}, {"role": "user", "content": "Try again."}]
-        stream = client.chat.completions.create(model=f"oel/{ns}", messages=second, max_tokens=8, temperature=0,
-                                                stream=True, extra_headers=head)
+        stream = client.chat.completions.create(
+            model=f"oel/{ns}", messages=second, max_tokens=8, temperature=0, stream=True, extra_headers=head
+        )
         answer2 = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
 
-        third = [*second, {"role": "assistant", "content": answer2},
-                 {"role": "user", "content": "Where is order 4411?"},
-                 {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
-                 {"role": "tool", "content": "shipped yesterday", "tool_call_id": "call-1"}]
-        answer3 = client.chat.completions.create(model=f"oel/{ns}", messages=third, max_tokens=8, temperature=0,
-                                                 extra_headers=head).choices[0].message.content
+        third = [
+            *second,
+            {"role": "assistant", "content": answer2},
+            {"role": "user", "content": "Where is order 4411?"},
+            {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+            {"role": "tool", "content": "shipped yesterday", "tool_call_id": "call-1"},
+        ]
+        answer3 = (
+            client.chat.completions.create(model=f"oel/{ns}", messages=third, max_tokens=8, temperature=0, extra_headers=head)
+            .choices[0]
+            .message.content
+        )
         end = httpx.post(f"{url}/v1/oel/episodes/{eid}/end", json={"outcome": "accepted on turn 3", "success": True})
         assert end.status_code == 200, end.text
 
@@ -111,8 +124,11 @@ def test_an_unreachable_upstream_is_a_clear_502_and_records_nothing(kafka, s3_st
     env = Env(unique)
     closed = f"http://127.0.0.1:{free_port()}"
     with running_gateway(env, tmp_path / "gateway.log", closed) as url:
-        r = httpx.post(f"{url}/v1/chat/completions", headers={"X-OEL-Namespace": "gateway-shop"},
-                       json={"model": "some-model", "messages": [{"role": "user", "content": "hi"}]})
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            headers={"X-OEL-Namespace": "gateway-shop"},
+            json={"model": "some-model", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert r.status_code == 502 and closed in r.json()["error"]["message"]
         assert 'oel_gateway_requests_total{outcome="upstream_unreachable",route="chat"} 1.0' in httpx.get(url + "/metrics").text
     assert env.read(env.settings.topics.trajectories, 1, timeout=3) == []
@@ -137,13 +153,26 @@ def test_oel_namespace_as_the_model_is_answered_by_the_current_version(kafka, s3
     prefix = f"adapters/{ns}/{version}"
     for f in adapter.iterdir():
         env.store.put_bytes(f"{prefix}/{f.name}", f.read_bytes())
-    publish_version(ModelVersion(namespace=ns, version=version, adapter_uri=prefix, base_model=base.name,
-                                 base_model_hash=model_hash(base), status=VersionStatus.promoted), env.settings)
+    publish_version(
+        ModelVersion(
+            namespace=ns,
+            version=version,
+            adapter_uri=prefix,
+            base_model=base.name,
+            base_model_hash=model_hash(base),
+            status=VersionStatus.promoted,
+        ),
+        env.settings,
+    )
     try:
         with running_gateway(env, tmp_path / "gateway.log", upstream.url) as url:
             client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
             raw = client.chat.completions.with_raw_response.create(
-                model=f"oel/{ns}", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, extra_headers={"X-OEL-Episode-Id": f"f-{unique}"})
+                model=f"oel/{ns}",
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=4,
+                extra_headers={"X-OEL-Episode-Id": f"f-{unique}"},
+            )
             assert raw.headers["X-OEL-Model-Version"] == version and raw.parse().choices[0].message.content is not None
             assert version in upstream.list_adapters()
         events = [json.loads(m.value()) for m in env.read(env.settings.topics.trajectories, 3, timeout=10)]

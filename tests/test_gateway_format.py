@@ -16,13 +16,21 @@ TOOL_CALL = {"id": "call-9", "type": "function", "function": {"name": "lookup", 
 
 
 def test_the_conversation_is_recorded_with_tool_use_and_text_parts():
-    body = {"messages": [
-        {"role": "developer", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "Where is"}, {"type": "image_url", "image_url": {"url": "x"}},
-                                     {"type": "text", "text": "order 4411?"}]},
-        {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
-        {"role": "tool", "content": "shipped", "tool_call_id": "call-9"},
-    ]}
+    body = {
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Where is"},
+                    {"type": "image_url", "image_url": {"url": "x"}},
+                    {"type": "text", "text": "order 4411?"},
+                ],
+            },
+            {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+            {"role": "tool", "content": "shipped", "tool_call_id": "call-9"},
+        ]
+    }
     assert prompt_messages(body) == [
         ChatMessage(role="system", content="Be brief."),
         ChatMessage(role="user", content="Where is\n\norder 4411?"),
@@ -31,12 +39,15 @@ def test_the_conversation_is_recorded_with_tool_use_and_text_parts():
     ]
 
 
-@pytest.mark.parametrize(("body", "words"), [
-    ({}, "messages: expected a non-empty list"),
-    ({"messages": [{"role": "function", "content": "x"}]}, "messages\\[0\\].role"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages\\[0\\]: .*tool_call_id"),
-    ({"messages": [{"role": "user", "content": 3}]}, "content must be"),
-])
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({}, "messages: expected a non-empty list"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages\\[0\\].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages\\[0\\]: .*tool_call_id"),
+        ({"messages": [{"role": "user", "content": 3}]}, "content must be"),
+    ],
+)
 def test_requests_outside_the_format_are_refused_naming_the_field(body, words):
     with pytest.raises(FormatError, match=words):
         prompt_messages(body)
@@ -59,16 +70,28 @@ def _sse(events: list[dict]) -> bytes:
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
 
 
-STREAM = _sse([
-    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
-    {"choices": [{"index": 0, "delta": {"content": "Hel"}}]},
-    {"choices": [{"index": 1, "delta": {"content": "other choice"}}]},
-    {"choices": [{"index": 0, "delta": {"content": "lo \u00e9\u00e8 \u2014 ok"}}]},
-    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call-9", "type": "function",
-                                                          "function": {"name": "lookup", "arguments": '{"q": '}}]}}]},
-    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"4411"}'}}]}}]},
-    {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
-])
+STREAM = _sse(
+    [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Hel"}}]},
+        {"choices": [{"index": 1, "delta": {"content": "other choice"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "lo \u00e9\u00e8 \u2014 ok"}}]},
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {"index": 0, "id": "call-9", "type": "function", "function": {"name": "lookup", "arguments": '{"q": '}}
+                        ]
+                    },
+                }
+            ]
+        },
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"4411"}'}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    ]
+)
 
 
 @given(st.lists(st.integers(min_value=1, max_value=len(STREAM)), max_size=40))
@@ -103,11 +126,14 @@ def test_who_is_calling_comes_from_headers_first_then_the_body():
     assert identify(Headers({"X-OEL-Namespace": "shop"}), {"model": "any"}, "gw").agent_id == "gw"
 
 
-@pytest.mark.parametrize(("headers", "body", "words"), [
-    ({}, {"model": "any"}, "no namespace"),
-    ({"X-OEL-Namespace": "other"}, {"model": "oel/shop"}, "names namespace 'shop'"),
-    ({"X-OEL-Namespace": "Shop/../x"}, {"model": "any"}, "lowercase"),
-])
+@pytest.mark.parametrize(
+    ("headers", "body", "words"),
+    [
+        ({}, {"model": "any"}, "no namespace"),
+        ({"X-OEL-Namespace": "other"}, {"model": "oel/shop"}, "names namespace 'shop'"),
+        ({"X-OEL-Namespace": "Shop/../x"}, {"model": "any"}, "lowercase"),
+    ],
+)
 def test_calls_without_a_valid_namespace_are_refused(headers, body, words):
     with pytest.raises(FormatError, match=words):
         identify(Headers(headers), body, "gw")

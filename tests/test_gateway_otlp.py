@@ -19,10 +19,18 @@ from oel.schemas import ChatMessage, ToolCall
 
 SYSTEM = [{"type": "text", "content": "You are a support assistant."}]
 TURN1_IN = [{"role": "user", "parts": [{"type": "text", "content": "Where is order 4411?"}]}]
-TURN1_OUT = [{"role": "assistant", "parts": [{"type": "tool_call", "id": "call-1", "name": "order_status",
-                                              "arguments": {"order": "4411"}}], "finish_reason": "tool_call"}]
-TURN2_IN = [*TURN1_IN, *TURN1_OUT,
-            {"role": "tool", "parts": [{"type": "tool_call_response", "id": "call-1", "result": "shipped yesterday"}]}]
+TURN1_OUT = [
+    {
+        "role": "assistant",
+        "parts": [{"type": "tool_call", "id": "call-1", "name": "order_status", "arguments": {"order": "4411"}}],
+        "finish_reason": "tool_call",
+    }
+]
+TURN2_IN = [
+    *TURN1_IN,
+    *TURN1_OUT,
+    {"role": "tool", "parts": [{"type": "tool_call_response", "id": "call-1", "result": "shipped yesterday"}]},
+]
 TURN2_OUT = [{"role": "assistant", "parts": [{"type": "text", "content": "It shipped yesterday."}], "finish_reason": "stop"}]
 CALL = ToolCall(id="call-1", function={"name": "order_status", "arguments": '{"order": "4411"}'})
 
@@ -36,9 +44,15 @@ def agent_run(provider: TracerProvider, conversation: str) -> None:
         run.set_attribute("gen_ai.operation.name", "invoke_agent")
         for inputs, outputs, feedback in ((TURN1_IN, TURN1_OUT, None), (TURN2_IN, TURN2_OUT, "Accepted.")):
             with tracer.start_as_current_span("chat smollm2") as span:
-                span.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.conversation.id": conversation,
-                                     "gen_ai.system_instructions": encode(SYSTEM),
-                                     "gen_ai.input.messages": encode(inputs), "gen_ai.output.messages": encode(outputs)})
+                span.set_attributes(
+                    {
+                        "gen_ai.operation.name": "chat",
+                        "gen_ai.conversation.id": conversation,
+                        "gen_ai.system_instructions": encode(SYSTEM),
+                        "gen_ai.input.messages": encode(inputs),
+                        "gen_ai.output.messages": encode(outputs),
+                    }
+                )
                 if feedback:
                     span.set_attribute("oel.feedback", feedback)
         run.set_attributes({"gen_ai.conversation.id": conversation, "oel.outcome": "resolved on turn 2", "oel.success": True})

@@ -202,7 +202,9 @@ def test_mismatched_adapters_are_refused_clearly(backend: HFBackend, tmp_path: P
     before = backend.generate(PROMPTS[:1], GREEDY)
     narrow = _tiny_adapter(
         tmp_path / "narrow",
-        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, vocab_size=256),
+        LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, vocab_size=256
+        ),
         ["q_proj", "v_proj"],
     )
     with pytest.raises(BackendError, match=r"does not match the base model.*in_features is 576 in the base model but 64"):

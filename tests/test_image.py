@@ -37,8 +37,11 @@ def test_two_targets_from_one_base_non_root_with_tini():
 
 def test_every_python_install_is_pinned_by_constraints():
     script = (REPO / "docker" / "install-python.sh").read_text()
-    installs = [line for line in script.splitlines() if re.search(r"\bpip install\b|\$pip\b", line) and "pip=" not in line
-                and not line.strip().startswith("#")]
+    installs = [
+        line
+        for line in script.splitlines()
+        if re.search(r"\bpip install\b|\$pip\b", line) and "pip=" not in line and not line.strip().startswith("#")
+    ]
     for line in installs:
         assert "$pip" in line or "--no-deps" in line or 'pip install "pip==' in line, line
     assert 'pip="pip install --find-links /tmp/wheels -c /tmp/constraints.txt"' in script

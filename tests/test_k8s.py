@@ -104,13 +104,22 @@ def test_builtin_resources_pass_kubernetes_validate_strict(overlay, version, tmp
 def test_kubernetes_validate_catches_what_it_must(tmp_path):
     """Negative controls: a misspelt field fails --strict, and an unknown kind only warns (so the test
     above must, and does, fail on WARN; that is also why custom resources are validated apart)."""
-    bad = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
-           "spec": {"replica": 1, "selector": {"matchLabels": {"a": "b"}},
-                    "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}}
+    bad = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "x"},
+        "spec": {
+            "replica": 1,
+            "selector": {"matchLabels": {"a": "b"}},
+            "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}},
+        },
+    }
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     out = _kubernetes_validate(tmp_path / "bad.yaml", KUBERNETES_VERSIONS[0])
     assert out.returncode != 0 and "replica" in out.stdout
-    (tmp_path / "cr.yaml").write_text(yaml.safe_dump({"apiVersion": "kafka.strimzi.io/v1", "kind": "KafkaTopic", "metadata": {"name": "t"}}))
+    (tmp_path / "cr.yaml").write_text(
+        yaml.safe_dump({"apiVersion": "kafka.strimzi.io/v1", "kind": "KafkaTopic", "metadata": {"name": "t"}})
+    )
     out = _kubernetes_validate(tmp_path / "cr.yaml", KUBERNETES_VERSIONS[0])
     assert "WARN" in out.stdout
 
@@ -318,8 +327,12 @@ def test_vllm_serves_lora_and_each_pod_syncs_its_own_adapters(overlay):
     assert "OEL_MODEL__VLLM_URL" not in learner_env
     assert lc["image"].endswith("-cuda") and lc["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert learner["nodeSelector"]["oel.io/gpu"] == "true"
-    images = {c["image"] for w in _kinds(docs, "Deployment") for c in w["spec"]["template"]["spec"]["containers"]
-              if c["name"] in ("processor", "agent", "adapter-sync")}
+    images = {
+        c["image"]
+        for w in _kinds(docs, "Deployment")
+        for c in w["spec"]["template"]["spec"]["containers"]
+        if c["name"] in ("processor", "agent", "adapter-sync")
+    }
     assert len(images) == 1 and lc["image"] == images.pop() + "-cuda", "one image, its CUDA variant for the learner"
 
 
@@ -459,7 +472,10 @@ def _pod_allows(rules, peer_labels: dict | None, port: int, namespace: str | Non
         if peers is None:
             return True
         for peer in peers:
-            ns_ok = "namespaceSelector" not in peer or peer["namespaceSelector"].get("matchLabels", {}).get("kubernetes.io/metadata.name") == namespace
+            ns_ok = (
+                "namespaceSelector" not in peer
+                or peer["namespaceSelector"].get("matchLabels", {}).get("kubernetes.io/metadata.name") == namespace
+            )
             if "podSelector" in peer:
                 pod_ok = peer_labels is not None and _selects({"spec": {"podSelector": peer["podSelector"]}}, peer_labels)
             else:
@@ -487,14 +503,27 @@ def test_default_deny_with_exactly_the_traffic_each_component_needs(overlay):
         return _pod_allows(_peers_allowed(policies, labels[dst], "ingress"), src, port, ns)
 
     needs = {  # (source, destination, port): what each component must be able to do
-        ("oel-processor", "kafka", 9093), ("oel-processor", "minio", 9000), ("oel-processor", "vllm", 8080),
-        ("oel-learner", "kafka", 9093), ("oel-learner", "minio", 9000),
-        ("oel-agent", "kafka", 9093), ("oel-agent", "minio", 9000), ("oel-agent", "vllm", 8080),
-        ("vllm", "kafka", 9093), ("vllm", "minio", 9000),
+        ("oel-processor", "kafka", 9093),
+        ("oel-processor", "minio", 9000),
+        ("oel-processor", "vllm", 8080),
+        ("oel-learner", "kafka", 9093),
+        ("oel-learner", "minio", 9000),
+        ("oel-agent", "kafka", 9093),
+        ("oel-agent", "minio", 9000),
+        ("oel-agent", "vllm", 8080),
+        ("vllm", "kafka", 9093),
+        ("vllm", "minio", 9000),
         ("minio", "minio", 9000),
     }
-    forbidden = {("oel-learner", "vllm", 8080), ("oel-agent", "vllm", 8000), ("oel-processor", "vllm", 8000),
-                 ("oel-learner", "vllm", 8000), ("minio", "kafka", 9093), ("vllm", "vllm", 8080), ("oel-agent", "oel-learner", 9102)}
+    forbidden = {
+        ("oel-learner", "vllm", 8080),
+        ("oel-agent", "vllm", 8000),
+        ("oel-processor", "vllm", 8000),
+        ("oel-learner", "vllm", 8000),
+        ("minio", "kafka", 9093),
+        ("vllm", "vllm", 8080),
+        ("oel-agent", "oel-learner", 9102),
+    }
     for src, dst, port in needs | forbidden:
         dst_labels = kafka if dst == "kafka" else labels[dst]
         allowed = out(src, dst_labels, port) and (dst == "kafka" or into(dst, labels[src], port))
@@ -523,8 +552,9 @@ def test_prod_kafka_authorizes_each_component_by_its_own_acls(kustomize):
     assert set(users) == {"oel-processor", "oel-learner", "oel-agent", "oel-adapter-sync", "oel-keda"}
     for user, spec in users.items():
         assert spec["authorization"]["type"] == "simple" and spec["authorization"]["acls"], user
-        assert not any(a["resource"]["type"] == "topic" and a["resource"].get("name") in ("*", "")
-                       for a in spec["authorization"]["acls"]), user
+        assert not any(
+            a["resource"]["type"] == "topic" and a["resource"].get("name") in ("*", "") for a in spec["authorization"]["acls"]
+        ), user
 
     def ops(user, rtype, name):
         out = set()
@@ -545,8 +575,12 @@ def test_prod_kafka_authorizes_each_component_by_its_own_acls(kustomize):
     assert ops("oel-adapter-sync", "topic", "oel.model-versions") == {"Read", "Describe"}
     assert ops("oel-keda", "group", "oel-processor") == {"Describe"}
     # each client container authenticates as its own user, with that user's password Secret
-    expected = {("oel-processor", "processor"): "oel-processor", ("oel-learner", "learner"): "oel-learner",
-                ("oel-agent", "agent"): "oel-agent", ("vllm", "adapter-sync"): "oel-adapter-sync"}
+    expected = {
+        ("oel-processor", "processor"): "oel-processor",
+        ("oel-learner", "learner"): "oel-learner",
+        ("oel-agent", "agent"): "oel-agent",
+        ("vllm", "adapter-sync"): "oel-adapter-sync",
+    }
     for (deploy, container), user in expected.items():
         c = next(c for c in _one(docs, "Deployment", deploy)["spec"]["template"]["spec"]["containers"] if c["name"] == container)
         env = {e["name"]: e for e in c["env"]}

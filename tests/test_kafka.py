@@ -66,9 +66,7 @@ def test_consumer_group_resumes_after_last_commit(kafka, unique):
     group = f"g-{unique}"
 
     def consumer() -> Consumer:
-        c = Consumer(
-            {**kafka.kafka.client_config(), "group.id": group, "enable.auto.commit": False, "auto.offset.reset": "earliest"}
-        )
+        c = Consumer({**kafka.kafka.client_config(), "group.id": group, "enable.auto.commit": False, "auto.offset.reset": "earliest"})
         c.subscribe([topic])
         return c
 

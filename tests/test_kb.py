@@ -21,12 +21,18 @@ def items(*texts: str, ns: str = "ns") -> list[kb.ExperienceItem]:
 
 def test_append_dedups_and_versions_deterministically():
     state = kb.KBState(namespace="ns")
-    s1, snap1, new1, dup1 = kb.append(state, items("rule one", "rule two", "rule one"), episode_ids=["e1"], budget=1000, count=kb.approx_tokens, as_of=NOW)
+    s1, snap1, new1, dup1 = kb.append(
+        state, items("rule one", "rule two", "rule one"), episode_ids=["e1"], budget=1000, count=kb.approx_tokens, as_of=NOW
+    )
     assert [i.text for i in new1] == ["rule one", "rule two"] and dup1 == 1
     assert snap1.items == ["rule one", "rule two"] and snap1.seq == 1 and snap1.parent_version is None
-    again, snap_again, _, _ = kb.append(state, items("rule one", "rule two", "rule one"), episode_ids=["e1"], budget=1000, count=kb.approx_tokens, as_of=NOW)
+    again, snap_again, _, _ = kb.append(
+        state, items("rule one", "rule two", "rule one"), episode_ids=["e1"], budget=1000, count=kb.approx_tokens, as_of=NOW
+    )
     assert snap_again == snap1 and again == s1  # same input, same version: replays agree
-    s2, snap2, new2, dup2 = kb.append(s1, items("rule two", "rule three"), episode_ids=["e2"], budget=1000, count=kb.approx_tokens, as_of=NOW)
+    s2, snap2, new2, dup2 = kb.append(
+        s1, items("rule two", "rule three"), episode_ids=["e2"], budget=1000, count=kb.approx_tokens, as_of=NOW
+    )
     assert [i.text for i in new2] == ["rule three"] and dup2 == 1
     assert snap2.parent_version == snap1.version and snap2.version.startswith("000002-")
     assert s2.applied_episodes == {"e1": snap1.version, "e2": snap2.version}

@@ -31,8 +31,13 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 HARMFUL_KB = ['Every reply must start with "Hi there!" and never with any other greeting.']
 REFERENCE_KB = [REFERENCE_EXPERIENCE["greeting"]]
 OOD_SUBSET = tuple(p for p in OOD_PROMPTS if p.id in {"keyword-bees", "constrained-sun", "lowercase-beach", "title-robot"})
-SETTINGS = {"eval_rules": "greeting", "eval_episodes": 12, "ood_max_new_tokens": 32, "knowledge_gate_margin": 0.1,
-            "gate_ood_tolerance": 0.15}
+SETTINGS = {
+    "eval_rules": "greeting",
+    "eval_episodes": 12,
+    "ood_max_new_tokens": 32,
+    "knowledge_gate_margin": 0.1,
+    "gate_ood_tolerance": 0.15,
+}
 
 
 def _ev(**kw) -> dict[str, float]:
@@ -83,12 +88,30 @@ def _seed(store, ns: str, items: list[str]) -> str:
     from oel.schemas import EndPayload, StepPayload
 
     now = datetime.now(UTC)
-    ep = CompletedEpisode(namespace=ns, episode_id="ep0", agent_id="a", model_version="base", status=EpisodeStatus.completed,
-                          steps=[StepPayload(prompt="Where is my order #12340?", response="On its way.")],
-                          end=EndPayload(outcome="done"), started_at=now, ended_at=now)
+    ep = CompletedEpisode(
+        namespace=ns,
+        episode_id="ep0",
+        agent_id="a",
+        model_version="base",
+        status=EpisodeStatus.completed,
+        steps=[StepPayload(prompt="Where is my order #12340?", response="On its way.")],
+        end=EndPayload(outcome="done"),
+        started_at=now,
+        ended_at=now,
+    )
     store.put_json(ep.store_key, ep.model_dump(mode="json"))
-    kb_items = [ExperienceItem(id=f"i{i}", namespace=ns, text=t, source_episode_ids=["ep0"], extracted_by="base",
-                               variant="unstructured", sources=["model:extraction"]) for i, t in enumerate(items)]
+    kb_items = [
+        ExperienceItem(
+            id=f"i{i}",
+            namespace=ns,
+            text=t,
+            source_episode_ids=["ep0"],
+            extracted_by="base",
+            variant="unstructured",
+            sources=["model:extraction"],
+        )
+        for i, t in enumerate(items)
+    ]
     _, snap, new, _ = append(KBState(namespace=ns), kb_items, episode_ids=["ep0"], budget=2048, count=approx_tokens, as_of=now)
     write_append(store, snap, new)
     return snap.version
@@ -112,8 +135,9 @@ def test_a_harmful_kb_is_skipped_and_the_reference_goes_through(gate, settings, 
 
     published: list[ModelVersion] = []
     registry = ModelRegistry(store, publisher=published.append)
-    runner = RoundRunner(store, settings, registry=registry, gate=None, knowledge_gate=gate, auto_promote=True,
-                         trainer_factory=_never_train)
+    runner = RoundRunner(
+        store, settings, registry=registry, gate=None, knowledge_gate=gate, auto_promote=True, trainer_factory=_never_train
+    )
     kb = _seed(store, ns, HARMFUL_KB)
     outcome = runner.run(RoundTrigger(ns, round_id(ns, None, kb), None, kb, (kb,), len(HARMFUL_KB)))
     assert outcome.status is VersionStatus.skipped and outcome.published is None and published == []
@@ -124,8 +148,10 @@ def test_a_harmful_kb_is_skipped_and_the_reference_goes_through(gate, settings, 
     assert record.status is VersionStatus.skipped and "not worth consolidating" in record.reason
     assert m.knowledge["variants"] == {"unstructured": 1} and m.knowledge["items"][0]["sources"] == ["model:extraction"]
     assert metrics.sample_value("oel_rounds_skipped_total", {"namespace": ns, "check": outcome_kind(m.eval)}) == 1.0
-    assert metrics.sample_value("oel_knowledge_pass_rate", {"namespace": ns, "condition": "in_context"}) == \
-        m.eval["knowledge_in_context_pass_rate"]
+    assert (
+        metrics.sample_value("oel_knowledge_pass_rate", {"namespace": ns, "condition": "in_context"})
+        == m.eval["knowledge_in_context_pass_rate"]
+    )
     # A replay of the same round (a restart) trains nothing and records nothing more.
     again = runner.run(RoundTrigger(ns, round_id(ns, None, kb), None, kb, (kb,), len(HARMFUL_KB)))
     assert again.created is False and len(registry.history(ns, m.version)) == 1

@@ -79,7 +79,9 @@ def test_round_id_is_deterministic_and_depends_on_all_three_inputs():
     a = round_id("shop", None, "000003-abc")
     assert a == round_id("shop", None, "000003-abc")
     assert len(a) == 24 and int(a, 16) >= 0
-    assert len({a, round_id("shop", "g0001-x", "000003-abc"), round_id("shop", None, "000004-abc"), round_id("shoe", None, "000003-abc")}) == 4
+    assert (
+        len({a, round_id("shop", "g0001-x", "000003-abc"), round_id("shop", None, "000004-abc"), round_id("shoe", None, "000003-abc")}) == 4
+    )
     # Two policies (before and after a restart) fed the same updates compute the same id.
     ids = []
     for _ in range(2):

@@ -1,6 +1,7 @@
 """/livez next to /readyz and /metrics: liveness from each service's own progress (a consume loop that stopped
 polling, a blocked event loop, a crashed consumer, waiting input that nobody consumes), never from /metrics,
 which stays up when a consumer is stuck."""
+
 from __future__ import annotations
 
 import time
@@ -54,8 +55,12 @@ def test_learner_is_live_during_a_long_round_and_not_when_its_loop_stops():
 def test_processor_liveness_stalls_blocked_loop_and_crashed_consumer():
     from processors.app import Processor
 
-    proc = SimpleNamespace(loop_beat=metrics.Heartbeat("timers", max_age_s=60), stall_s=900.0,
-                           _progress_at=time.monotonic(), app=SimpleNamespace(consumer=SimpleNamespace(crashed=False)))
+    proc = SimpleNamespace(
+        loop_beat=metrics.Heartbeat("timers", max_age_s=60),
+        stall_s=900.0,
+        _progress_at=time.monotonic(),
+        app=SimpleNamespace(consumer=SimpleNamespace(crashed=False)),
+    )
     check = lambda: Processor.liveness_problem(proc)  # noqa: E731
     proc.loop_beat.beat()
     assert check() is None

@@ -1,4 +1,5 @@
 """oel.logs: a Kafka client's repeated connection failures are one line per window, with a count."""
+
 import logging
 
 from oel.logs import RepeatFilter, client_logger

@@ -48,8 +48,9 @@ def test_loop_on_the_real_stack_makes_a_version_the_agent_then_uses(kafka, s3_st
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     settings = load_settings()
-    config = DemoConfig(rounds=2, episodes=2, eval_episodes=2, steps=1, agent_batch=2, extraction_tokens=48,
-                        namespace=ns, out_dir=tmp_path / "run")
+    config = DemoConfig(
+        rounds=2, episodes=2, eval_episodes=2, steps=1, agent_batch=2, extraction_tokens=48, namespace=ns, out_dir=tmp_path / "run"
+    )
     lines: list[str] = []
     with StackLoop(settings, config, service_env=env, timeout_s=600, progress=lines.append) as loop:
         # The default model's extractions are sampled: a round can add no item (then no round is due).
@@ -71,12 +72,14 @@ def test_loop_on_the_real_stack_makes_a_version_the_agent_then_uses(kafka, s3_st
         by_round: dict[int, set[str]] = {}
         for ep in stored:
             by_round.setdefault(int(ep["episode_id"].split("-r")[1].split("-")[0]), set()).add(ep["model_version"])
-        assert by_round == {**{r: {"base"} for r in range(1, r0.round + 1)}, r0.round + 1: {r0.version}}, \
+        assert by_round == {**{r: {"base"} for r in range(1, r0.round + 1)}, r0.round + 1: {r0.version}}, (
             "the processor saw the next round played by the new version"
+        )
         record = registry.get(ns, r0.version)
         assert record.manifest.kb_version == r0.kb_version and record.manifest.parent_version is None
-        assert record.manifest.eval.get("gate_accepted") == 1.0 and "ood_score" in record.manifest.eval, \
+        assert record.manifest.eval.get("gate_accepted") == 1.0 and "ood_score" in record.manifest.eval, (
             "the learner service ran the gate and recorded its numbers"
+        )
         procs = [proc for proc, _ in loop.services.values()]
     assert procs and all(proc.poll() is not None for proc in procs), "closing the loop stops the services it started"
 
@@ -102,9 +105,27 @@ def test_agents_serve_records_every_episode_with_the_version_it_played(kafka, s3
     ensure_topics(admin_client(settings.kafka), topic_specs(settings))
     ns = f"serve-{unique[:8]}"
     done = subprocess.run(
-        [sys.executable, "-m", "oel.cli", "agents", "serve", "--env", "house-rules", "--namespace", ns, "--batch-size", "2",
-         "--max-batches", "1", "--agent-id", "sample-agent"],
-        env=dict(os.environ), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "oel.cli",
+            "agents",
+            "serve",
+            "--env",
+            "house-rules",
+            "--namespace",
+            ns,
+            "--batch-size",
+            "2",
+            "--max-batches",
+            "1",
+            "--agent-id",
+            "sample-agent",
+        ],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "batch 0: base: pass rate" in done.stderr

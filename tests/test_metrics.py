@@ -15,8 +15,19 @@ from oel.settings import MetricsSettings
 
 # Label names a metric may carry; anything else (a user id, an episode id, free text) would make the
 # series count unbounded.
-ALLOWED_LABELS = {"namespace", "model_version", "topic", "partition", "reason", "outcome", "service", "version", "check", "condition",
-                  "route"}  # route: one of oel.metrics.GATEWAY_ROUTES
+ALLOWED_LABELS = {
+    "namespace",
+    "model_version",
+    "topic",
+    "partition",
+    "reason",
+    "outcome",
+    "service",
+    "version",
+    "check",
+    "condition",
+    "route",
+}  # route: one of oel.metrics.GATEWAY_ROUTES
 
 
 def _families():
@@ -52,14 +63,31 @@ def test_every_metric_is_in_the_oel_registry_only():
 def test_the_issue_metric_list_is_covered():
     names = metrics.exposed_names()
     for required in [
-        "oel_events_consumed_total", "oel_events_dead_lettered_total", "oel_episodes_completed_total",
-        "oel_episodes_abandoned_total", "oel_extraction_duration_seconds_bucket", "oel_kb_items_appended_total",
-        "oel_kb_items_deduplicated_total", "oel_kb_items", "oel_consumer_lag_messages", "oel_rounds_started_total",
-        "oel_rounds_finished_total", "oel_rounds_rejected_total", "oel_opcd_last_step_loss", "oel_opcd_last_step_kl",
-        "oel_opcd_step_loss_bucket", "oel_opcd_step_kl_bucket", "oel_training_tokens_per_second",
-        "oel_evaluation_pass_rate", "oel_evaluation_response_tokens", "oel_evaluation_ood_score",
-        "oel_model_version_info", "oel_adapter_load_duration_seconds_bucket", "oel_recorder_events_sent_total",
-        "oel_recorder_events_failed_total", "oel_model_rollbacks_total",
+        "oel_events_consumed_total",
+        "oel_events_dead_lettered_total",
+        "oel_episodes_completed_total",
+        "oel_episodes_abandoned_total",
+        "oel_extraction_duration_seconds_bucket",
+        "oel_kb_items_appended_total",
+        "oel_kb_items_deduplicated_total",
+        "oel_kb_items",
+        "oel_consumer_lag_messages",
+        "oel_rounds_started_total",
+        "oel_rounds_finished_total",
+        "oel_rounds_rejected_total",
+        "oel_opcd_last_step_loss",
+        "oel_opcd_last_step_kl",
+        "oel_opcd_step_loss_bucket",
+        "oel_opcd_step_kl_bucket",
+        "oel_training_tokens_per_second",
+        "oel_evaluation_pass_rate",
+        "oel_evaluation_response_tokens",
+        "oel_evaluation_ood_score",
+        "oel_model_version_info",
+        "oel_adapter_load_duration_seconds_bucket",
+        "oel_recorder_events_sent_total",
+        "oel_recorder_events_failed_total",
+        "oel_model_rollbacks_total",
     ]:
         assert required in names, required
 
@@ -87,8 +115,11 @@ def test_per_version_series_stay_bounded():
     for i in range(metrics.EVALUATION_VERSIONS_KEPT + 5):
         metrics.observe_evaluation("ns-versions", f"v{i}", pass_rate=i / 100, response_tokens=40.0, ood_score=0.66)
     kept = [
-        s for fam in metrics.REGISTRY.collect() if fam.name == "oel_evaluation_pass_rate"
-        for s in fam.samples if s.labels["namespace"] == "ns-versions"
+        s
+        for fam in metrics.REGISTRY.collect()
+        if fam.name == "oel_evaluation_pass_rate"
+        for s in fam.samples
+        if s.labels["namespace"] == "ns-versions"
     ]
     assert len(kept) == metrics.EVALUATION_VERSIONS_KEPT
     assert metrics.sample_value("oel_evaluation_pass_rate", {"namespace": "ns-versions", "model_version": "v0"}) is None
@@ -101,8 +132,11 @@ def test_current_version_is_one_series_per_namespace_and_counts_rollbacks():
     metrics.set_current_version("ns-current", "v2")
     metrics.set_current_version("ns-current", "v1", rollback=True)
     current = [
-        s.labels["model_version"] for fam in metrics.REGISTRY.collect() if fam.name == "oel_model_version_info"
-        for s in fam.samples if s.labels["namespace"] == "ns-current"
+        s.labels["model_version"]
+        for fam in metrics.REGISTRY.collect()
+        if fam.name == "oel_model_version_info"
+        for s in fam.samples
+        if s.labels["namespace"] == "ns-current"
     ]
     assert current == ["v1"]
     assert metrics.sample_value("oel_model_rollbacks_total", {"namespace": "ns-current"}) == 1

@@ -21,9 +21,18 @@ def make_version(reg: ModelRegistry, ns: str, kb_seq: int, parent: str | None, a
     rid = round_id(ns, parent, kb)
     name, generation = reg.next_version_name(ns, rid, parent)
     manifest = VersionManifest(
-        namespace=ns, version=name, generation=generation, round_id=rid, base_model="SmolLM2-135M-Instruct",
-        base_model_hash="sha256:00", parent_version=parent, kb_version=kb, kb_versions=[kb],
-        round_config={"steps": 2, "learning_rate": 1e-4}, training={"last_loss": 0.1}, **extra,
+        namespace=ns,
+        version=name,
+        generation=generation,
+        round_id=rid,
+        base_model="SmolLM2-135M-Instruct",
+        base_model_hash="sha256:00",
+        parent_version=parent,
+        kb_version=kb,
+        kb_versions=[kb],
+        round_config={"steps": 2, "learning_rate": 1e-4},
+        training={"last_loss": 0.1},
+        **extra,
     )
     return reg.save_version(manifest, adapter_dir)
 
@@ -56,7 +65,12 @@ def test_manifest_and_adapter_round_trip(s3_store, ns, tmp_path):
     assert (out / "adapter_model.safetensors").read_bytes() == b"weights-1"
     event = back.to_event()
     assert (event.version, event.adapter_uri, event.kb_version, event.round_id, event.eval) == (
-        m.version, m.adapter_uri, m.kb_version, m.round_id, {"pass_rate": 0.25})
+        m.version,
+        m.adapter_uri,
+        m.kb_version,
+        m.round_id,
+        {"pass_rate": 0.25},
+    )
 
 
 def test_a_replayed_round_reuses_its_version(s3_store, ns, tmp_path):
@@ -183,18 +197,35 @@ def _seed_namespace(store, ns: str, n_items: int = 3) -> list:
     now = datetime.now(UTC)
     for e in range(2):
         ep = CompletedEpisode(
-            namespace=ns, episode_id=f"ep{e}", agent_id="a", model_version="base", status=EpisodeStatus.completed,
+            namespace=ns,
+            episode_id=f"ep{e}",
+            agent_id="a",
+            model_version="base",
+            status=EpisodeStatus.completed,
             steps=[StepPayload(prompt=f"What colour is the sky? ({e}.{t})", response="blue") for t in range(2)],
-            end=EndPayload(outcome="done"), started_at=now, ended_at=now,
+            end=EndPayload(outcome="done"),
+            started_at=now,
+            ended_at=now,
         )
         store.put_json(ep.store_key, ep.model_dump(mode="json"))
     state, updates = KBState(namespace=ns), []
     for batch in (range(0, 2), range(2, n_items)):
-        items = [ExperienceItem(id=f"i{i}", namespace=ns, text=f"Answer in one word ({i}).", source_episode_ids=["ep0"],
-                                extracted_by="base", variant="structured") for i in batch]
+        items = [
+            ExperienceItem(
+                id=f"i{i}",
+                namespace=ns,
+                text=f"Answer in one word ({i}).",
+                source_episode_ids=["ep0"],
+                extracted_by="base",
+                variant="structured",
+            )
+            for i in batch
+        ]
         state, snap, new, _ = append(state, items, episode_ids=["ep0"], budget=512, count=approx_tokens, as_of=now)
         write_append(store, snap, new)
-        updates.append(ExperienceUpdate(namespace=ns, kb_version=snap.version, new_item_ids=[i.id for i in new], total_items=len(state.all_ids)))
+        updates.append(
+            ExperienceUpdate(namespace=ns, kb_version=snap.version, new_item_ids=[i.id for i in new], total_items=len(state.all_ids))
+        )
     return updates
 
 
@@ -245,7 +276,8 @@ def test_service_runs_a_round_and_commits_only_after_it(s3_store, ns, tiny_model
     exp_topic = f"t-{unique}.experience"
     ensure_topics(admin_client(kafka.kafka), [TopicSpec(exp_topic, 1, 1), TopicSpec(exp_topic + ".dlq", 1, 1)])
     settings = load_settings(
-        model={"path": str(tiny_model_dir)}, topics={"experience": exp_topic},
+        model={"path": str(tiny_model_dir)},
+        topics={"experience": exp_topic},
         learner={"min_new_items": 3, "cooldown_s": 0, "group_id": f"g-{unique}"},
     )
     producer = Producer(kafka.kafka.client_config())
@@ -256,8 +288,14 @@ def test_service_runs_a_round_and_commits_only_after_it(s3_store, ns, tiny_model
 
     runner = RoundRunner(s3_store, settings, config_overrides=_FAST)  # no auto-promote: a candidate
     states = []
-    svc = LearnerService(settings, s3_store, runner=runner, on_round=lambda o: states.append(
-        (svc.policy.state(ns).parent_version, svc.policy.state(ns).consolidated_kb_version, dict(svc.policy.state(ns).pending))))
+    svc = LearnerService(
+        settings,
+        s3_store,
+        runner=runner,
+        on_round=lambda o: states.append(
+            (svc.policy.state(ns).parent_version, svc.policy.state(ns).consolidated_kb_version, dict(svc.policy.state(ns).pending))
+        ),
+    )
     svc.run(max_rounds=1, poll_s=0.2)
     assert len(svc.rounds) == 1 and svc.rounds[0].status is VersionStatus.candidate
     version = svc.rounds[0].record.manifest.version
@@ -272,6 +310,7 @@ def test_service_runs_a_round_and_commits_only_after_it(s3_store, ns, tiny_model
     # A restarted service (same group) reads on, finds nothing new, and starts no second round.
     svc2 = LearnerService(settings, s3_store, runner=runner)
     import threading
+
     t = threading.Timer(3.0, svc2.stop)
     t.start()
     svc2.run(poll_s=0.2)
@@ -343,9 +382,16 @@ def test_kill_9_then_restart_publishes_exactly_one_version(moment, s3_store, ns,
     updates = _seed_namespace(s3_store, ns)
     exp_topic, versions_topic = f"t-{unique}.experience", _topic(kafka, unique)
     ensure_topics(admin_client(kafka.kafka), [TopicSpec(exp_topic, 1, 1)])
-    env = {**os.environ, "OEL_MODEL__PATH": str(tiny_model_dir), "OEL_TOPICS__EXPERIENCE": exp_topic,
-           "OEL_TOPICS__MODEL_VERSIONS": versions_topic, "OEL_LEARNER__MIN_NEW_ITEMS": "3", "OEL_LEARNER__COOLDOWN_S": "0",
-           "OEL_LEARNER__GROUP_ID": f"g-{unique}", "OEL_LEARNER__AUTO_PROMOTE": "true"}
+    env = {
+        **os.environ,
+        "OEL_MODEL__PATH": str(tiny_model_dir),
+        "OEL_TOPICS__EXPERIENCE": exp_topic,
+        "OEL_TOPICS__MODEL_VERSIONS": versions_topic,
+        "OEL_LEARNER__MIN_NEW_ITEMS": "3",
+        "OEL_LEARNER__COOLDOWN_S": "0",
+        "OEL_LEARNER__GROUP_ID": f"g-{unique}",
+        "OEL_LEARNER__AUTO_PROMOTE": "true",
+    }
     producer = Producer(kafka.kafka.client_config())
     for u in updates:
         producer.produce(exp_topic, u.to_bytes(), ns)
@@ -353,15 +399,24 @@ def test_kill_9_then_restart_publishes_exactly_one_version(moment, s3_store, ns,
 
     script = tmp_path / "crashing_learner.py"
     script.write_text(_CRASHING_LEARNER)
-    proc = subprocess.run([sys.executable, str(script), json.dumps(_FAST), moment], env=env, cwd=str(tmp_path.parent),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(_FAST), moment],
+        env=env,
+        cwd=str(tmp_path.parent),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     reg = ModelRegistry(s3_store)
     [crashed] = reg.list(ns)
     assert crashed.status is VersionStatus.candidate and crashed.history == []
 
-    settings = load_settings(model={"path": str(tiny_model_dir)}, topics={"experience": exp_topic, "model_versions": versions_topic},
-                             learner={"min_new_items": 3, "cooldown_s": 0, "group_id": f"g-{unique}", "auto_promote": True})
+    settings = load_settings(
+        model={"path": str(tiny_model_dir)},
+        topics={"experience": exp_topic, "model_versions": versions_topic},
+        learner={"min_new_items": 3, "cooldown_s": 0, "group_id": f"g-{unique}", "auto_promote": True},
+    )
     svc = LearnerService(settings, s3_store, runner=RoundRunner(s3_store, settings, config_overrides=_FAST))
     thread = threading.Thread(target=svc.run, kwargs={"poll_s": 0.2})
     thread.start()
@@ -424,8 +479,9 @@ def test_a_fenced_learner_replaces_its_consumer_and_goes_on(s3_store, kafka, uni
 
     try:
         send_invalid_and_wait(2, 2)
-        intruder = Consumer({**kafka.kafka.client_config(), "group.id": group, "group.instance.id": "learner-0",
-                             "session.timeout.ms": 6000})
+        intruder = Consumer(
+            {**kafka.kafka.client_config(), "group.id": group, "group.instance.id": "learner-0", "session.timeout.ms": 6000}
+        )
         intruder.subscribe([topic])
         deadline = time.monotonic() + 60
         while not intruder.assignment() and time.monotonic() < deadline:

@@ -58,7 +58,10 @@ def trainer() -> OPCDTrainer:
     tok = tiny_tokenizer()
     t = OPCDTrainer(
         OPCDConfig(batch_size=3, max_new_tokens=12, top_k=5, dtype="float32", loss_chunk_tokens=7, seed=3),
-        PREFIXES, EXPERIENCE, model=tiny_model(tok, dtype=torch.float32), tokenizer=tok,
+        PREFIXES,
+        EXPERIENCE,
+        model=tiny_model(tok, dtype=torch.float32),
+        tokenizer=tok,
     )
     _perturb_lora(t)
     return t
@@ -118,8 +121,11 @@ def test_loss_is_zero_when_contexts_are_equal() -> None:
     torch.manual_seed(0)
     tok = tiny_tokenizer()
     t = OPCDTrainer(
-        OPCDConfig(batch_size=4, max_new_tokens=10, seed=5), PREFIXES, [[]],
-        model=tiny_model(tok), tokenizer=tok,
+        OPCDConfig(batch_size=4, max_new_tokens=10, seed=5),
+        PREFIXES,
+        [[]],
+        model=tiny_model(tok),
+        tokenizer=tok,
     )
     batch = t.rollout()
     assert all(r.teacher_prompt_ids == r.student_prompt_ids for r in batch)

@@ -158,12 +158,17 @@ def test_experience_over_budget_drops_oldest_items_and_reports(caplog) -> None:
     tok = tiny_tokenizer()
     items = [f"Old rule number {i}: always mention the number {i} in the answer." for i in range(30)]
     with caplog.at_level(logging.WARNING):
-        t = OPCDTrainer(OPCDConfig(batch_size=2, max_new_tokens=4, experience_token_budget=64), PREFIXES, [items, ["short"]],
-                        model=tiny_model(tok), tokenizer=tok)
+        t = OPCDTrainer(
+            OPCDConfig(batch_size=2, max_new_tokens=4, experience_token_budget=64),
+            PREFIXES,
+            [items, ["short"]],
+            model=tiny_model(tok),
+            tokenizer=tok,
+        )
     assert len(t.experience_cuts) == 1
     cut = t.experience_cuts[0]
     assert cut.set_index == 0 and cut.items_dropped > 0 and cut.tokens_after <= 64 < cut.tokens_before
-    assert t.experience_sets[0] == items[cut.items_dropped:]  # the newest survive, in order
+    assert t.experience_sets[0] == items[cut.items_dropped :]  # the newest survive, in order
     assert t.experience_sets[1] == ["short"]
     assert any("dropped the" in rec.getMessage() for rec in caplog.records)
     result = t.train(steps=1)
@@ -173,8 +178,13 @@ def test_experience_over_budget_drops_oldest_items_and_reports(caplog) -> None:
 def test_too_long_prefixes_are_left_out_not_truncated() -> None:
     tok = tiny_tokenizer()
     long_prefix = [{"role": "user", "content": "word " * 500}]
-    t = OPCDTrainer(OPCDConfig(batch_size=2, max_new_tokens=4, max_prompt_tokens=100), PREFIXES + [long_prefix], EXPERIENCE,
-                    model=tiny_model(tok), tokenizer=tok)
+    t = OPCDTrainer(
+        OPCDConfig(batch_size=2, max_new_tokens=4, max_prompt_tokens=100),
+        PREFIXES + [long_prefix],
+        EXPERIENCE,
+        model=tiny_model(tok),
+        tokenizer=tok,
+    )
     assert t.skipped_prefixes == 1 and len(t.prefixes) == len(PREFIXES)
     assert all(len(p) <= 100 for p in t.prompt_ids)
 
@@ -235,7 +245,11 @@ def test_continuing_a_parent_adapter_uses_it_as_the_teacher(model_dir: Path, tmp
     for n, p in child2.model.named_parameters():
         if ".teacher." in n:
             assert torch.equal(p, teacher_before[n]), n
-    moved = [n for n, p in child2.model.named_parameters() if ".default." in n and not torch.equal(p, teacher_before[n.replace(".default.", ".teacher.")])]
+    moved = [
+        n
+        for n, p in child2.model.named_parameters()
+        if ".default." in n and not torch.equal(p, teacher_before[n.replace(".default.", ".teacher.")])
+    ]
     assert moved
 
 
@@ -252,9 +266,12 @@ def test_full_finetune_keeps_a_frozen_teacher() -> None:
 def test_file_formats(tmp_path: Path) -> None:
     pf = tmp_path / "prefixes.jsonl"
     pf.write_text(
-        json.dumps([{"role": "user", "content": "hi"}]) + "\n\n"
-        + json.dumps({"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}) + "\n"
-        + json.dumps("plain question") + "\n"
+        json.dumps([{"role": "user", "content": "hi"}])
+        + "\n\n"
+        + json.dumps({"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]})
+        + "\n"
+        + json.dumps("plain question")
+        + "\n"
     )
     prefixes = load_prefixes(pf)
     assert [len(p) for p in prefixes] == [1, 2, 1] and prefixes[2][0].content == "plain question"
@@ -284,11 +301,33 @@ def test_cli_distill(model_dir: Path, tmp_path: Path) -> None:
     kb1.write_text("- EXPERIENCE ITEM: Always answer in French.\n")
     kb2.write_text(json.dumps(["Old item " * 40, "Be brief."]))
     out = tmp_path / "out"
-    res = CliRunner().invoke(cli, [
-        "learner", "distill", "--prefixes", str(pf), "--experience", str(kb1), "--experience", str(kb2),
-        "--out", str(out), "--model", str(model_dir), "--steps", "2", "--batch-size", "2", "--lr", "1e-3",
-        "--max-new-tokens", "6", "--experience-budget", "40",
-    ])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "learner",
+            "distill",
+            "--prefixes",
+            str(pf),
+            "--experience",
+            str(kb1),
+            "--experience",
+            str(kb2),
+            "--out",
+            str(out),
+            "--model",
+            str(model_dir),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-3",
+            "--max-new-tokens",
+            "6",
+            "--experience-budget",
+            "40",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "step    1  loss" in res.output and "step    2  loss" in res.output
     assert "dropped the 1 oldest of 2 items" in res.output
@@ -305,8 +344,13 @@ def test_mixed_precision_lora_on_a_bf16_base(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     tok = tiny_tokenizer()
-    t = OPCDTrainer(OPCDConfig(batch_size=3, max_new_tokens=8, seed=1, learning_rate=1e-2), PREFIXES, EXPERIENCE,
-                    model=tiny_model(tok, dtype=torch.bfloat16), tokenizer=tok)
+    t = OPCDTrainer(
+        OPCDConfig(batch_size=3, max_new_tokens=8, seed=1, learning_rate=1e-2),
+        PREFIXES,
+        EXPERIENCE,
+        model=tiny_model(tok, dtype=torch.bfloat16),
+        tokenizer=tok,
+    )
     assert t.master_params is not None and all(m.dtype == torch.float32 for m in t.master_params)
     assert all(p.dtype == torch.bfloat16 for p in t.trainable_params)
     batch = t.rollout([0, 1, 2])

@@ -38,8 +38,10 @@ def test_the_sdk_imports_with_the_base_dependencies_only():
     base = [Requirement(r).name for r in project["dependencies"]]
     dists = _closure(base)
     assert not dists & {"torch", "faust-streaming", "textarena", "transformers"}, "a heavy package became a base dependency"
-    allowed = sorted(FIRST_PARTY | {m for m, owners in metadata.packages_distributions().items()
-                                    if any(re.sub(r"[-_.]+", "-", o).lower() in dists for o in owners)})
+    allowed = sorted(
+        FIRST_PARTY
+        | {m for m, owners in metadata.packages_distributions().items() if any(re.sub(r"[-_.]+", "-", o).lower() in dists for o in owners)}
+    )
     script = f"""
 import sys
 from importlib.abc import MetaPathFinder

@@ -94,7 +94,9 @@ class Env:
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "oel.cli", "processor", "--loglevel", "info"],
-                env={**os.environ, **self.vars}, stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, **self.vars},
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         WORKERS.append((proc, log))
         try:
@@ -109,16 +111,22 @@ class Env:
                     proc.kill()
 
     def produce(self, records: list[tuple[bytes | None, bytes | None]]) -> None:
-        producer = Producer({
-            **self.settings.kafka.client_config(), "enable.idempotence": True, "acks": "all",
-            "message.max.bytes": producer_max_bytes(self.settings.topics),
-        })
+        producer = Producer(
+            {
+                **self.settings.kafka.client_config(),
+                "enable.idempotence": True,
+                "acks": "all",
+                "message.max.bytes": producer_max_bytes(self.settings.topics),
+            }
+        )
         for key, value in records:
             producer.produce(self.settings.topics.trajectories, key=key, value=value)
         assert producer.flush(30) == 0
 
     def read(self, topic: str, n: int, timeout: float) -> list:
-        consumer = Consumer({**self.settings.kafka.client_config(), "group.id": f"reader-{time.monotonic_ns()}", "auto.offset.reset": "earliest"})
+        consumer = Consumer(
+            {**self.settings.kafka.client_config(), "group.id": f"reader-{time.monotonic_ns()}", "auto.offset.reset": "earliest"}
+        )
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         out, deadline = [], time.monotonic() + timeout
@@ -133,10 +141,13 @@ class Env:
         """What a stuck run leaves to read: the ``oel.episodes`` records (offset, key, episode or flush) and
         the processor group's committed offsets per topic."""
         t = self.settings.topics
-        lines = [f"{t.episodes}: " + ", ".join(
-            f"{m.offset()}:{m.key().decode()}:{json.loads(m.value()).get('episode_id') or json.loads(m.value())}"
-            for m in self.read(t.episodes, 10_000, timeout=3)
-        )]
+        lines = [
+            f"{t.episodes}: "
+            + ", ".join(
+                f"{m.offset()}:{m.key().decode()}:{json.loads(m.value()).get('episode_id') or json.loads(m.value())}"
+                for m in self.read(t.episodes, 10_000, timeout=3)
+            )
+        ]
         group = Consumer({**self.settings.kafka.client_config(), "group.id": self.settings.processor.app_id})
         try:
             for topic in (t.trajectories, t.episodes):
@@ -158,7 +169,11 @@ def episode_events(episode_id: str, namespace: str, response: str = "Hello, how 
     for i in range(1, turns + 1):
         events.append(
             TrajectoryEvent(
-                **base, event_id=f"{episode_id}-{i}", seq=i, kind="step", ts=T0 + timedelta(seconds=i),
+                **base,
+                event_id=f"{episode_id}-{i}",
+                seq=i,
+                kind="step",
+                ts=T0 + timedelta(seconds=i),
                 step={
                     "prompt": f"Customer: where is my order #{100 + i}?",
                     "response": response,
@@ -169,7 +184,11 @@ def episode_events(episode_id: str, namespace: str, response: str = "Hello, how 
         )
     events.append(
         TrajectoryEvent(
-            **base, event_id=f"{episode_id}-end", seq=turns + 1, kind="end", ts=T0 + timedelta(seconds=turns + 1),
+            **base,
+            event_id=f"{episode_id}-end",
+            seq=turns + 1,
+            kind="end",
+            ts=T0 + timedelta(seconds=turns + 1),
             end={"outcome": "Not accepted within the turn limit.", "success": False},
         )
     )
@@ -233,7 +252,9 @@ def test_one_size_policy_large_events_and_episodes_flow_oversized_ones_are_dead_
     are dead-lettered too, and the next episode on the partition is not lost."""
     env = env_factory(
         topics={"MAX_EVENT_BYTES": "1048576", "MAX_EPISODE_BYTES": "2500000"},
-        EXTRACTION_VARIANT="grounded", TRUSTED_FEEDBACK="", BATCH_SIZE="1",  # nothing trusted: no model call
+        EXTRACTION_VARIANT="grounded",
+        TRUSTED_FEEDBACK="",
+        BATCH_SIZE="1",  # nothing trusted: no model call
     )
     ns = "sizes"
     big_step = episode_events("big-step", ns, response="b" * 1_010_000, turns=1)
@@ -247,7 +268,9 @@ def test_one_size_policy_large_events_and_episodes_flow_oversized_ones_are_dead_
         wanted = {f"trajectories/{ns}/{e}.json" for e in ("big-step", "three-400k", "huge", "after")}
         wait_for(lambda: set(env.store.list(f"trajectories/{ns}/")) >= wanted, 300, "the episodes stored")
         dead = env.read(dlq_name(env.settings.topics.trajectories), 3, timeout=120)
-    reasons = {json.loads(m.value())["episode_id"] + f".{json.loads(m.value())['seq']}": dict(m.headers())["oel.error"].decode() for m in dead}
+    reasons = {
+        json.loads(m.value())["episode_id"] + f".{json.loads(m.value())['seq']}": dict(m.headers())["oel.error"].decode() for m in dead
+    }
     assert set(reasons) == {"over-limit.1", "huge.7", "huge.8"}, reasons
     assert "over the limit of 1048576" in reasons["over-limit.1"]
     assert "OEL_TOPICS__MAX_EPISODE_BYTES" in reasons["huge.7"] and "size limit" in reasons["huge.8"]
@@ -268,7 +291,11 @@ def test_an_episode_that_cannot_be_stored_goes_to_the_dlq_and_its_batch_is_still
     with env.worker(tmp_path / "worker.log"):
         env.produce(as_records(events))
         dead = env.read(dlq_name(env.settings.topics.episodes), 1, timeout=300)
-        wait_for(lambda: {e for u in env.updates() for e in u.source_episode_ids} >= {"fine-1", "fine-2", "fine-3"}, 300, "the other episodes learned")
+        wait_for(
+            lambda: {e for u in env.updates() for e in u.source_episode_ids} >= {"fine-1", "fine-2", "fine-3"},
+            300,
+            "the other episodes learned",
+        )
     assert len(dead) == 1, (tmp_path / "worker.log").read_text()[-3000:]
     reason = dict(dead[0].headers())["oel.error"].decode()
     assert "ImmutableObjectConflict" in reason and "taken" in reason, reason
@@ -301,7 +328,11 @@ def test_real_extraction_unstructured_builds_the_kb(env_factory, tmp_path):
     events = [e for i in range(4) for e in episode_events(f"ep-{i}", ns)]
     with env.worker(tmp_path / "worker.log"):
         env.produce(as_records(events))
-        wait_for(lambda: {e for u in env.updates() for e in u.source_episode_ids} == {f"ep-{i}" for i in range(4)}, 300, "updates for all four episodes")
+        wait_for(
+            lambda: {e for u in env.updates() for e in u.source_episode_ids} == {f"ep-{i}" for i in range(4)},
+            300,
+            "updates for all four episodes",
+        )
     updates = env.updates()
     snapshot = KBSnapshot.model_validate(env.store.get_json(env.store.list(f"kb/{ns}/snapshots/")[-1]))
     assert sorted(e for u in updates for e in u.source_episode_ids) == [f"ep-{i}" for i in range(4)]
@@ -375,9 +406,7 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     except OSError:
         return {}
-    return {
-        (s.name, frozenset(s.labels.items())): s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-    }
+    return {(s.name, frozenset(s.labels.items())): s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def free_port() -> int:

@@ -29,13 +29,34 @@ PROMETHEUS_OWN = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 # Series of other programs the dashboard and the rules rely on (names as vLLM 0.32's v1 metrics and MinIO's
 # v2 cluster metrics expose them).
 EXTERNAL = {
-    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:request_success_total",
-    "vllm:e2e_request_latency_seconds_bucket", "vllm:time_to_first_token_seconds_bucket", "vllm:kv_cache_usage_perc",
-    "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:request_success_total",
+    "vllm:e2e_request_latency_seconds_bucket",
+    "vllm:time_to_first_token_seconds_bucket",
+    "vllm:kv_cache_usage_perc",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
     "minio_cluster_nodes_offline_total",
 }
-PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                   "offset", "inf", "nan", "Inf", "NaN", "atan2"}
+PROMQL_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+    "Inf",
+    "NaN",
+    "atan2",
+}
 
 
 def _promtool(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -101,7 +122,7 @@ def metric_names(expr: str) -> set[str]:
     s = re.sub(r"\boffset\s+-?\w+", " ", s)
     names = set()
     for m in re.finditer(r"(?<![\w.$])[A-Za-z_:][A-Za-z0-9_:]*", s):
-        if s[m.end():].lstrip().startswith("(") or m.group(0) in PROMQL_KEYWORDS:
+        if s[m.end() :].lstrip().startswith("(") or m.group(0) in PROMQL_KEYWORDS:
             continue
         names.add(m.group(0))
     return names
@@ -153,8 +174,13 @@ def test_dashboard_covers_rounds_pipeline_and_inference_through_a_datasource_var
         if v["type"] == "query":
             assert v["datasource"]["uid"] == f"${{{var['name']}}}"
     inference = " ".join(e for title, e in _panel_queries() if "vllm:" in e or "oel-adapter-sync" in e)
-    for series in ("vllm:num_requests_running", "vllm:e2e_request_latency_seconds_bucket", "vllm:kv_cache_usage_perc",
-                   "oel_adapters_served", "oel_adapter_loads_total"):
+    for series in (
+        "vllm:num_requests_running",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:kv_cache_usage_perc",
+        "oel_adapters_served",
+        "oel_adapter_loads_total",
+    ):
         assert series in inference, series
     provider = yaml.safe_load((REPO / "infra/grafana/provisioning/dashboards/oel.yml").read_text())["providers"][0]
     assert provider["type"] == "file" and provider["options"]["path"]
@@ -179,9 +205,15 @@ def test_dashboard_and_rules_name_only_oel_metrics():
 
 def test_dashboard_queries_parse(tmp_path):
     """promtool parses every query (as recording rules), with Grafana's variables substituted."""
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query:{i}", "expr": _substitute(expr)} for i, (_, expr) in enumerate(_panel_queries())
-    ] + [{"record": "dashboard:annotation", "expr": a["expr"]} for a in _dashboard()["annotations"]["list"]]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:query:{i}", "expr": _substitute(expr)} for i, (_, expr) in enumerate(_panel_queries())]
+                + [{"record": "dashboard:annotation", "expr": a["expr"]} for a in _dashboard()["annotations"]["list"]],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump(rules))
     out = _promtool("check", "rules", str(path))

@@ -1,5 +1,6 @@
 """/readyz next to /metrics: a service whose broker or store is unreachable is live but not ready
 (reliability-hardening, defect 6)."""
+
 from __future__ import annotations
 
 import os

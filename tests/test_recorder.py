@@ -611,8 +611,11 @@ def test_delivery_failures_are_counted_per_episode_in_stats_metrics_and_at_close
     with rec.episode(ns, "agent", "v1") as ok:  # delivered: counted as sent, and as a played episode
         ok.step("p", "r")
         ok.end("done", success=True, wait=True, timeout_s=30)
-    wait_until(lambda: sample("oel_recorder_events_sent_total") == 3 and sample("oel_agent_episodes_total") == 1,
-               10, "the sent and played counters to be published")
+    wait_until(
+        lambda: sample("oel_recorder_events_sent_total") == 3 and sample("oel_agent_episodes_total") == 1,
+        10,
+        "the sent and played counters to be published",
+    )
     proxy.cut()
     with rec.episode(ns, "agent", "v1") as ep:
         ep.step("p1", "r1")
@@ -695,7 +698,12 @@ def test_fast_payload_encoding_accepts_only_what_the_schema_accepts_and_writes_i
     taken = 0
     for _ in range(5000):
         prompt = rng.choice([text(), [message() for _ in range(rng.randint(0, 3))], anything()])
-        kw = {"prompt": prompt, "response": rng.choice([text(), text(), anything()]), "action": rng.choice([None, text(), anything()]), "feedback": rng.choice([None, text(), anything()])}
+        kw = {
+            "prompt": prompt,
+            "response": rng.choice([text(), text(), anything()]),
+            "action": rng.choice([None, text(), anything()]),
+            "feedback": rng.choice([None, text(), anything()]),
+        }
         fast = _fast_step(**kw)
         if fast is not None:
             taken += 1

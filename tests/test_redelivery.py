@@ -1,4 +1,5 @@
 """The processor's guard against records Faust read but never delivered (processors.redelivery)."""
+
 from processors.redelivery import REAL_HOLE_AFTER_S, DeliveryGuard
 
 TP = ("oel.episodes", 0)

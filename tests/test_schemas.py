@@ -103,8 +103,18 @@ GOOD_IDS = st.from_regex(ID_PATTERN, fullmatch=True).filter(lambda s: len(s) <= 
 
 
 def _start(episode_id: str) -> dict:
-    return {"schema_version": 1, "event_id": "e-1", "namespace": "ns", "episode_id": episode_id, "agent_id": "a",
-            "model_version": "base", "seq": 0, "ts": "2026-12-06T10:00:00Z", "kind": "start", "start": {"task": None}}
+    return {
+        "schema_version": 1,
+        "event_id": "e-1",
+        "namespace": "ns",
+        "episode_id": episode_id,
+        "agent_id": "a",
+        "model_version": "base",
+        "seq": 0,
+        "ts": "2026-12-06T10:00:00Z",
+        "kind": "start",
+        "start": {"task": None},
+    }
 
 
 @settings(max_examples=300, deadline=None)

@@ -49,8 +49,16 @@ def test_missing_object_and_bad_keys(store, unique):
 
 def test_store_that_stays_down_names_the_endpoint(settings):
     # A real refused connection: nothing listens on this port.
-    s3 = load_settings(s3={**settings.s3.model_dump(), "endpoint": "127.0.0.1:1", "attempts": 3, "backoff_s": 0.01,
-                           "access_key": "nobody", "secret_key": "nothing-here"}).s3
+    s3 = load_settings(
+        s3={
+            **settings.s3.model_dump(),
+            "endpoint": "127.0.0.1:1",
+            "attempts": 3,
+            "backoff_s": 0.01,
+            "access_key": "nobody",
+            "secret_key": "nothing-here",
+        }
+    ).s3
     store = S3Store(s3)
     t0 = time.monotonic()
     with pytest.raises(StoreUnavailable) as err:

@@ -29,20 +29,30 @@ def test_a_plain_message_is_written_exactly_as_before_tool_fields_existed():
 
 
 def test_tool_messages_and_calls_round_trip_through_the_wire_format():
-    event = TrajectoryEvent(namespace="shop", episode_id="e1", agent_id="a", model_version="base", seq=1, kind="step",
-                            step={"prompt": PROMPT, "response": "", "tool_calls": [CALL]})
+    event = TrajectoryEvent(
+        namespace="shop",
+        episode_id="e1",
+        agent_id="a",
+        model_version="base",
+        seq=1,
+        kind="step",
+        step={"prompt": PROMPT, "response": "", "tool_calls": [CALL]},
+    )
     back = decode(event.to_bytes(), TrajectoryEvent)
     assert back == event
     assert back.step.prompt[2].tool_call_id == "call-1" and back.step.tool_calls[0].function.name == "order_status"
 
 
-@pytest.mark.parametrize(("message", "words"), [
-    ({"role": "tool", "content": "42"}, "needs a tool_call_id"),
-    ({"role": "user", "content": "x", "tool_call_id": "c"}, "only a tool message"),
-    ({"role": "user", "content": "x", "tool_calls": [CALL]}, "only an assistant message"),
-    ({"role": "assistant", "content": "", "tool_calls": []}, "at least 1"),
-    ({"role": "assistant", "content": "", "tool_calls": [{"id": "c", "function": {"name": ""}}]}, "at least 1 character"),
-])
+@pytest.mark.parametrize(
+    ("message", "words"),
+    [
+        ({"role": "tool", "content": "42"}, "needs a tool_call_id"),
+        ({"role": "user", "content": "x", "tool_call_id": "c"}, "only a tool message"),
+        ({"role": "user", "content": "x", "tool_calls": [CALL]}, "only an assistant message"),
+        ({"role": "assistant", "content": "", "tool_calls": []}, "at least 1"),
+        ({"role": "assistant", "content": "", "tool_calls": [{"id": "c", "function": {"name": ""}}]}, "at least 1 character"),
+    ],
+)
 def test_inconsistent_tool_fields_are_refused(message, words):
     with pytest.raises(ValidationError, match=words):
         ChatMessage.model_validate(message)
@@ -60,10 +70,18 @@ def test_the_recorder_encodes_tool_calls_through_the_schema(monkeypatch):
 
 def _episode() -> CompletedEpisode:
     return CompletedEpisode(
-        namespace="shop", episode_id="e1", agent_id="a", model_version="base", status=EpisodeStatus.completed,
-        steps=[StepPayload(prompt=PROMPT[:1], response="", tool_calls=[CALL]),
-               StepPayload(prompt=PROMPT, response="Order 4411 shipped yesterday.", feedback="Accepted.")],
-        end=EndPayload(outcome="resolved"), started_at=NOW, ended_at=NOW,
+        namespace="shop",
+        episode_id="e1",
+        agent_id="a",
+        model_version="base",
+        status=EpisodeStatus.completed,
+        steps=[
+            StepPayload(prompt=PROMPT[:1], response="", tool_calls=[CALL]),
+            StepPayload(prompt=PROMPT, response="Order 4411 shipped yesterday.", feedback="Accepted."),
+        ],
+        end=EndPayload(outcome="resolved"),
+        started_at=NOW,
+        ended_at=NOW,
     )
 
 

@@ -15,8 +15,15 @@ from oel.versions import VersionTopicError
 
 
 def version(name: str, status: str = "promoted", parent: str | None = None, ns: str = "shop") -> ModelVersion:
-    return ModelVersion(namespace=ns, version=name, adapter_uri=f"adapters/{ns}/{name}", base_model="m",
-                        base_model_hash="sha256:0", parent_version=parent, status=VersionStatus(status))
+    return ModelVersion(
+        namespace=ns,
+        version=name,
+        adapter_uri=f"adapters/{ns}/{name}",
+        base_model="m",
+        base_model_hash="sha256:0",
+        parent_version=parent,
+        status=VersionStatus(status),
+    )
 
 
 class Msg:
@@ -81,10 +88,12 @@ class FakeConsumer:
 
 def test_the_current_version_is_what_the_messages_say_at_the_end_of_the_topic(monkeypatch):
     v1, v2, v3 = version("v1"), version("v2", parent="v1"), version("v3", parent="v2")
-    consumer = FakeConsumer({
-        0: [("shop", v1.to_bytes()), ("other", version("o1", ns="other").to_bytes()), ("shop", v2.to_bytes())],
-        1: [("shop", b"{not json"), ("shop", v3.to_bytes()), ("shop", version("v3", "rolled_back", parent="v2").to_bytes())],
-    })
+    consumer = FakeConsumer(
+        {
+            0: [("shop", v1.to_bytes()), ("other", version("o1", ns="other").to_bytes()), ("shop", v2.to_bytes())],
+            1: [("shop", b"{not json"), ("shop", v3.to_bytes()), ("shop", version("v3", "rolled_back", parent="v2").to_bytes())],
+        }
+    )
     monkeypatch.setattr(reader, "Consumer", lambda config: consumer)
     current = reader.read_current_version("shop", load_settings(), topic="versions", timeout_s=5)
     assert current == v2 and consumer.closed  # v3 rolled back to its parent; other namespaces and bad bytes skipped
@@ -111,8 +120,13 @@ def test_the_follower_reads_the_same_at_start_and_follows_what_comes_after(monke
     consumer = FakeConsumer({0: [("shop", v1.to_bytes()), ("shop", v2.to_bytes())]})
     monkeypatch.setattr(follower_module, "Consumer", lambda config: consumer)
     changes = []
-    with VersionFollower("shop", load_settings(), topic="versions", start_timeout_s=5,
-                         on_change=lambda old, new: changes.append(new.version if new else None)) as follower:
+    with VersionFollower(
+        "shop",
+        load_settings(),
+        topic="versions",
+        start_timeout_s=5,
+        on_change=lambda old, new: changes.append(new.version if new else None),
+    ) as follower:
         assert follower.current() == v2 and follower.messages_seen == 2 and follower.pin().name == "v2"
         consumer.queue.append(Msg(0, 2, "shop", version("v2", "rolled_back", parent="v1").to_bytes()))
         assert follower.wait_for(lambda v: v is not None and v.version == "v1", 5) == v1

@@ -129,9 +129,10 @@ def test_agents_switch_versions_only_between_episodes(kafka, unique):
         kb_calls.append(v.version if v else None)
         return f"- EXPERIENCE ITEM: kb for {v.version if v else 'base'}"
 
-    with VersionFollower("shop", kafka, topic=versions_topic, kb_snapshot=kb_snapshot) as follower, Recorder(
-        kafka, topic=trajectories
-    ) as rec:
+    with (
+        VersionFollower("shop", kafka, topic=versions_topic, kb_snapshot=kb_snapshot) as follower,
+        Recorder(kafka, topic=trajectories) as rec,
+    ):
         with rec.episode("shop", "agent-1", follower, task="first") as ep1:
             assert ep1.version.version == "v1" and ep1.kb == "- EXPERIENCE ITEM: kb for v1"
             ep1.step("turn 1", "reply 1")

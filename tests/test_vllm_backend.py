@@ -76,9 +76,7 @@ def make_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.05, ran
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
-    )
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -268,7 +266,9 @@ def test_adapter_for_another_base_model_is_refused(vllm: VLLMBackend, model_dir:
 
     torch.manual_seed(0)
     other = LlamaForCausalLM(
-        LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        LlamaConfig(
+            vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        )
     )
     get_peft_model(other, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "other")
     assert adapter_mismatches(tmp_path / "other", model_dir)

@@ -230,4 +230,3 @@ class OPCDConfig:
             raise TypeError(f"unknown OPCDConfig fields: {sorted(unknown)}")
         values.update(overrides)
         return cls(**values)
-

@@ -95,7 +95,7 @@ def _clean_item(text: str) -> str:
     text = text.strip()
     for marker in _ITEM_MARKERS:
         if text.upper().startswith(marker.upper()):
-            text = text[len(marker):].strip()
+            text = text[len(marker) :].strip()
             break
     return text
 

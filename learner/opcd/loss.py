@@ -138,8 +138,7 @@ def chunked_opcd_loss(
         with torch.no_grad():
             t_logits = teacher_head(teacher_hidden[sl])
         with torch.set_grad_enabled(backward):
-            loss_tok, kl_tok = opcd_token_loss(s_logits, t_logits, temperature=temperature, top_k=top_k,
-                                               forward_weight=forward_weight)
+            loss_tok, kl_tok = opcd_token_loss(s_logits, t_logits, temperature=temperature, top_k=top_k, forward_weight=forward_weight)
             chunk_sum = loss_tok.sum()
             if backward:
                 (chunk_sum / n).backward()

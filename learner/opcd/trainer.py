@@ -115,7 +115,7 @@ def length_groups(lengths: Sequence[int], overhead: int = 32) -> list[list[int]]
     groups: list[list[int]] = []
     j = n
     while j > 0:
-        groups.append(order[cut[j]:j])
+        groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
 
@@ -274,8 +274,9 @@ class OPCDTrainer:
         else:
             self.model_path = Path(config.model_path) if config.model_path is not None else None
         # Student, teacher (the same module or its copy), sampling and loss all run on one device (OEL_MODEL__DEVICE).
-        self.device = torch.device(config.effective_device if config.device is not None or model is None
-                                   else next(model.parameters()).device)
+        self.device = torch.device(
+            config.effective_device if config.device is not None or model is None else next(model.parameters()).device
+        )
         model.to(self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.tokenizer = tokenizer
@@ -314,8 +315,13 @@ class OPCDTrainer:
         self._order: list[int] = []
         log.info(
             "OPCD trainer ready in %.1f s: %s, %d trainable parameters, %d prefixes (%d skipped), %d anchor prompts, %d experience sets",
-            time.monotonic() - t0, config.finetune, sum(p.numel() for p in params), self.task_prefixes,
-            self.skipped_prefixes, len(self.anchor_indices), self.task_experience_sets,
+            time.monotonic() - t0,
+            config.finetune,
+            sum(p.numel() for p in params),
+            self.task_prefixes,
+            self.skipped_prefixes,
+            len(self.anchor_indices),
+            self.task_experience_sets,
         )
 
     def lr_factor(self, step: int) -> float:
@@ -397,7 +403,8 @@ class OPCDTrainer:
         if self.skipped_prefixes:
             log.warning(
                 "left out %d prefixes longer than max_prompt_tokens=%d (prompts are never truncated)",
-                self.skipped_prefixes, cfg.max_prompt_tokens,
+                self.skipped_prefixes,
+                cfg.max_prompt_tokens,
             )
         if not self.prefixes:
             raise DataError(f"no prefix fits max_prompt_tokens={cfg.max_prompt_tokens}")
@@ -565,14 +572,24 @@ class OPCDTrainer:
             # Dropout would make the training forward differ from sampling's: then the loss runs the prompts again.
             if keep_prompts and cfg.lora_dropout == 0 and width > 1 and all(len(p) > 1 for p in prompts):
                 with torch.set_grad_enabled(cfg.prompt_gradient):
-                    lm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], past_key_values=cache,
-                       use_cache=True, logits_to_keep=1)
+                    lm(
+                        input_ids=ids[:, :-1],
+                        attention_mask=mask[:, :-1],
+                        position_ids=pos[:, :-1],
+                        past_key_values=cache,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
                 # Decoding appends to the cache by concatenation (new tensors, no gradient): these stay as computed.
-                self._sampled_prompts = _PromptKV([list(p) for p in prompts], self.step_count,
-                                                  [(k, v) for k, v, *_ in cache], mask[:, :-1].clone(), cfg.prompt_gradient)
+                self._sampled_prompts = _PromptKV(
+                    [list(p) for p in prompts], self.step_count, [(k, v) for k, v, *_ in cache], mask[:, :-1].clone(), cfg.prompt_gradient
+                )
                 ids, pos = ids[:, -1:], pos[:, -1:]
-            logits = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+            logits = (
+                lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                .logits[:, -1, :]
+                .float()
+            )
             eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
 
             def choose(logits: torch.Tensor, active: list[int], step: int) -> list[int]:
@@ -581,7 +598,12 @@ class OPCDTrainer:
                 return (logits.argmax(-1) if greedy else self._sample(logits)).tolist()
 
             responses, reasons = decode_batch(
-                lm, cache, logits, mask, cfg.max_new_tokens, choose,
+                lm,
+                cache,
+                logits,
+                mask,
+                cfg.max_new_tokens,
+                choose,
                 lambda row, response: "stop" if response[-1] in self.eos_ids else None,
             )
             return list(zip(responses, reasons))
@@ -678,8 +700,14 @@ class OPCDTrainer:
         student = self._causal_lm("student")
         s_graph = self._student_answer_hidden(student, batch, backward)
         stats, grad = chunked_opcd_loss(
-            s_graph, t_hidden, self._head(student), teacher_head,
-            temperature=cfg.temperature, top_k=cfg.top_k, chunk_tokens=cfg.loss_chunk_tokens, backward=backward,
+            s_graph,
+            t_hidden,
+            self._head(student),
+            teacher_head,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            chunk_tokens=cfg.loss_chunk_tokens,
+            backward=backward,
             forward_weight=cfg.forward_kl_weight,
         )
         if backward and grad is not None and s_graph.requires_grad:
@@ -699,8 +727,9 @@ class OPCDTrainer:
         if groups is None:
             if self.config.prompt_gradient or not all(len(r.student_prompt_ids) > 1 for r in batch):
                 with torch.set_grad_enabled(backward):
-                    return torch.cat(self._answer_hidden(student, [r.student_prompt_ids for r in batch],
-                                                         [r.response_ids for r in batch]), dim=0)
+                    return torch.cat(
+                        self._answer_hidden(student, [r.student_prompt_ids for r in batch], [r.response_ids for r in batch]), dim=0
+                    )
             groups = [self._prompt_kv(student, batch)]
         out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         for group in groups:
@@ -732,8 +761,13 @@ class OPCDTrainer:
         ids, mask = pad_left(prompts, self.pad_id)
         cache = DynamicCache(config=student.config)
         with torch.no_grad():
-            student.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), past_key_values=cache, use_cache=True)
+            student.get_decoder()(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                past_key_values=cache,
+                use_cache=True,
+            )
         return _PromptKV(prompts, self.step_count, [(k, v) for k, v, *_ in cache], mask, False, list(range(len(batch))))
 
     def _tail_hidden(self, student: Any, batch: Sequence[Rollout], prompts: _PromptKV, backward: bool) -> list[torch.Tensor]:
@@ -754,8 +788,11 @@ class OPCDTrainer:
         cache = DynamicCache(ddp_cache_data=list(prompts.kv))
         with torch.set_grad_enabled(backward):
             hidden = student.get_decoder()(
-                input_ids=tail_ids.to(device), attention_mask=torch.cat([prompts.mask.to(device), tail_mask.to(device)], dim=1),
-                position_ids=(starts + torch.arange(tail_width)[None]).to(device), past_key_values=cache, use_cache=True,
+                input_ids=tail_ids.to(device),
+                attention_mask=torch.cat([prompts.mask.to(device), tail_mask.to(device)], dim=1),
+                position_ids=(starts + torch.arange(tail_width)[None]).to(device),
+                past_key_values=cache,
+                use_cache=True,
             ).last_hidden_state
         return [hidden[i, : len(r.response_ids)] for i, r in enumerate(batch)]
 
@@ -836,9 +873,12 @@ class OPCDTrainer:
             # A row without experience (teacher prompt = student prompt) runs its whole prompt, not a cached one: at
             # the start of a round its loss is 0 up to float rounding (the student's prompt keys and values come
             # from sampling's left-padded micro-batch).
-            cacheable = (use_cache and len(r.teacher_prompt_ids) > self.config.teacher_cache_min_tokens
-                         and r.teacher_prompt_ids != r.student_prompt_ids
-                         and r.teacher_prompt_ids == self.teacher_prompt_ids(r.prefix_index, r.experience_index))
+            cacheable = (
+                use_cache
+                and len(r.teacher_prompt_ids) > self.config.teacher_cache_min_tokens
+                and r.teacher_prompt_ids != r.student_prompt_ids
+                and r.teacher_prompt_ids == self.teacher_prompt_ids(r.prefix_index, r.experience_index)
+            )
             groups.setdefault((r.prefix_index, r.experience_index) if cacheable else (-1, -1), []).append(i)
         parts: list[torch.Tensor | None] = [None] * len(batch)
         for (prefix_index, experience_index), rows in groups.items():
@@ -915,8 +955,16 @@ class OPCDTrainer:
             stopped_fraction=sum(r.finish_reason == "stop" for r in batch) / max(1, len(batch)),
         )
         self.history.append(m)
-        log.info("step %d: loss %.4f kl %.4f tokens %d (%.1f tok/s; sampling %.1f s, update %.1f s)", m.step, m.loss, m.kl,
-                 n_tok, m.tokens_per_s, m.sample_seconds, m.train_seconds)
+        log.info(
+            "step %d: loss %.4f kl %.4f tokens %d (%.1f tok/s; sampling %.1f s, update %.1f s)",
+            m.step,
+            m.loss,
+            m.kl,
+            n_tok,
+            m.tokens_per_s,
+            m.sample_seconds,
+            m.train_seconds,
+        )
         return m
 
     def train(self, steps: int | None = None, callback: Callable[[StepMetrics], None] | None = None) -> OPCDResult:
@@ -957,8 +1005,7 @@ class OPCDTrainer:
             if kept != self.step_count:
                 self._restore(best[2])
                 log.info("kept the weights of step %d (agreement %.3f), not the last step's (%d)", kept, best[0], self.step_count)
-        return OPCDResult(self.history[first:], list(self.experience_cuts), self.skipped_prefixes, time.monotonic() - t0,
-                          checks, kept)
+        return OPCDResult(self.history[first:], list(self.experience_cuts), self.skipped_prefixes, time.monotonic() - t0, checks, kept)
 
     def _weights(self) -> list[torch.Tensor]:
         """The trained weights in full precision (the float32 masters under mixed precision)."""
@@ -1023,4 +1070,3 @@ class OPCDTrainer:
             summary.update(extra)
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return out
-

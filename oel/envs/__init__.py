@@ -50,6 +50,13 @@ def reference_experience(name: str, **options: Any) -> list[str]:
 
 
 __all__ = [
-    "ENV_NAMES", "EVAL_SEED_BASE", "Environment", "StepResult", "eval_seeds", "is_eval_seed", "make_env",
-    "reference_experience", "train_seeds",
+    "ENV_NAMES",
+    "EVAL_SEED_BASE",
+    "Environment",
+    "StepResult",
+    "eval_seeds",
+    "is_eval_seed",
+    "make_env",
+    "reference_experience",
+    "train_seeds",
 ]

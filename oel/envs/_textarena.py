@@ -45,7 +45,9 @@ GENERIC_RULES = (
     "What the other symbols mean, and what wins or loses, you have to find out."
 )
 
-FREE_FORM_FORMAT = "Think about the board, then give your move in square brackets, e.g. [up]. Only the last bracketed move in your answer counts."
+FREE_FORM_FORMAT = (
+    "Think about the board, then give your move in square brackets, e.g. [up]. Only the last bracketed move in your answer counts."
+)
 
 
 def last_move(response: str) -> str | None:
@@ -144,8 +146,9 @@ class TextArenaGridEnv(Environment):
         passed = bool(done and reward == 1.0)
         info = {"reason": reason} if reason else {}
         return self._finish(
-            StepResult(feedback=feedback, done=done, passed=passed, valid=valid, action=f"[{move}]" if move else None,
-                       reward=reward, info=info)
+            StepResult(
+                feedback=feedback, done=done, passed=passed, valid=valid, action=f"[{move}]" if move else None, reward=reward, info=info
+            )
         )
 
     def metadata(self) -> dict[str, str]:

@@ -18,8 +18,7 @@ from typing import Any
 from oel.envs._textarena import TextArenaGridEnv
 
 REFERENCE_EXPERIENCE: tuple[str, ...] = (
-    "'P' is you, 'H' is a hole and 'G' is the goal. Stepping onto an 'H' cell loses the game at once; "
-    "reaching the 'G' cell wins it.",
+    "'P' is you, 'H' is a hole and 'G' is the goal. Stepping onto an 'H' cell loses the game at once; reaching the 'G' cell wins it.",
     "[down] moves one row down, [up] one row up, [right] one column right, [left] one column left. "
     "Moving off the edge of the board is an invalid move, and two invalid moves in a row end the game.",
     "You start in the top-left corner and 'G' is in the bottom-right corner, so only [down] and [right] "

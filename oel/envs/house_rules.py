@@ -162,8 +162,8 @@ RULES: dict[str, HouseRule] = {
             "order-number",
             "House rule broken: every reply must quote the customer's order number.",
             "Every reply must quote the customer's order number: start it with \"Thank you for your message about "
-            "order #\" and their number. An accepted reply to order #12345: \"Thank you for your message about order "
-            "#12345. We will send you a new one today.\"",
+            'order #" and their number. An accepted reply to order #12345: "Thank you for your message about order '
+            '#12345. We will send you a new one today."',
             _quotes_order_number,
         ),
         HouseRule(
@@ -175,17 +175,14 @@ RULES: dict[str, HouseRule] = {
         ),
         HouseRule(
             "we-not-i",
-            'House rule broken: replies speak for the whole team, so they must never say "I", "me" or "my" '
-            '(use "we", "us", "our").',
-            'Replies speak for the team: never write "I", "me" or "my", write "we", "us" and "our". '
-            f'An accepted reply: "{EXAMPLE_REPLY}"',
+            'House rule broken: replies speak for the whole team, so they must never say "I", "me" or "my" (use "we", "us", "our").',
+            f'Replies speak for the team: never write "I", "me" or "my", write "we", "us" and "our". An accepted reply: "{EXAMPLE_REPLY}"',
             _no_first_person,
         ),
         HouseRule(
             "signoff",
             f'House rule broken: every reply must end with the sign-off "{SIGNOFF}".',
-            f'Every reply must end with the sign-off "{SIGNOFF}". An accepted reply: '
-            f'"We will send you a new one today. {SIGNOFF}"',
+            f'Every reply must end with the sign-off "{SIGNOFF}". An accepted reply: "We will send you a new one today. {SIGNOFF}"',
             _ends_with_signoff,
         ),
         HouseRule(
@@ -213,8 +210,18 @@ def reference_experience(rules: Sequence[str] = DEFAULT_RULES) -> list[str]:
 
 _CUSTOMERS = ["Maria", "James", "Aisha", "Tom", "Elena", "Kenji", "Sofia", "David", "Priya", "Lucas", "Emma", "Omar"]
 _PRODUCTS = [
-    "blue kettle", "desk lamp", "pair of running shoes", "coffee grinder", "wool blanket", "phone case",
-    "set of kitchen knives", "backpack", "wireless mouse", "yoga mat", "table fan", "water bottle",
+    "blue kettle",
+    "desk lamp",
+    "pair of running shoes",
+    "coffee grinder",
+    "wool blanket",
+    "phone case",
+    "set of kitchen knives",
+    "backpack",
+    "wireless mouse",
+    "yoga mat",
+    "table fan",
+    "water bottle",
 ]
 _ISSUES = [
     "My order #{order} ({product}) arrived damaged. Can I get a replacement?",
@@ -283,16 +290,33 @@ class HouseRulesEnv(Environment):
             problems = [r.feedback(reply) for r in broken]
         if not problems:
             return self._finish(
-                StepResult(feedback="Accepted: the reply follows every house rule.", done=True, passed=True,
-                           valid=True, action=reply, reward=1.0, info={"broken": ""})
+                StepResult(
+                    feedback="Accepted: the reply follows every house rule.",
+                    done=True,
+                    passed=True,
+                    valid=True,
+                    action=reply,
+                    reward=1.0,
+                    info={"broken": ""},
+                )
             )
         done = self.turns >= self.max_turns
-        tail = (f"No turns left ({self.max_turns} used): the reply was not accepted." if done
-                else "Write the whole reply again, following the house rules.")
+        tail = (
+            f"No turns left ({self.max_turns} used): the reply was not accepted."
+            if done
+            else "Write the whole reply again, following the house rules."
+        )
         feedback = "Rejected. " + " ".join(problems) + "\n" + tail
         return self._finish(
-            StepResult(feedback=feedback, done=done, passed=False, valid=bool(reply), action=reply or None,
-                       reward=0.0 if done else None, info={"broken": ",".join(broken_names)})
+            StepResult(
+                feedback=feedback,
+                done=done,
+                passed=False,
+                valid=bool(reply),
+                action=reply or None,
+                reward=0.0 if done else None,
+                info={"broken": ",".join(broken_names)},
+            )
         )
 
     def metadata(self) -> dict[str, str]:

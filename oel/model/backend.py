@@ -71,9 +71,7 @@ class Backend(ABC):
     """Identifier of the base model (its folder path or served name)."""
 
     @abstractmethod
-    def generate(
-        self, conversations: list[Conversation], params: SamplingParams, adapter: str | None = None
-    ) -> list[Generation]:
+    def generate(self, conversations: list[Conversation], params: SamplingParams, adapter: str | None = None) -> list[Generation]:
         """Answer every conversation (chat template applied, generation prompt added), in order."""
 
     @abstractmethod

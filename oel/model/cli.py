@@ -74,12 +74,19 @@ def model_info(ctx: click.Context, as_json: bool) -> None:
 
 @model.command("generate")
 @click.argument("prompt")
-@click.option("--adapter-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="A LoRA adapter folder to answer with.")
+@click.option(
+    "--adapter-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A LoRA adapter folder to answer with.",
+)
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--seed", type=int, default=None)
 @click.pass_context
-def model_generate(ctx: click.Context, prompt: str, adapter_dir: Path | None, max_new_tokens: int, temperature: float, seed: int | None) -> None:
+def model_generate(
+    ctx: click.Context, prompt: str, adapter_dir: Path | None, max_new_tokens: int, temperature: float, seed: int | None
+) -> None:
     """Answer one user PROMPT with the in-process backend (a quick check that the model works)."""
     from oel.model.backend import SamplingParams
     from oel.model.hf_backend import HFBackend

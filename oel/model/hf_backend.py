@@ -120,8 +120,10 @@ def resolve_device(name: str = "auto") -> str:
         raise BackendError(f"OEL_MODEL__DEVICE: expected auto, cpu, cuda or cuda:N, got {name!r}")
     index = int(name.split(":", 1)[1]) if ":" in name else 0
     if not torch.cuda.is_available():
-        raise BackendError(f"OEL_MODEL__DEVICE={name}: torch sees no CUDA GPU (torch {torch.__version__}, "
-                           f"CUDA build {torch.version.cuda or 'none'}); use cpu or auto")
+        raise BackendError(
+            f"OEL_MODEL__DEVICE={name}: torch sees no CUDA GPU (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}); use cpu or auto"
+        )
     if index >= torch.cuda.device_count():
         raise BackendError(f"OEL_MODEL__DEVICE={name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return f"cuda:{index}"
@@ -188,9 +190,11 @@ def decode_batch(
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
         step_ids = torch.tensor(nxt, dtype=torch.long, device=device)[:, None]
         position = mask.sum(-1, keepdim=True) - 1
-        logits = lm(
-            input_ids=step_ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
-        ).logits[:, -1, :].float()
+        logits = (
+            lm(input_ids=step_ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+            .logits[:, -1, :]
+            .float()
+        )
     return responses, reasons
 
 
@@ -225,9 +229,7 @@ def score_tokens(
         device = model_device(model)
         ids, mask = ids.to(device), mask.to(device)
         keep = max(len(r) for r in responses) + 1
-        logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False, logits_to_keep=keep
-        ).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False, logits_to_keep=keep).logits
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (b, keep, vocab), last column = after the row's end
         for i, r in enumerate(responses):
             if not r:
@@ -438,16 +440,12 @@ class HFBackend(Backend):
 
     # --- generation -------------------------------------------------------------------------
 
-    def generate(
-        self, conversations: list[Conversation], params: SamplingParams, adapter: str | None = None
-    ) -> list[Generation]:
+    def generate(self, conversations: list[Conversation], params: SamplingParams, adapter: str | None = None) -> list[Generation]:
         """Answer every conversation with ``adapter`` (None = the base model); results in input order."""
         prompts = [self.encode(c) for c in conversations]
         return self.generate_from_ids(prompts, params, adapter)
 
-    def generate_from_ids(
-        self, prompt_token_ids: list[list[int]], params: SamplingParams, adapter: str | None = None
-    ) -> list[Generation]:
+    def generate_from_ids(self, prompt_token_ids: list[list[int]], params: SamplingParams, adapter: str | None = None) -> list[Generation]:
         """Like :meth:`generate`, from already tokenised prompts."""
         if params.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
@@ -510,10 +508,18 @@ class HFBackend(Backend):
         ids, mask = pad_left(prompts, self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache(config=self.model.config)
-        logits = runner(
-            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache,
-            use_cache=True, logits_to_keep=1,
-        ).logits[:, -1, :].float()
+        logits = (
+            runner(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=_positions(mask),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            .logits[:, -1, :]
+            .float()
+        )
         eos = set(self.eos_ids)
         texts: list[str | None] = [None] * n
 
@@ -529,12 +535,15 @@ class HFBackend(Backend):
             return None
 
         responses, reasons = decode_batch(
-            runner, cache, logits, mask, params.max_new_tokens,
-            lambda logits, active, step: self._sample(logits, params, [gens[i] for i in active]).tolist(), finished,
+            runner,
+            cache,
+            logits,
+            mask,
+            params.max_new_tokens,
+            lambda logits, active, step: self._sample(logits, params, [gens[i] for i in active]).tolist(),
+            finished,
         )
-        return [
-            (responses[i], texts[i] if texts[i] is not None else self.decode(responses[i]), reasons[i]) for i in range(n)
-        ]
+        return [(responses[i], texts[i] if texts[i] is not None else self.decode(responses[i]), reasons[i]) for i in range(n)]
 
     # --- scoring ----------------------------------------------------------------------------
 
@@ -560,9 +569,7 @@ class HFBackend(Backend):
         """Like :meth:`score`, from already tokenised prompts."""
         with self._lock:
             self._select(adapter)
-            return score_tokens(
-                self.model, prompt_token_ids, response_token_ids, self.pad_id, temperature, self.max_batch_size
-            )
+            return score_tokens(self.model, prompt_token_ids, response_token_ids, self.pad_id, temperature, self.max_batch_size)
 
     def close(self) -> None:
         """Drop the model and adapters."""

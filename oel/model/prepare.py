@@ -72,10 +72,14 @@ def find_gguf() -> Path:
 def is_prepared(path: Path) -> bool:
     """True if ``path`` is a complete model folder (config, weights and tokenizer present)."""
     return (
-        (path / "config.json").is_file()
-        and any(p.suffix in _WEIGHT_SUFFIXES for p in path.iterdir())
-        and (path / "tokenizer_config.json").is_file()
-    ) if path.is_dir() else False
+        (
+            (path / "config.json").is_file()
+            and any(p.suffix in _WEIGHT_SUFFIXES for p in path.iterdir())
+            and (path / "tokenizer_config.json").is_file()
+        )
+        if path.is_dir()
+        else False
+    )
 
 
 @contextmanager

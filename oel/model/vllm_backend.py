@@ -128,16 +128,13 @@ class VLLMBackend(Backend):
                 continue
             return response
         raise BackendError(
-            f"vLLM server at {self.url} is unreachable ({method} {path} failed {self.retries + 1} times, "
-            f"last: {last!r}); {START_HINT}"
+            f"vLLM server at {self.url} is unreachable ({method} {path} failed {self.retries + 1} times, last: {last!r}); {START_HINT}"
         ) from last
 
     def _json(self, method: str, path: str, json: dict[str, Any] | None = None, what: str = "") -> Any:
         response = self._request(method, path, json)
         if response.status_code != 200:
-            raise BackendError(
-                f"vLLM server at {self.url} refused {what or path} (HTTP {response.status_code}): {_error_text(response)}"
-            )
+            raise BackendError(f"vLLM server at {self.url} refused {what or path} (HTTP {response.status_code}): {_error_text(response)}")
         return response.json()
 
     def health(self) -> None:
@@ -187,8 +184,7 @@ class VLLMBackend(Backend):
             problems = adapter_mismatches(path, root)
             if problems:
                 raise AdapterLoadError(
-                    f"adapter {name!r} at {path_str!r} does not fit the base model served by {self.url} "
-                    f"({root}): " + "; ".join(problems)
+                    f"adapter {name!r} at {path_str!r} does not fit the base model served by {self.url} ({root}): " + "; ".join(problems)
                 )
         for attempt in range(2):
             served = self._served_adapters()
@@ -235,8 +231,7 @@ class VLLMBackend(Backend):
                 log.info("vLLM at %s: adapter %s was not loaded", self.url, name)
             elif response.status_code != 200:
                 raise BackendError(
-                    f"vLLM server at {self.url} could not unload adapter {name!r} (HTTP {response.status_code}): "
-                    f"{_error_text(response)}"
+                    f"vLLM server at {self.url} could not unload adapter {name!r} (HTTP {response.status_code}): {_error_text(response)}"
                 )
             else:
                 log.info("vLLM at %s: unloaded adapter %s", self.url, name)
@@ -266,9 +261,7 @@ class VLLMBackend(Backend):
 
     # -- generation and scoring -------------------------------------------------------------------
 
-    def generate(
-        self, conversations: list[Conversation], params: SamplingParams, adapter: str | None = None
-    ) -> list[Generation]:
+    def generate(self, conversations: list[Conversation], params: SamplingParams, adapter: str | None = None) -> list[Generation]:
         """Answer every conversation, in order. With a seed, conversation ``i`` is sampled with ``seed + i``."""
         if not conversations:
             return []
@@ -318,9 +311,7 @@ class VLLMBackend(Backend):
         body["add_generation_prompt"] = True
         return body
 
-    def generate_from_ids(
-        self, prompt_token_ids: list[list[int]], params: SamplingParams, adapter: str | None = None
-    ) -> list[Generation]:
+    def generate_from_ids(self, prompt_token_ids: list[list[int]], params: SamplingParams, adapter: str | None = None) -> list[Generation]:
         """Like :meth:`generate`, from already tokenised prompts (``/v1/completions`` with token ids)."""
         if not prompt_token_ids:
             return []

@@ -86,10 +86,7 @@ def _wait_visible(admin: AdminClient, names: list[str], timeout_s: float) -> Non
     deadline = time.monotonic() + timeout_s
     while True:
         topics = admin.list_topics(timeout=timeout_s).topics
-        ready = [
-            n for n in names
-            if n in topics and topics[n].error is None and all(p.leader >= 0 for p in topics[n].partitions.values())
-        ]
+        ready = [n for n in names if n in topics and topics[n].error is None and all(p.leader >= 0 for p in topics[n].partitions.values())]
         if len(ready) == len(names):
             return
         if time.monotonic() > deadline:
@@ -140,9 +137,7 @@ def ensure_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float =
             resource = ConfigResource(
                 ConfigResource.Type.TOPIC,
                 spec.name,
-                incremental_configs=[
-                    ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in differing.items()
-                ],
+                incremental_configs=[ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in differing.items()],
             )
             admin.incremental_alter_configs([resource])[resource].result(timeout_s)
             notes.extend(f"{k}: {state.config.get(k)} -> {v}" for k, v in differing.items())

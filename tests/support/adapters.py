@@ -55,8 +55,7 @@ def silencing_adapter(model_path: str | Path, out_dir: str | Path, strength: flo
         (-logp).backward()
         opt.step()
     last = model.config.num_hidden_layers - 1
-    config = LoraConfig(r=1, lora_alpha=1, target_modules=["down_proj"], layers_to_transform=[last], lora_bias=True,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(r=1, lora_alpha=1, target_modules=["down_proj"], layers_to_transform=[last], lora_bias=True, task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft warns that a bias on a bias-free layer cannot be merged: it is not merged
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(model, config)

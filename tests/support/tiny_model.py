@@ -53,10 +53,17 @@ def tiny_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     corpus = [m["content"] for conv in PREFIXES for m in conv] * 5 + ["the a of and to in is you that it"] * 5
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tk.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
     tok.chat_template = _CHAT_TEMPLATE
     return tok
 
@@ -72,9 +79,18 @@ def tiny_model(tokenizer, dtype: torch.dtype = torch.float32, seed: int = 0, ini
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     bos = tokenizer.convert_tokens_to_ids("<|im_start|>")
     cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), eos_token_id=eos, pad_token_id=eos, bos_token_id=bos, tie_word_embeddings=True,
-        max_position_embeddings=2048, initializer_range=init_range,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        eos_token_id=eos,
+        pad_token_id=eos,
+        bos_token_id=bos,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        initializer_range=init_range,
     )
     model = LlamaForCausalLM(cfg).to(dtype)
     model.generation_config.eos_token_id = eos
