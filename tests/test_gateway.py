@@ -120,10 +120,19 @@ def test_an_openai_client_is_recorded_step_for_step_through_the_processor(kafka,
     assert stored["end"] == {"outcome": "accepted on turn 3", "success": True}
 
 
-def test_an_unreachable_upstream_is_a_clear_502_and_records_nothing(kafka, s3_store, unique, tmp_path):
+def test_an_unreachable_upstream_and_bad_requests_are_clear_errors_and_record_nothing(kafka, s3_store, unique, tmp_path):
     env = Env(unique)
     closed = f"http://127.0.0.1:{free_port()}"
-    with running_gateway(env, tmp_path / "gateway.log", closed) as url:
+    with running_gateway(env, tmp_path / "gateway.log", closed, max_request_bytes="2048") as url:
+        head = {"X-OEL-Namespace": "gateway-shop"}
+        malformed = httpx.post(f"{url}/v1/chat/completions", headers=head, content=b"{not json")
+        assert malformed.status_code == 400 and malformed.json()["error"]["type"] == "invalid_request_error"
+        big = httpx.post(
+            f"{url}/v1/chat/completions", headers=head, json={"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}
+        )
+        assert big.status_code == 413 and "2048" in big.text
+        no_messages = httpx.post(f"{url}/v1/chat/completions", headers=head, json={"model": "m"})
+        assert no_messages.status_code == 400 and "messages" in no_messages.json()["error"]["message"]
         r = httpx.post(
             f"{url}/v1/chat/completions",
             headers={"X-OEL-Namespace": "gateway-shop"},
