@@ -48,6 +48,7 @@ from oel.model.backend import BackendError
 from oel.settings import KafkaSettings, Settings
 from oel.store import StoreUnavailable
 from oel.topics import TopicSpec, dead_letter, dlq_name, episode_record_bytes, producer_max_bytes
+from processors.acks import InOrderAcks
 from processors.records import (
     BatchFlush,
     ClosedEntry,
@@ -188,6 +189,8 @@ class Processor:
         app.timer(self.tick_s)(self._tick)
         app.timer(self.flush_tick_s)(self._flush_tick)
         self.guards = (DeliveryGuard(t.trajectories), DeliveryGuard(t.episodes))
+        self.episode_acks = InOrderAcks()
+        """The extraction stage's acks, released to Faust in offset order per partition (:mod:`processors.acks`)."""
         app.timer(REDELIVERY_CHECK_S)(self._redeliver)
         app.on_partitions_revoked.connect(self._on_revoked)
         topic = t.trajectories
@@ -203,6 +206,7 @@ class Processor:
         self.pending.clear()
         for guard in self.guards:
             guard.reset()
+        self.episode_acks.reset()
 
     # --- stage 1: assembly -------------------------------------------------------------------
 
@@ -318,8 +322,10 @@ class Processor:
             guard.busy += 1
             try:
                 for ready in self._admitted(guard, [event]):
+                    self.episode_acks.delivered(ready.message.tp, ready.message.offset)
                     for done in await self._extract_one(ready):
-                        await manual.ack(done)
+                        for release in self.episode_acks.ack(done.message.tp, done.message.offset, done):
+                            await manual.ack(release)
                 await self._seek(guard.take_seeks())
             finally:
                 guard.busy -= 1
