@@ -66,6 +66,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "oel"
 
 
+def http_url(value: str) -> str:
+    """An http(s):// base URL without its trailing '/' (the URL settings' one check)."""
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"expected an http(s):// URL, got {value!r}")
+    return value.rstrip("/")
+
+
 class Section(BaseModel):
     """A settings section; unknown keys are errors, so a typo never passes silently."""
 
@@ -226,12 +233,7 @@ class ModelSettings(Section):
         "when torch sees a GPU, else cpu), cpu, cuda or cuda:N. A GPU that is not there stops start-up.",
     )
 
-    @field_validator("vllm_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"expected an http(s):// URL, got {value!r}")
-        return value.rstrip("/")
+    _url = field_validator("vllm_url")(lambda value: http_url(value))
 
     @field_validator("path")
     @classmethod
@@ -434,12 +436,7 @@ class MetricsSettings(Section):
         "(set it, then python k8s/generate.py --write).",
     )
 
-    @field_validator("docs_url")
-    @classmethod
-    def _docs_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"expected an http(s):// URL, got {value!r}")
-        return value.rstrip("/")
+    _docs_url = field_validator("docs_url")(lambda value: http_url(value))
 
     def for_service(self, default_port: int) -> MetricsSettings:
         """These settings with the port resolved to the service's default when unset."""

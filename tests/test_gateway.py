@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,18 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_processor import Env, wait_for
+from test_processor import Env, free_port, wait_for
 from test_vllm_backend import _url as vllm_url
 
 pytestmark = [pytest.mark.stack, pytest.mark.model, pytest.mark.tools]
 
 TOOL_CALL = {"id": "call-1", "type": "function", "function": {"name": "order_status", "arguments": '{"order": "4411"}'}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -103,8 +103,8 @@ def test_a_span_without_a_namespace_is_rejected_with_the_reason():
 @pytest.mark.stack
 def test_the_sdk_exporter_reaches_the_store_through_the_gateway_and_processor(kafka, s3_store, unique, tmp_path):
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from test_gateway import free_port, running_gateway
-    from test_processor import Env, wait_for
+    from test_gateway import running_gateway
+    from test_processor import Env, free_port, wait_for
 
     env = Env(unique, BATCH_SIZE="1", EXTRACTION_VARIANT="grounded", TRUSTED_FEEDBACK="")
     conversation = f"conv-{unique}"
