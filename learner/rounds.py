@@ -32,6 +32,9 @@ content-addressed; gate results are cached by model and adapter digest); after t
 finds the version and step 7 is idempotent: it replays the decision recorded in the manifest (a gate
 that recorded none, e.g. for a version made without a gate, is run again on the stored adapter), and
 promoting a version already promoted publishes the same version again, harmless on a compacted topic.
+
+Where a round's time goes (:data:`STAGES`) is in :attr:`RoundOutcome.stages` and the
+``oel_round_stage_seconds{stage}`` histogram.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +76,22 @@ GATE_FROM_SETTINGS = FROM_SETTINGS
 ``learner.gate_enabled`` (the default), else none."""
 
 
+STAGES = metrics.ROUND_STAGES
+"""The stages of a round's wall time: the knowledge gate's evaluations; OPCD's model loading, data
+preparation and adapter saving (``setup``), its on-policy sampling, its scoring and updates, its agreement
+checks; the evaluation gate; storing the version and applying the decision (``publish``)."""
+
+
+@contextmanager
+def _timed(stages: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall time of the block to ``stages[stage]``."""
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        stages[stage] = stages.get(stage, 0.0) + time.monotonic() - t0
+
+
 @dataclass
 class RoundOutcome:
     """What a round left behind."""
@@ -84,6 +104,8 @@ class RoundOutcome:
     published: ModelVersion | None
     seconds: float
     training: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage (:data:`STAGES`) of a round run here; empty for a replay."""
 
 
 def load_training_prefixes(store: ObjectStore, namespace: str, limit: int | None = None) -> list[list[dict[str, str]]]:
@@ -216,23 +238,36 @@ class RoundRunner:
 
         metrics.ROUNDS_STARTED.labels(namespace=ns).inc()
         metrics.ROUND_IN_PROGRESS.labels(namespace=ns).set(1)
+        stages: dict[str, float] = {}
         try:
-            skipped, knowledge_eval = self._check_knowledge(trigger)
+            with _timed(stages, "knowledge_gate"):
+                skipped, knowledge_eval = self._check_knowledge(trigger)
             if skipped is not None:
-                return RoundOutcome(trigger, skipped, True, skipped.status, None, time.monotonic() - t0)
-            record, training = self._train(trigger, knowledge_eval)
+                metrics.observe_round_stages(ns, stages)
+                return RoundOutcome(trigger, skipped, True, skipped.status, None, time.monotonic() - t0, stages=stages)
+            record, training = self._train(trigger, knowledge_eval, stages)
         except Exception:
             metrics.ROUNDS_FAILED.labels(namespace=ns).inc()
             raise
         finally:
             metrics.ROUND_IN_PROGRESS.labels(namespace=ns).set(0)
-        published = self.finish(record)
+        with _timed(stages, "publish"):
+            published = self.finish(record)
         record = self.registry.get(ns, record.manifest.version)
         seconds = time.monotonic() - t0
         metrics.ROUND_DURATION.labels(namespace=ns).observe(seconds)
+        metrics.observe_round_stages(ns, stages)
         metrics.LAST_ROUND_TIMESTAMP.labels(namespace=ns).set(time.time())
-        log.info("%s: round %s -> %s (%s) in %.1f s", ns, trigger.round_id, record.manifest.version, record.status.value, seconds)
-        return RoundOutcome(trigger, record, True, record.status, published, seconds, training)
+        log.info(
+            "%s: round %s -> %s (%s) in %.1f s (%s)",
+            ns,
+            trigger.round_id,
+            record.manifest.version,
+            record.status.value,
+            seconds,
+            ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()),
+        )
+        return RoundOutcome(trigger, record, True, record.status, published, seconds, training, stages)
 
     # --- the steps ----------------------------------------------------------------------------
 
@@ -269,10 +304,13 @@ class RoundRunner:
         self.finish(record)  # records the skip (also what a restart after a crash here does)
         return self.registry.get(ns, name), dict(decision.eval)
 
-    def _train(self, trigger: RoundTrigger, knowledge_eval: dict[str, float]) -> tuple[VersionRecord, dict[str, Any]]:
+    def _train(
+        self, trigger: RoundTrigger, knowledge_eval: dict[str, float], stages: dict[str, float]
+    ) -> tuple[VersionRecord, dict[str, Any]]:
         from learner.opcd import OPCDConfig
         from oel.model.prepare import model_hash, resolve_model_path
 
+        t_train = time.monotonic()
         ns = trigger.namespace
         prefixes = load_training_prefixes(self.store, ns)
         if not prefixes:
@@ -298,6 +336,11 @@ class RoundRunner:
             result = trainer.train(callback=on_step)
             adapter_dir = trainer.save(Path(tmp) / "adapter", result, extra={"round_id": trigger.round_id, "namespace": ns})
             del trainer  # free the training models before the gate loads its own
+            sample = sum(m.sample_seconds for m in result.steps)
+            update = sum(m.train_seconds for m in result.steps)
+            checks = sum(c.seconds for c in result.checks)
+            stages.update(opcd_sample=sample, opcd_update=update, opcd_checks=checks)
+            stages["opcd_setup"] = time.monotonic() - t_train - sample - update - checks
             summary = result.to_dict()
             training = {
                 k: summary[k] for k in ("first_loss", "last_loss", "response_tokens", "tokens_per_s", "seconds", "skipped_prefixes")
@@ -326,9 +369,11 @@ class RoundRunner:
                 eval=dict(knowledge_eval),
             )
             if self.gate is not None:
-                decision = self.gate(VersionRecord(manifest=manifest, history=[]), adapter_dir)
+                with _timed(stages, "gate"):
+                    decision = self.gate(VersionRecord(manifest=manifest, history=[]), adapter_dir)
                 manifest = manifest.model_copy(update={"eval": {**manifest.eval, **decision.eval}})
-            record, _ = self.registry.save_version(manifest, adapter_dir)
+            with _timed(stages, "publish"):
+                record, _ = self.registry.save_version(manifest, adapter_dir)
             return record, training
 
     def finish(self, record: VersionRecord, published: ModelVersion | None = None) -> ModelVersion | None:

@@ -85,6 +85,8 @@ SKIP_CHECKS = ("no_gain", "ood", "no_gain_and_ood", "other")
 LOAD_OUTCOMES = ("ok", "error")
 #: How many versions per namespace keep their per-version evaluation series.
 EVALUATION_VERSIONS_KEPT = 10
+ROUND_STAGES = ("knowledge_gate", "opcd_setup", "opcd_sample", "opcd_update", "opcd_checks", "gate", "publish")
+"""Label values of ``oel_round_stage_seconds{stage}`` (:data:`learner.rounds.STAGES` says what each covers)."""
 
 
 def _bounded(value: str, allowed: tuple[str, ...]) -> str:
@@ -239,6 +241,14 @@ ROUND_IN_PROGRESS = Gauge(
     "oel_round_in_progress",
     "1 while a round of the namespace is running, else 0.",
     ["namespace"],
+    registry=REGISTRY,
+)
+ROUND_STAGE_SECONDS = Histogram(
+    "oel_round_stage_seconds",
+    "Wall time of one stage of a round (learner.rounds.STAGES: knowledge_gate, opcd_setup, opcd_sample, opcd_update, "
+    "opcd_checks, gate, publish).",
+    ["namespace", "stage"],
+    buckets=_ROUND_BUCKETS,
     registry=REGISTRY,
 )
 ROUND_DURATION = Histogram(
@@ -462,6 +472,12 @@ def count_adapter_load(namespace: str, seconds: float | None, ok: bool = True) -
     ADAPTER_LOADS.labels(namespace=namespace, outcome="ok" if ok else "error").inc()
 
 
+def observe_round_stages(namespace: str, stages: dict[str, float]) -> None:
+    """Record the seconds of each stage of a finished round."""
+    for stage, seconds in stages.items():
+        ROUND_STAGE_SECONDS.labels(namespace=namespace, stage=stage).observe(seconds)
+
+
 def observe_opcd_step(namespace: str, loss: float, kl: float, tokens: int, seconds: float) -> None:
     """Record one OPCD optimizer step: last-step gauges, per-step histograms, tokens and tokens/s."""
     OPCD_STEPS.labels(namespace=namespace).inc()
@@ -521,7 +537,7 @@ def init_namespace(namespace: str) -> None:
     increment of a series that is born at 1, so an alert on e.g. the first rollback would miss it, and
     a latency quantile over a single observation (one round) would have no rate to work with.
     """
-    bounded = {"reason": REJECT_REASONS, "outcome": LOAD_OUTCOMES, "check": SKIP_CHECKS}
+    bounded = {"reason": REJECT_REASONS, "outcome": LOAD_OUTCOMES, "check": SKIP_CHECKS, "stage": ROUND_STAGES}
     for metric in all_metrics():
         names = metric._labelnames  # noqa: SLF001
         if metric._type not in ("counter", "histogram") or "namespace" not in names:  # noqa: SLF001

@@ -226,6 +226,12 @@ class ModelSettings(Section):
         "or a vLLM server of their own); served = the vLLM servers load it themselves (oel adapters sync, Kubernetes): "
         "agents only switch once their server lists it.",
     )
+    merge_adapters: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Whether the in-process backend runs a version's adapter merged into a copy of the weights (the base "
+        "model's speed, one more copy of the weights in memory) or as separate LoRA matmuls (peft); auto = merged for "
+        "float32 weights, unmerged for bfloat16/float16, where merging would round small LoRA deltas away.",
+    )
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",

@@ -124,6 +124,9 @@ class RoundReport:
     reason: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage of the round's consolidation (:data:`learner.rounds.STAGES`), when the learner ran in this
+    process; part of ``seconds["consolidate+gate"]``."""
 
 
 class LearningLoop:
@@ -149,6 +152,7 @@ class LearningLoop:
             backend = HFBackend.from_settings(self.settings, max_batch_size=max(config.agent_batch, 4))
         self.backend = backend
         self.serving: str | None = None  # the adapter the agents act with; None = the base model
+        self.round_stages: dict[str, float] = {}  # seconds per round stage of the last learn(), when known
         self.reports: list[RoundReport] = []
         self.table_paths: tuple[Path, Path] | None = None
         self.registry: ModelRegistry
@@ -214,6 +218,7 @@ class LearningLoop:
         update, invalid = self.process()
         t["extract"] = time.monotonic() - t1
         t2 = time.monotonic()
+        self.round_stages = {}
         versions = self.learn(update)
         t["consolidate+gate"] = time.monotonic() - t2
         self.follow()
@@ -230,6 +235,7 @@ class LearningLoop:
             kb_items=update.total_items if update else (last.kb_items if last else 0),
             kb_version=update.kb_version if update else (last.kb_version if last else None),
             seconds={k: round(v, 1) for k, v in t.items()},
+            stages={k: round(v, 1) for k, v in self.round_stages.items()},
         )
         if versions:
             v = versions[-1]
@@ -394,6 +400,8 @@ class DemoLoop(LearningLoop):
                 self._opcd_bar = None
             if outcome is not None:
                 outcomes.append(outcome.record)
+                for stage, seconds in outcome.stages.items():
+                    self.round_stages[stage] = self.round_stages.get(stage, 0.0) + seconds
                 checks = outcome.record.manifest.training.get("checks") or []
                 if checks:
                     kept = outcome.record.manifest.training.get("kept_step")

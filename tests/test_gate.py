@@ -20,7 +20,7 @@ import pytest
 from evaluation.ood import OOD_PROMPTS
 from learner.gate import ACCEPTED, HeldOutGate, decide
 from learner.policy import RoundTrigger, round_id
-from learner.rounds import RoundRunner
+from learner.rounds import STAGES, RoundRunner
 from learner.versions import ModelRegistry, VersionManifest, VersionRecord
 from oel import metrics
 from oel.schemas import ModelVersion, VersionStatus
@@ -223,7 +223,8 @@ def test_the_gate_rejects_a_damaged_round_and_accepts_a_sound_one(store, backend
     assert metrics.sample_value("oel_rounds_rejected_total", {"namespace": ns, "reason": kind}) == 1.0
     assert metrics.sample_value("oel_evaluation_ood_score", {"namespace": ns, "model_version": rec.manifest.version}) == ev["ood_score"]
     # A crash right after the manifest is replayed from the decision recorded in it: rejecting again is a no-op.
-    assert runner(adapters["damaged"]).run(_trigger(ns, kb1)).created is False
+    replay = runner(adapters["damaged"]).run(_trigger(ns, kb1))
+    assert replay.created is False and replay.stages == {}
     assert len(registry.history(ns, rec.manifest.version)) == 1
 
     good = runner(adapters["sound"]).run(_trigger(ns, kb2))
@@ -234,6 +235,9 @@ def test_the_gate_rejects_a_damaged_round_and_accepts_a_sound_one(store, backend
     assert gev["ood_score"] == gev["base_ood_score"] and gev["pass_rate"] == gev["reference_pass_rate"]
     assert [e.version for e in published] == [good.record.manifest.version]
     assert published[0].eval == gev and "passed the evaluation gate" in good.record.reason
+    # Where each round's time went: every stage timed, the gate's evaluations measured, a replay timing nothing.
+    assert set(good.stages) == set(STAGES) and good.stages["gate"] > 0 and sum(good.stages.values()) <= good.seconds
+    assert metrics.sample_value("oel_round_stage_seconds_count", {"namespace": ns, "stage": "gate"}) == 2.0
     # The base model's scores were measured once and cached, not once per round.
     assert len([k for k in store.list("evals/ood/") if "/base-" in k]) == 1
     assert len([k for k in store.list("evals/policy/") if "/base-" in k]) == 1

@@ -27,7 +27,8 @@ ALLOWED_LABELS = {
     "check",
     "condition",
     "route",
-}  # route: one of oel.metrics.GATEWAY_ROUTES
+    "stage",
+}  # route: one of oel.metrics.GATEWAY_ROUTES; stage: one of oel.metrics.ROUND_STAGES
 
 
 def _families():
@@ -148,6 +149,8 @@ def test_init_namespace_creates_zero_series_so_the_first_increase_is_visible():
     assert metrics.sample_value("oel_rounds_started_total", {"namespace": "ns-init"}) == 0
     # Histograms too: a quantile over the first observation (one round, one adapter load) needs a rate.
     assert metrics.sample_value("oel_round_duration_seconds_count", {"namespace": "ns-init"}) == 0
+    for stage in metrics.ROUND_STAGES:
+        assert metrics.sample_value("oel_round_stage_seconds_count", {"namespace": "ns-init", "stage": stage}) == 0
     assert metrics.sample_value("oel_adapter_load_duration_seconds_bucket", {"namespace": "ns-init", "le": "+Inf"}) == 0
     assert metrics.sample_value("oel_adapter_loads_total", {"namespace": "ns-init", "outcome": "error"}) == 0
 

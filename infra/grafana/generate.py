@@ -191,6 +191,18 @@ def build() -> dict:
         unit="s",
     )
     panel(
+        "Where a round's time goes",
+        "Seconds per stage of the rounds in the window (knowledge gate, OPCD setup/sampling/updates/checks, evaluation gate, publish).",
+        [
+            (
+                f"sum by (stage) (increase(oel_round_stage_seconds_sum{{{NS}}}[6h]))",
+                "{{stage}}",
+            )
+        ],
+        unit="s",
+        kind="bargauge",
+    )
+    panel(
         "Adapter loads",
         "Adapter load latency (p95) and failed loads, at agents and the inference server.",
         [

@@ -23,6 +23,13 @@ How it works:
   :class:`AdapterNameTaken`. Before peft touches the model, the adapter's tensor shapes are checked
   against the base model, so a mismatched adapter gives a clear :class:`BackendError` and leaves the
   backend unchanged.
+* **Merged adapters**: with ``merge_adapters`` on, a batch under an adapter runs on a copy of the model
+  with that adapter's LoRA product added into its weights (peft's ``merge_and_unload``), built on first
+  use; the copy of the adapter used last is kept, so a run of calls with one adapter (an evaluation, agents
+  serving a version) decodes at the base model's speed instead of paying peft's separate LoRA matmuls on
+  every layer. It costs one more copy of the weights. ``auto`` turns it on for float32 weights, where the
+  merged weights equal base + LoRA to float32 rounding; in bfloat16 a LoRA delta below a weight's
+  rounding step would be lost, so there the adapter stays unmerged unless merging is asked for.
 * **Scoring**: :meth:`HFBackend.score` returns per-token log-probs of given response tokens under a
   conversation, from the same tokenisation and padding rules (used to compare with vLLM and to check
   that a saved adapter reloads exactly). :func:`score_tokens` does the same for any causal LM
@@ -38,6 +45,7 @@ and a greedy near-tie can flip. Compare bf16 runs with a tolerance, or use ``dty
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -248,6 +256,8 @@ class HFBackend(Backend):
     ``model_path`` is any local Hugging Face causal-LM folder (for the default model, use
     :meth:`from_settings` or :func:`oel.model.prepare.resolve_model_path`). ``dtype`` is the weight
     dtype ("bfloat16" is the default on CPU). ``max_batch_size`` caps the rows decoded together.
+    ``merge_adapters``: run adapters merged into a copy of the weights (module docstring); None = on for
+    float32 weights only.
     """
 
     def __init__(
@@ -256,6 +266,7 @@ class HFBackend(Backend):
         dtype: str = "bfloat16",
         device: str = "cpu",
         max_batch_size: int = 8,
+        merge_adapters: bool | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -275,6 +286,8 @@ class HFBackend(Backend):
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
         self._peft: Any = None  # the PeftModel wrapping self.model, once an adapter is loaded
         self._adapters: dict[str, _Adapter] = {}
+        self.merge_adapters = dtype == "float32" if merge_adapters is None else bool(merge_adapters)
+        self._merged: tuple[str, Any] | None = None  # (adapter name, the model with it merged in)
         self._lock = threading.RLock()
         log.info("loaded %s (%s, %s) in %.1f s", self.model_path, dtype, self.device, time.monotonic() - t0)
 
@@ -283,7 +296,9 @@ class HFBackend(Backend):
         """The backend for ``settings.model`` (the default model is prepared on first use)."""
         from oel.model.prepare import resolve_model_path
 
-        device = kwargs.pop("device", None) or resolve_device(getattr(settings.model, "device", "auto"))
+        device = kwargs.pop("device", None) or resolve_device(settings.model.device)
+        merge = {"auto": None, "on": True, "off": False}[settings.model.merge_adapters]
+        kwargs.setdefault("merge_adapters", merge)
         return cls(resolve_model_path(settings), dtype=resolve_dtype(settings.model.dtype, device), device=device, **kwargs)
 
     def _eos_ids(self) -> list[int]:
@@ -326,6 +341,23 @@ class HFBackend(Backend):
                 module.enable_adapters(adapter is not None)
         if adapter is not None:
             self._peft.set_adapter(self._adapters[adapter].internal)
+
+    def _runner(self, adapter: str | None) -> Any:
+        """The module that runs the next batch under ``adapter`` (None = the base model): with merging on
+        (class docstring), the copy of the model with ``adapter`` merged in, made now unless it is the one
+        kept; else ``self.model`` with the adapter selected."""
+        self._select(adapter)
+        if adapter is None or not self.merge_adapters:
+            return self.model
+        if self._merged is not None and self._merged[0] == adapter:
+            return self._merged[1]
+        self._merged = None  # free the previous copy before making the next
+        t0 = time.monotonic()
+        merged = copy.deepcopy(self._peft).merge_and_unload(adapter_names=[self._adapters[adapter].internal])
+        merged.eval().requires_grad_(False)
+        self._merged = (adapter, merged)
+        log.info("adapter %s merged into a copy of the weights in %.2f s", adapter, time.monotonic() - t0)
+        return merged
 
     def _check_adapter(self, name: str, path: Path) -> dict[str, Any]:
         """Read the adapter's config and compare its tensor shapes with the base model, before peft touches anything."""
@@ -425,6 +457,8 @@ class HFBackend(Backend):
             entry = self._adapters.pop(name, None)
             if entry is None:
                 raise BackendError(f"unknown adapter {name!r}")
+            if self._merged is not None and self._merged[0] == name:
+                self._merged = None
             self._peft.delete_adapter(entry.internal)
 
     def list_adapters(self) -> list[str]:
@@ -456,10 +490,10 @@ class HFBackend(Backend):
         order = sorted(range(len(prompt_token_ids)), key=lambda i: len(prompt_token_ids[i]))
         results: list[Generation | None] = [None] * len(prompt_token_ids)
         with self._lock:
-            self._select(adapter)
+            runner = self._runner(adapter)
             for start in range(0, len(order), self.max_batch_size):
                 chunk = order[start : start + self.max_batch_size]
-                outs = self._decode_batch(self.model, [prompt_token_ids[i] for i in chunk], params, chunk)
+                outs = self._decode_batch(runner, [prompt_token_ids[i] for i in chunk], params, chunk)
                 for i, (ids, text, reason) in zip(chunk, outs):
                     results[i] = Generation(
                         text=text,
@@ -568,12 +602,12 @@ class HFBackend(Backend):
     ) -> list[list[float]]:
         """Like :meth:`score`, from already tokenised prompts."""
         with self._lock:
-            self._select(adapter)
-            return score_tokens(self.model, prompt_token_ids, response_token_ids, self.pad_id, temperature, self.max_batch_size)
+            return score_tokens(self._runner(adapter), prompt_token_ids, response_token_ids, self.pad_id, temperature, self.max_batch_size)
 
     def close(self) -> None:
         """Drop the model and adapters."""
         with self._lock:
             self._adapters.clear()
+            self._merged = None
             self._peft = None
             self.model = None  # type: ignore[assignment]
