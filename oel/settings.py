@@ -286,6 +286,12 @@ class ProcessorSettings(GroupMembership):
     grounded_min_episodes: int = Field(
         2, ge=1, le=1024, description="Grounded variant: a statement must recur in this many episodes of a batch."
     )
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto",
+        description="Which model backend extracts (model-written variants): auto = the vLLM server when one is configured "
+        "(OEL_MODEL__BACKEND=vllm or OEL_MODEL__VLLM_URL set) and answers at start-up, else in-process; vllm = the server "
+        "or a start-up error; transformers = in-process.",
+    )
     include_previous: bool = Field(True, description="Show the current KB in the extraction prompt.")
     max_new_tokens: int = Field(256, ge=8, le=8192, description="Longest extraction answer.")
     temperature: float = Field(0.7, ge=0, le=5, description="Extraction sampling temperature (seeded per batch).")

@@ -26,7 +26,7 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     from oel.extraction import PromptVariant
     from oel.knowledge import KnowledgeWriter, WriterConfig
     from oel.metrics import add_readiness_check, start_metrics_server
-    from oel.model.factory import make_backend, model_token_counter, token_counter
+    from oel.model.factory import extraction_backend, model_token_counter, token_counter
     from oel.ops.topics import admin_client, ensure_topics, kafka_readiness
     from oel.store import S3Store
     from oel.topics import topic_specs
@@ -41,7 +41,7 @@ def processor(ctx: click.Context, loglevel: str) -> None:
     config = WriterConfig.from_settings(s)
     # The grounded variant calls no model: its tokenizer alone counts the KB's tokens, and a (re)started worker
     # does not wait for the weights to load.
-    backend = None if config.extraction.variant is PromptVariant.grounded else make_backend(s)
+    backend = None if config.extraction.variant is PromptVariant.grounded else extraction_backend(s)
     writer = KnowledgeWriter(
         store,
         backend,

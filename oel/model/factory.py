@@ -23,6 +23,41 @@ def make_backend(settings: Settings, *, max_batch_size: int | None = None) -> Ba
     return HFBackend.from_settings(settings, max_batch_size=max_batch_size)
 
 
+def extraction_backend(settings: Settings) -> Backend:
+    """The backend the processor extracts with, per ``OEL_PROCESSOR__BACKEND``.
+
+    ``auto`` takes the faster one where there is a choice: with ``OEL_MODEL__BACKEND=vllm`` the server (as
+    every service); with only ``OEL_MODEL__VLLM_URL`` set, the server there if it answers its health check at
+    start-up (continuous batching extracts a batch faster than the in-process backend: bench/README.md),
+    else the in-process backend, saying why in the log. ``vllm`` insists on the server (an unreachable one
+    stops start-up); ``transformers`` always extracts in-process."""
+    import logging
+
+    from oel.model.backend import BackendError
+
+    log = logging.getLogger(__name__)
+    choice = settings.processor.backend
+    if choice == "auto" and settings.model.backend == "vllm":
+        return make_backend(settings)
+    if choice == "vllm" or (choice == "auto" and "vllm_url" in settings.model.model_fields_set):
+        from oel.model.vllm_backend import VLLMBackend
+
+        server = VLLMBackend.from_settings(settings)
+        try:
+            server.health()
+        except BackendError as exc:
+            if choice == "vllm":
+                raise BackendError(f"OEL_PROCESSOR__BACKEND=vllm: {exc}") from exc
+            log.warning("extracting in-process: the vLLM server of OEL_MODEL__VLLM_URL does not answer (%s)", exc)
+        else:
+            log.info("extracting on the vLLM server at %s", server.url)
+            return server
+    from oel.model.hf_backend import HFBackend
+
+    log.info("extracting in-process (%s)", "OEL_PROCESSOR__BACKEND=transformers" if choice == "transformers" else "no vLLM server")
+    return HFBackend.from_settings(settings, max_batch_size=settings.processor.batch_size)
+
+
 def model_token_counter(settings: Settings):
     """Count tokens with the configured model's tokenizer without loading the model (or transformers): the
     ``tokenizers`` library reads its ``tokenizer.json``, the same counts as the model's fast tokenizer gives."""
