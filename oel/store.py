@@ -10,7 +10,6 @@ directory) for the one-machine demo.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
