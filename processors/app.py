@@ -20,12 +20,13 @@ Stages (each a Faust agent; several workers share the partitions):
    stores the episodes as training data, extracts with the model in a worker thread and appends to the
    KB), an ``ExperienceUpdate`` is published on ``oel.experience``, the namespace's KB state is written
    to the ``kb`` table, and only then are the batch's records acked. Batches of different namespaces
-   run side by side (up to ``batches_in_flight``), a namespace's own one at a time, in order. After a crash the un-acked episodes are
-   read again; as flushes are records in the topic, the replay forms exactly the same batches, and
-   episodes already applied are skipped.
+   run side by side (up to ``batches_in_flight``), a namespace's own one at a time, in order. After a
+   crash the un-acked episodes are read again; as flushes are records in the topic, the replay forms
+   exactly the same batches, and episodes already applied are skipped.
 
 Tables use the in-memory store and are rebuilt from their changelog topics on start; the in-memory
-working state (open buffers, KB states, pending batches) is dropped when partitions are revoked.
+working state (open buffers, KB states, pending batches) is dropped when partitions are revoked, and a
+batch still running then neither writes its KB state nor acks its records.
 """
 
 from __future__ import annotations
