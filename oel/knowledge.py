@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -91,7 +92,8 @@ class BatchResult:
 
 
 class KnowledgeWriter:
-    """Extraction plus KB appends for the namespaces this worker owns."""
+    """Extraction plus KB appends for the namespaces this worker owns. Batches of different namespaces may
+    be processed from several threads at once (one namespace's batches one at a time, in order)."""
 
     def __init__(
         self,
@@ -109,6 +111,9 @@ class KnowledgeWriter:
         self.count_tokens = count_tokens
         self.clock = clock
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="oel-store")
+        self._model = threading.Lock()
+        """One generation at a time: batches of several namespaces may be processed side by side (their store
+        requests overlap), but a model backend is not made to serve two callers at once."""
 
     def _retrying(self) -> Retrying:
         return Retrying(
@@ -168,7 +173,8 @@ class KnowledgeWriter:
             if self.backend is None:
                 raise RuntimeError(f"the {cfg.extraction.variant.value} variant needs a model, and this writer has none")
             t0 = time.monotonic()
-            outputs = self._retrying()(self.backend.generate, prompts, params)
+            with self._model:
+                outputs = self._retrying()(self.backend.generate, prompts, params)
             seconds = time.monotonic() - t0
             for ep, out in zip(todo, outputs, strict=True):
                 answers[ep.episode_id] = {

@@ -16,15 +16,17 @@ Stages (each a Faust agent; several workers share the partitions):
 3. ``extract`` reads ``oel.episodes`` (key = namespace, so one writer per namespace) and collects a
    batch per namespace in memory, leaving its records un-acked; a batch is extracted when it is full,
    or when a ``flush`` record — sent by a timer once the batch has waited ``batch_window_s`` — reaches
-   it. The batch goes through :class:`oel.knowledge.KnowledgeWriter` (which stores the episodes as
-   training data, extracts with the model in a worker thread and appends to the KB), an
-   ``ExperienceUpdate`` is published on ``oel.experience``, the namespace's KB state is written to the
-   ``kb`` table, and only then are the batch's records acked. After a crash the un-acked episodes are
-   read again; as flushes are records in the topic, the replay forms exactly the same batches, and
-   episodes already applied are skipped.
+   it. The batch goes, in a task of its own, through :class:`oel.knowledge.KnowledgeWriter` (which
+   stores the episodes as training data, extracts with the model in a worker thread and appends to the
+   KB), an ``ExperienceUpdate`` is published on ``oel.experience``, the namespace's KB state is written
+   to the ``kb`` table, and only then are the batch's records acked. Batches of different namespaces
+   run side by side (up to ``batches_in_flight``), a namespace's own one at a time, in order. After a
+   crash the un-acked episodes are read again; as flushes are records in the topic, the replay forms
+   exactly the same batches, and episodes already applied are skipped.
 
 Tables use the in-memory store and are rebuilt from their changelog topics on start; the in-memory
-working state (open buffers, KB states, pending batches) is dropped when partitions are revoked.
+working state (open buffers, KB states, pending batches) is dropped when partitions are revoked, and a
+batch still running then neither writes its KB state nor acks its records.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class Processor:
         tick_s: float | None = None,
         take_max: int = 1000,
         take_within_s: float = 0.05,
+        batches_in_flight: int = 4,
         guard_offsets: bool = True,
     ):
         self.settings = settings
@@ -118,10 +121,12 @@ class Processor:
         consumer lag is observed with it, at most once a second."""
         self.take_max = take_max
         self.take_within_s = take_within_s
+        self.batches_in_flight = batches_in_flight
+        """Batches of different namespaces extracted side by side, at most (one at a time per namespace)."""
         self.guard_offsets = guard_offsets
         """Watch the offsets of the records the agents receive (:mod:`processors.redelivery`); off only where
         records do not come from a Kafka consumer (Faust's agent test context numbers them across partitions)."""
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oel-extract")
+        self.executor = ThreadPoolExecutor(max_workers=batches_in_flight, thread_name_prefix="oel-extract")
         # In-memory working state; the tables (and un-acked input) are the truth, so all of it is
         # dropped when partitions are revoked and rebuilt from them.
         self.open: dict[str, EpisodeBuffer] = {}
@@ -132,6 +137,10 @@ class Processor:
         """Per namespace, the KB state last written to the ``kb`` table."""
         self.pending: dict[str, PendingBatch] = {}
         """Per namespace, the episodes waiting for extraction (their records are not acked yet)."""
+        self.running: dict[str, asyncio.Task] = {}
+        """Per namespace, the task extracting its last batch taken from ``pending`` (until it is in the KB)."""
+        self.generation = 0
+        """Partition revocations so far: a batch that ends after one leaves its records to the replay."""
         self.namespaces: set[str] = set()
         """Namespaces whose metric series this worker has created."""
         self._lag_observed_at = 0.0
@@ -201,6 +210,7 @@ class Processor:
 
     async def _on_revoked(self, sender: Any = None, revoked: Any = None, **kwargs: Any) -> None:
         """Partitions moved: forget the in-memory state; the tables and the replay rebuild it."""
+        self.generation += 1
         self.open.clear()
         self.kb_states.clear()
         self.pending.clear()
@@ -221,14 +231,14 @@ class Processor:
     async def _assemble(self, stream: faust.StreamT) -> None:
         guard = self.guards[0]
         manual = stream.noack()
+        # take_events acks every event of a batch itself once this loop's body is done with it (after the
+        # table writes): acking them here as well only ran Faust's ack path twice per event
         async for events in manual.take_events(self.take_max, within=self.take_within_s):
             guard.busy += 1
             try:
                 admitted = self._admitted(guard, events)
                 async with self.episodes_lock:
                     await self._assemble_batch(admitted)
-                for event in admitted:  # after the table writes
-                    await manual.ack(event)
                 await self._seek(guard.take_seeks())
             finally:
                 guard.busy -= 1
@@ -285,7 +295,11 @@ class Processor:
         idle_s = p.abandon_after_s if abandoned and reason is None else None
         episode = close(buffer, abandoned=abandoned, idle_s=idle_s, reason=reason)
         self._meet(episode.namespace)
-        await self.episodes_topic.send(key=episode.namespace.encode(), value=episode.model_dump_json().encode())
+        # straight to the app's producer (Topic.send adds a future, sensors and callbacks per record); the
+        # consumer flushes that producer before it commits the offsets of the batch
+        await self.app.producer.send(
+            self.settings.topics.episodes, episode.namespace.encode(), episode.model_dump_json().encode(), None, None, None
+        )
         partition = event_partition()
         tombstone = ClosedEntry(partition=partition, closed_at=time.time())
         if reason is not None:
@@ -323,12 +337,16 @@ class Processor:
             try:
                 for ready in self._admitted(guard, [event]):
                     self.episode_acks.delivered(ready.message.tp, ready.message.offset)
-                    for done in await self._extract_one(ready):
-                        for release in self.episode_acks.ack(done.message.tp, done.message.offset, done):
-                            await manual.ack(release)
+                    await self._release(manual, await self._extract_one(ready, manual))
                 await self._seek(guard.take_seeks())
             finally:
                 guard.busy -= 1
+
+    async def _release(self, manual: faust.StreamT, done: list[faust.EventT]) -> None:
+        """Ack records the extraction stage is done with, in offset order per partition (:mod:`processors.acks`)."""
+        for event in done:
+            for release in self.episode_acks.ack(event.message.tp, event.message.offset, event):
+                await manual.ack(release)
 
     def _admitted(self, guard: DeliveryGuard, events: list[faust.EventT]) -> list[faust.EventT]:
         """The records the agent may handle, in log order; those after a hole wait, un-acked, for the seek."""
@@ -360,15 +378,17 @@ class Processor:
             self.namespaces.add(namespace)
             metrics.init_namespace(namespace)
 
-    async def _extract_one(self, event: faust.EventT) -> list[faust.EventT]:
-        """Handle one record of ``oel.episodes``; returns the records that may now be acked."""
+    async def _extract_one(self, event: faust.EventT, manual: faust.StreamT) -> list[faust.EventT]:
+        """Handle one record of ``oel.episodes``; returns the records that may now be acked (a batch's own
+        records are acked by its task, once it is in the KB: :meth:`_start_batch`)."""
         namespace = event.message.key.decode()
         value = event.message.value
         batch = self.pending.get(namespace)
         episode = parse_episodes_record(value)
         if isinstance(episode, BatchFlush):
             if batch is not None and batch.episodes[0].episode_id == episode.flush:
-                return await self._run_batch(namespace) + [event]
+                # acked now, but released only after the batch's records, which come before it on its partition
+                await self._start_batch(namespace, manual)
             return [event]
         state = self._kb_state(namespace)
         if episode.episode_id in state.applied_episodes:
@@ -380,19 +400,60 @@ class Processor:
             batch = self.pending[namespace] = PendingBatch(since=time.time())
         batch.add(episode, event)
         if len(batch.episodes) >= self.settings.processor.batch_size:
-            return await self._run_batch(namespace)
+            await self._start_batch(namespace, manual)
         return []
 
-    async def _run_batch(self, namespace: str) -> list[faust.EventT]:
-        """Extract from the pending episodes and append to the KB; writes the new KB state to the table and
-        returns the batch's records to ack.
+    async def _start_batch(self, namespace: str, manual: faust.StreamT) -> None:
+        """Take the namespace's pending batch and extract it in a task of its own, so that batches of other
+        namespaces, and the store requests they wait for, run side by side (at most ``batches_in_flight``).
+
+        A namespace's batches still run one at a time and in order (each builds on the KB state the one
+        before it wrote): a batch waits here for its namespace's previous one, and for a free slot, which
+        holds the agent back as a running batch always did. Which episodes form a batch depends only on
+        the records' order, so a replay still forms the same batches.
+        """
+        previous = self.running.get(namespace)
+        if previous is not None:
+            await asyncio.wait([previous])
+        while len(self.running) >= self.batches_in_flight:
+            await asyncio.wait(list(self.running.values()), return_when=asyncio.FIRST_COMPLETED)
+        batch = self.pending.pop(namespace, None)
+        if batch is None:  # partitions were revoked meanwhile: the replay rebuilds it
+            return
+        task = self._batch_task(namespace, batch, manual, self.generation)
+        self.running[namespace] = asyncio.create_task(task, name=f"oel-batch-{namespace}")
+
+    async def _batch_task(self, namespace: str, batch: PendingBatch, manual: faust.StreamT, generation: int) -> None:
+        """One batch into the KB, then its KB state into the ``kb`` table and its records acked, unless
+        partitions were revoked meanwhile (their next owner replays the records; every write is idempotent).
+        A failure that is not the batch's own (those :meth:`_run_batch` handles) stops the worker, as it would
+        have stopped the agent, so the records are replayed."""
+        try:
+            state = await self._run_batch(namespace, batch)
+            if generation == self.generation:
+                self._save_kb_state(namespace, state, batch.events[-1])
+                await self._release(manual, batch.events)
+        except Exception as exc:
+            log.exception("extraction of a batch of %s failed outside its own error handling; stopping", namespace)
+            await self.app.crash(exc)
+        finally:
+            if self.running.get(namespace) is asyncio.current_task():
+                del self.running[namespace]
+
+    def _save_kb_state(self, namespace: str, state: KBState, event: faust.EventT) -> None:
+        """Write a namespace's KB state to the ``kb`` table (on ``event``'s partition, the namespace's)."""
+        as_current(event)
+        self.kb[namespace] = KbEntry(state=state.model_dump(mode="json"))
+        self.kb_states[namespace] = state
+
+    async def _run_batch(self, namespace: str, batch: PendingBatch) -> KBState:
+        """Extract from a batch's episodes and append to the KB; returns the namespace's new KB state.
 
         A transient fault (store, model server or network down) is retried with back-off until it clears:
         a batch is never dropped for one. Any other failure is one that retrying cannot fix: the episodes
         are then extracted one at a time, and an episode that still fails goes to ``oel.episodes.dlq``
         with the reason, so one bad episode never stops the others, nor other namespaces.
         """
-        batch = self.pending[namespace]
         state = self._kb_state(namespace)
         t0 = time.monotonic()
         try:
@@ -405,10 +466,7 @@ class Processor:
                 except Exception as one:
                     await self._dead_letter(event, f"extraction failed: {type(one).__name__}: {one}"[:2000], label="extraction")
         metrics.EXTRACTION_DURATION.labels(namespace=namespace).observe(time.monotonic() - t0)
-        self.kb[namespace] = KbEntry(state=state.model_dump(mode="json"))
-        self.kb_states[namespace] = state
-        self.pending.pop(namespace, None)  # (already gone if partitions were revoked meanwhile)
-        return batch.events
+        return state
 
     async def _apply(self, namespace: str, state: KBState, episodes: list[CompletedEpisode]) -> KBState:
         """One :meth:`KnowledgeWriter.process_batch`, retried while it fails transiently; publishes the

@@ -23,6 +23,7 @@ from faust.types.tuples import RecordMetadata
 
 from oel import metrics
 from oel.episodes import CompletedEpisode
+from oel.kb import KBState
 from oel.settings import load_settings
 from oel.topics import ERROR_HEADER, SOURCE_HEADER, dlq_name
 from processors.app import Processor
@@ -252,25 +253,39 @@ async def test_a_flush_record_extracts_the_pending_batch_it_names(proc):
     from oel.episodes import add_event, close
     from processors.records import BatchFlush
 
-    def record(value: bytes):
-        return SimpleNamespace(message=SimpleNamespace(key=b"unit-f", value=value))
+    class Record:  # an event of oel.episodes, as much of it as the stage reads
+        def __init__(self, value: bytes):
+            self.message = SimpleNamespace(key=b"unit-f", value=value)
 
-    ran: list[str] = []
+    record = Record
 
-    async def run_batch(namespace: str) -> list:
-        ran.append(namespace)
-        return ["the batch's records"]
+    ran: list[tuple[str, list[str]]] = []
+    saved: list[str] = []
+    acked: list = []
+
+    async def run_batch(namespace: str, batch) -> KBState:
+        ran.append((namespace, [ep.episode_id for ep in batch.episodes]))
+        return KBState(namespace=namespace)
+
+    async def release(manual, done: list) -> None:
+        acked.extend(done)
 
     proc._run_batch = run_batch
+    proc._save_kb_state = lambda namespace, state, event: saved.append(namespace)
+    proc._release = release
     buffer = None
     for event in episode_events("ep-f", "unit-f", turns=1):
         buffer, _ = add_event(buffer, event, 0.0)
     episode = close(buffer, abandoned=False)
-    assert await proc._extract_one(record(episode.model_dump_json().encode())) == [], "waits for its batch (batch_size 8)"
+    first = record(episode.model_dump_json().encode())
+    assert await proc._extract_one(first, None) == [], "waits for its batch (batch_size 8)"
     stale = record(BatchFlush(flush="another-episode").to_bytes())
-    assert await proc._extract_one(stale) == [stale] and ran == []
+    assert await proc._extract_one(stale, None) == [stale] and ran == []
     flush = record(json.dumps({"flush": "ep-f"}).encode())
-    assert await proc._extract_one(flush) == ["the batch's records", flush] and ran == ["unit-f"]
+    assert await proc._extract_one(flush, None) == [flush], "the flush record is acked (released after the batch's records)"
+    await until(lambda: not proc.running, "the batch's task")
+    assert ran == [("unit-f", ["ep-f"])] and saved == ["unit-f"] and acked == [first], "its task extracted, saved and acked it"
+    assert "unit-f" not in proc.pending
 
 
 @in_loop
@@ -288,3 +303,91 @@ async def test_control_commands_abandon_an_idle_episode_and_purge_its_tombstone(
         assert "closed_at" in proc.episodes["ep-c"]
         await control.put(ControlCommand(op="purge", episode_id="ep-c").model_dump(), key=b"ep-c", partition=0)
         await until(lambda: proc.episodes.get("ep-c") is None, "the purged tombstone")
+
+
+@in_loop
+async def test_batches_of_two_namespaces_run_side_by_side_and_one_namespaces_in_order(proc):
+    """A namespace's batch is extracted in a task of its own: another namespace's batch runs meanwhile, the
+    same namespace's next batch waits for it (it builds on the KB state the first one writes)."""
+    from types import SimpleNamespace
+
+    from oel.episodes import add_event, close
+    from processors.records import BatchFlush
+
+    class Record:
+        def __init__(self, key: str, value: bytes):
+            self.message = SimpleNamespace(key=key.encode(), value=value)
+
+    def episode_record(eid: str, ns: str) -> Record:
+        buffer = None
+        for event in episode_events(eid, ns, turns=1):
+            buffer, _ = add_event(buffer, event, 0.0)
+        return Record(ns, close(buffer, abandoned=False).model_dump_json().encode())
+
+    processor = proc
+    started: list[str] = []
+    finish: dict[str, asyncio.Event] = {}
+
+    async def run_batch(namespace: str, batch) -> KBState:
+        first = batch.episodes[0].episode_id
+        started.append(first)
+        await finish.setdefault(first, asyncio.Event()).wait()
+        return KBState(namespace=namespace)
+
+    async def release(manual, done: list) -> None:
+        return None
+
+    processor._run_batch = run_batch
+    processor._save_kb_state = lambda namespace, state, event: None
+    processor._release = release
+
+    async def batch_of(eid: str, ns: str) -> None:
+        await processor._extract_one(episode_record(eid, ns), None)
+        await processor._extract_one(Record(ns, BatchFlush(flush=eid).to_bytes()), None)
+
+    await batch_of("a-1", "unit-a")
+    await batch_of("b-1", "unit-b")
+    await until(lambda: started == ["a-1", "b-1"], "both namespaces' first batches running at once")
+    second_a = asyncio.create_task(batch_of("a-2", "unit-a"))
+    await asyncio.sleep(0.1)
+    assert started == ["a-1", "b-1"] and not second_a.done(), "a-2 waits for a-1"
+    finish.setdefault("a-1", asyncio.Event()).set()
+    await until(lambda: started == ["a-1", "b-1", "a-2"], "a-2 once a-1 is in the KB")
+    await second_a
+    for ev in ("b-1", "a-2"):
+        finish.setdefault(ev, asyncio.Event()).set()
+    await until(lambda: not processor.running, "every batch done")
+
+
+@in_loop
+async def test_a_batch_that_ends_after_its_partitions_moved_leaves_its_records_to_the_replay(proc):
+    """Partitions revoked while a batch is extracted: its KB state is not written and its records are not
+    acked (their next owner replays them into the same batch; every store write is idempotent)."""
+    from types import SimpleNamespace
+
+    from processors.app import PendingBatch
+
+    release = asyncio.Event()
+    saved: list[str] = []
+    acked: list = []
+
+    async def run_batch(namespace: str, batch) -> KBState:
+        await release.wait()
+        return KBState(namespace=namespace)
+
+    async def ack(manual, done: list) -> None:
+        acked.extend(done)
+
+    proc._run_batch = run_batch
+    proc._save_kb_state = lambda namespace, state, event: saved.append(namespace)
+    proc._release = ack
+    for revoke in (False, True):
+        record = SimpleNamespace(message=SimpleNamespace(key=b"unit-r", value=b"{}"))
+        proc.pending["unit-r"] = PendingBatch(since=0.0, events=[record])
+        await proc._start_batch("unit-r", None)
+        if revoke:
+            await proc._on_revoked()
+        release.set()
+        await until(lambda: not proc.running, "the batch's task")
+        release.clear()
+    assert saved == ["unit-r"] and len(acked) == 1, "only the batch that ended before the revocation was saved and acked"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -65,3 +67,23 @@ def test_store_that_stays_down_names_the_endpoint(settings):
         store.put_json("x/y.json", {"lost": False})
     assert "127.0.0.1:1" in str(err.value) and "3 times" in str(err.value)
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.stack
+def test_racing_writers_of_one_key_leave_one_object(s3_store, unique):
+    """The existence check and the write are one conditional request: of writers racing with different
+    content under one key exactly one succeeds, the others are told of the conflict, never overwrite."""
+    key = f"test/{unique}/raced.json"
+    barrier = threading.Barrier(8)
+
+    def write(n: int) -> str:
+        barrier.wait()
+        try:
+            return "new" if s3_store.put_json(key, {"writer": n}) else "same"
+        except ImmutableObjectConflict:
+            return "conflict"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(write, range(8)))
+    assert sorted(outcomes) == ["conflict"] * 7 + ["new"]
+    assert s3_store.get_json(key) == {"writer": outcomes.index("new")}
