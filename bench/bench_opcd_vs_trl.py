@@ -16,27 +16,17 @@ included); sides alternate for ``--repeats`` rounds, and the best step throughpu
 reported (the machine is shared; the best run is the least disturbed one). Throughput = answer
 tokens / wall time of the timed steps (sampling + scoring + update), after ``--warmup`` steps.
 
-Run (the default model, 2 threads, a short and a long experience)::
+Both sides load the model in the same ``--dtype``; ``auto`` (the default) is what the OPCD trainer picks on
+this machine (bfloat16 where the CPU computes it natively, else float32: on a CPU without it, emulated
+bfloat16 matmuls are many times slower than float32 ones and would swamp any other difference).
 
-    .venv/bin/python bench/bench_opcd_vs_trl.py
-    .venv/bin/python bench/bench_opcd_vs_trl.py --experience-tokens 64 1500 --batch-size 4 --response-tokens 64 --steps 3
-
-Needs ``trl`` (tested with trl 1.16.0; see the project's ``bench`` extra).
-
-Measured on this 2-core machine while other jobs ran (``--threads 1``: with two threads a busy
-machine made single matmuls up to 25x slower for both sides; best of 2 alternating runs;
-SmolLM2-135M-Instruct bf16, batch 4 x 64 answer tokens, LoRA r16, TRL 1.16.0)::
+Run (the default model, one thread, a short and a long experience)::
 
     .venv/bin/python bench/bench_opcd_vs_trl.py --threads 1 --repeats 2
+    .venv/bin/python bench/bench_opcd_vs_trl.py --experience-tokens 64 1500 --batch-size 4 --response-tokens 64 --steps 3
 
-    experience  teacher prompt  OPCD tok/s  TRL tok/s  ratio  OPCD peak RSS  TRL peak RSS  RSS ratio
-            64             134       26.10      19.69  1.33x        1354 MB       1504 MB      0.90x
-          1500            1545       24.16        8.58  2.82x       1389 MB       1524 MB      0.91x
-
-Run to run, each side varied by up to 25% (OPCD 20.98-26.10, TRL 18.81-19.69 tok/s with the short
-experience). With ``--no-prefix-cache`` OPCD made 9.27 tok/s on the long experience (TRL 8.58): the
-long-experience gain is the teacher prefix cache; with a short experience the gain (1.1-1.3x) comes
-from the leaner sampling loop and loss, and the lower memory from the bf16 adapters and the chunked loss.
+Needs ``trl`` (tested with trl 1.16.0; see the project's ``bench`` extra). Measured figures, and why one
+thread: bench/README.md, "OPCD step throughput next to TRL".
 """
 
 from __future__ import annotations
@@ -111,6 +101,8 @@ def worker_opcd(args: argparse.Namespace) -> dict:
     exp = experience_items(tok, args.experience_tokens)
     cfg = OPCDConfig(
         model_path=args.model,
+        dtype=args.dtype,
+        device="cpu",
         batch_size=args.batch_size,
         max_new_tokens=args.response_tokens,
         min_new_tokens=args.response_tokens,
@@ -166,7 +158,7 @@ def worker_trl(args: argparse.Namespace) -> dict:
         {"prompt": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "privileged_context": render_experience(exp)}
         for i in range(total_steps * args.batch_size)
     ]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     config = SDFTConfig(
         output_dir=str(Path(args.tmp) / "trl-out"),
         per_device_train_batch_size=args.batch_size,
@@ -252,6 +244,8 @@ def run_side(side: str, args: argparse.Namespace, experience_tokens: int) -> dic
         str(args.threads),
         "--experience-tokens",
         str(experience_tokens),
+        "--dtype",
+        args.dtype,
         "--tmp",
         args.tmp,
     ]
@@ -282,6 +276,12 @@ def main() -> None:
         default=[64, 1500],
         help="experience sizes to compare (tokens of the rendered experience)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="weights dtype of both sides; auto = the OPCD trainer's choice on this CPU",
+    )
     p.add_argument("--no-prefix-cache", action="store_true", help="OPCD without its teacher shared-prefix cache")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", choices=["opcd", "trl"], help=argparse.SUPPRESS)
@@ -292,6 +292,10 @@ def main() -> None:
         from oel.settings import load_settings
 
         args.model = str(resolve_model_path(load_settings()))
+    if args.dtype == "auto":
+        from oel.model.hf_backend import resolve_dtype
+
+        args.dtype = resolve_dtype("auto", "cpu")
     if args.worker:
         args.experience_tokens = args.experience_tokens[0]
         out = worker_opcd(args) if args.worker == "opcd" else worker_trl(args)
@@ -300,7 +304,7 @@ def main() -> None:
 
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
     print(
-        f"model {args.model}; batch {args.batch_size} x {args.response_tokens} answer tokens; {args.threads} threads; "
+        f"model {args.model} ({args.dtype}); batch {args.batch_size} x {args.response_tokens} answer tokens; {args.threads} threads; "
         f"{args.warmup} warm-up + {args.steps} timed steps; best of {args.repeats} alternating runs",
         flush=True,
     )
