@@ -83,15 +83,36 @@ def test_topk_loss_equals_brute_force(trainer: OPCDTrainer, top_k: int | None) -
         trainer.config.top_k = 5
 
 
-def test_gradient_equals_autograd_of_brute_force(trainer: OPCDTrainer) -> None:
+@pytest.mark.parametrize("backward_chunk_tokens", [64, 1, 26])
+def test_gradient_equals_autograd_of_brute_force(trainer: OPCDTrainer, backward_chunk_tokens: int) -> None:
     """The chunked, hidden-state backward gives the same gradient as autograd through the plain formula, also
-    through the prompts' keys and values that sampling computed (with their graph) and the loss reuses."""
-    batch = trainer.rollout([3, 4, 0])
+    through the prompts' keys and values that sampling computed (with their graph) and the loss reuses; also when
+    the rows run forward and backward in micro-batches (64: the whole batch at once; 1: every row alone; 26: the
+    four rows of 13 positions (12 answer tokens + the last prompt token) as two pairs)."""
+    batch = trainer.rollout([3, 4, 0, 1])
     assert trainer._sampled_groups is not None and all(g.with_grad for g in trainer._sampled_groups)
     assert len(trainer._sampled_groups) == 2, "two micro-batches of different prompt lengths"
-    trainer.model.zero_grad(set_to_none=True)
-    trainer.loss(batch, backward=True)
+    assert all(len(r.response_ids) == 12 for r in batch), "the parts below assume full-length answers"
+    trainer.config.backward_chunk_tokens = backward_chunk_tokens
+    pieces: list[list[int]] = []
+    split = trainer._student_micro_batches
+
+    def spy(*args, **kwargs):
+        for rows, hidden in split(*args, **kwargs):
+            pieces.append(rows)
+            yield rows, hidden
+
+    trainer._student_micro_batches = spy
+    try:
+        trainer.model.zero_grad(set_to_none=True)
+        stats = trainer.loss(batch, backward=True)
+    finally:
+        trainer.config.backward_chunk_tokens = 64
+        del trainer._student_micro_batches
+    assert sorted(i for rows in pieces for i in rows) == [0, 1, 2, 3]
+    assert max(len(rows) for rows in pieces) == {64: 3, 1: 1, 26: 2}[backward_chunk_tokens]
     assert trainer._sampled_groups is None, "a graph is backpropagated once"
+    assert stats.tokens == 48 and stats.loss == pytest.approx(trainer.loss(batch).loss, rel=1e-5)
     got = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.model.zero_grad(set_to_none=True)
 

@@ -114,6 +114,7 @@ def chunked_opcd_loss(
     chunk_tokens: int = 64,
     backward: bool = True,
     forward_weight: float = 0.0,
+    mean_over: int | None = None,
 ) -> tuple[LossStats, torch.Tensor | None]:
     """OPCD loss from final hidden states at the response positions (``[n_tokens, hidden]`` each).
 
@@ -121,7 +122,9 @@ def chunked_opcd_loss(
     and (``backward=True``) back-propagates each chunk's share of the mean loss into
     ``student_hidden`` right away, so only one chunk of logits is alive at a time.
     Returns ``(stats, grad)`` where ``grad`` is d(mean loss)/d(student_hidden) (``None`` when
-    ``backward=False``); finish with ``student_hidden_graph.backward(grad)``.
+    ``backward=False``); finish with ``student_hidden_graph.backward(grad)``. ``mean_over``: the number of
+    tokens of the whole batch when these positions are one micro-batch of it (the gradient is then this part's
+    share of the batch's mean; ``stats`` stay this part's own means). Default: these positions.
     """
     n = student_hidden.shape[0]
     if teacher_hidden.shape[0] != n:
@@ -141,7 +144,7 @@ def chunked_opcd_loss(
             loss_tok, kl_tok = opcd_token_loss(s_logits, t_logits, temperature=temperature, top_k=top_k, forward_weight=forward_weight)
             chunk_sum = loss_tok.sum()
             if backward:
-                (chunk_sum / n).backward()
+                (chunk_sum / (mean_over or n)).backward()
         total_loss += float(chunk_sum.detach())
         total_kl += float(kl_tok.sum())
     grad = leaf.grad if backward else None
