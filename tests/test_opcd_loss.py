@@ -257,3 +257,44 @@ def test_without_prompt_gradient_the_loss_is_the_same_and_only_its_gradient_is_c
     assert mixed_cut == pytest.approx(trainer.loss(mixed).loss, rel=1e-5)
     assert all(g is not None for g in grads) and any(float(g.abs().max()) > 0 for g in grads)
     trainer.model.zero_grad(set_to_none=True)
+
+
+def test_plain_lora_forwards_compute_what_peft_computes(trainer: OPCDTrainer, monkeypatch) -> None:
+    """Decoding runs the LoRA layers without peft's per-call bookkeeping: the same numbers (exactly), the same
+    samples, peft's forward back afterwards, and nothing switched where the adapter is disabled."""
+    from contextlib import contextmanager
+
+    from peft.tuners.lora import Linear as LoraLinear
+
+    import learner.opcd.trainer as trainer_module
+    from learner.opcd.trainer import plain_lora_forwards
+
+    lm = trainer.model
+    lora_layers = [m for m in lm.modules() if isinstance(m, LoraLinear)]
+    assert lora_layers and any(float(m.lora_B["default"].weight.detach().abs().max()) > 0 for m in lora_layers)
+    ids = torch.tensor([trainer.prompt_ids[0], trainer.prompt_ids[0][::-1]])
+    lm.eval()
+    try:
+        with torch.no_grad():
+            expected = lm(input_ids=ids).logits
+            with plain_lora_forwards(lm) as switched:
+                assert switched == len(lora_layers)
+                got = lm(input_ids=ids).logits
+            with lm.disable_adapter(), plain_lora_forwards(lm) as switched_disabled:
+                assert switched_disabled == 0
+    finally:
+        lm.train()
+    assert torch.equal(got, expected)
+    assert not any("forward" in vars(m) for m in lora_layers), "peft's forward is back"
+
+    prompts = [trainer.prompt_ids[i] for i in (0, 2, 5)]
+    trainer.generator.manual_seed(7)
+    plain = trainer.generate(prompts)
+
+    @contextmanager
+    def peft_only(model):
+        yield 0
+
+    monkeypatch.setattr(trainer_module, "plain_lora_forwards", peft_only)
+    trainer.generator.manual_seed(7)
+    assert trainer.generate(prompts) == plain

@@ -219,6 +219,62 @@ def _release_free_memory() -> None:
 _malloc_trim: Any = None
 
 
+@contextmanager
+def plain_lora_forwards(model: Any) -> Iterator[int]:
+    """For the duration, every LoRA linear layer of ``model`` (peft's ``lora.Linear``) that runs plain LoRA with one
+    active adapter computes ``base(x) + B(A(x)) * scaling`` (what peft computes, with the same operations in the same
+    order, so the same numbers) directly from its weights, on ``x`` flattened to rows: for decoding, where a step
+    runs every layer on one token per row and peft's per-call bookkeeping (argument checks, adapter lookups, four
+    module calls) costs more than the layer's arithmetic. Layers that are merged, disabled, training (dropout) or
+    run a LoRA variant keep peft's forward. Yields the number of layers switched; for evaluation only (no dropout)."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a dependency of the trainer
+        yield 0
+        return
+    switched: list[Any] = []
+    for mod in model.modules():
+        if not isinstance(mod, LoraLinear) or mod.training or mod.merged or mod.disable_adapters:
+            continue
+        names = list(mod.active_adapters)
+        if len(names) != 1 or names[0] not in mod.lora_A or names[0] in getattr(mod, "lora_variant", {}):
+            continue
+        base = mod.base_layer
+        if not isinstance(base, torch.nn.Linear) or getattr(mod, "fan_in_fan_out", False):
+            continue
+        name = names[0]
+        a, b = mod.lora_A[name], mod.lora_B[name]
+        if not isinstance(a, torch.nn.Linear) or not isinstance(b, torch.nn.Linear) or a.bias is not None or b.bias is not None:
+            continue
+
+        def forward(
+            x: torch.Tensor,
+            *args: Any,
+            _w: torch.Tensor = base.weight,
+            _bias: torch.Tensor | None = base.bias,
+            _a: torch.Tensor = a.weight,
+            _b: torch.Tensor = b.weight,
+            _s: float = mod.scaling[name],
+            **kwargs: Any,
+        ) -> torch.Tensor:
+            shape = x.shape
+            x = x.reshape(-1, shape[-1])
+            result = torch.nn.functional.linear(x, _w, _bias)
+            xa = x if x.dtype == _a.dtype else x.to(_a.dtype)
+            out = result + torch.nn.functional.linear(torch.nn.functional.linear(xa, _a), _b) * _s
+            if out.dtype != result.dtype:
+                out = out.to(result.dtype)
+            return out.view(*shape[:-1], out.shape[-1])
+
+        mod.forward = forward
+        switched.append(mod)
+    try:
+        yield len(switched)
+    finally:
+        for mod in switched:
+            del mod.forward
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
 
@@ -585,11 +641,6 @@ class OPCDTrainer:
                     [list(p) for p in prompts], self.step_count, [(k, v) for k, v, *_ in cache], mask[:, :-1].clone(), cfg.prompt_gradient
                 )
                 ids, pos = ids[:, -1:], pos[:, -1:]
-            logits = (
-                lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                .logits[:, -1, :]
-                .float()
-            )
             eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
 
             def choose(logits: torch.Tensor, active: list[int], step: int) -> list[int]:
@@ -597,15 +648,21 @@ class OPCDTrainer:
                     logits[:, eos] = float("-inf")
                 return (logits.argmax(-1) if greedy else self._sample(logits)).tolist()
 
-            responses, reasons = decode_batch(
-                lm,
-                cache,
-                logits,
-                mask,
-                cfg.max_new_tokens,
-                choose,
-                lambda row, response: "stop" if response[-1] in self.eos_ids else None,
-            )
+            with plain_lora_forwards(lm):
+                logits = (
+                    lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    .logits[:, -1, :]
+                    .float()
+                )
+                responses, reasons = decode_batch(
+                    lm,
+                    cache,
+                    logits,
+                    mask,
+                    cfg.max_new_tokens,
+                    choose,
+                    lambda row, response: "stop" if response[-1] in self.eos_ids else None,
+                )
             return list(zip(responses, reasons))
         finally:
             lm.train(was_training)
