@@ -298,3 +298,21 @@ def test_plain_lora_forwards_compute_what_peft_computes(trainer: OPCDTrainer, mo
     monkeypatch.setattr(trainer_module, "plain_lora_forwards", peft_only)
     trainer.generator.manual_seed(7)
     assert trainer.generate(prompts) == plain
+
+
+def test_scratch_logits_give_the_same_loss_and_gradient() -> None:
+    """``scratch=True`` divides the handed-over logits in place (no copies); the loss and gradient are the same,
+    and without it the caller's logits are left as they were."""
+    g = torch.Generator().manual_seed(5)
+    s0 = torch.randn(6, 50, generator=g)
+    t0 = torch.randn(6, 50, generator=g)
+    results = {}
+    for scratch in (False, True):
+        leaf = s0.clone().requires_grad_(True)
+        s, t = leaf * 1.0, t0.clone()  # a non-leaf, as a head's output is
+        loss, kl = opcd_token_loss(s, t, temperature=0.7, top_k=7, scratch=scratch)
+        loss.sum().backward()
+        results[scratch] = (loss.detach(), kl, leaf.grad)
+        assert torch.equal(t, t0) != scratch and torch.equal(s.detach(), s0) != scratch
+    for a, b in zip(results[False], results[True]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -43,24 +43,27 @@ def opcd_token_loss(
     temperature: float = 0.7,
     top_k: int | None = 256,
     forward_weight: float = 0.0,
+    scratch: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token OPCD loss and per-token full-vocabulary reverse KL (the latter detached, for logging).
 
     ``student_logits`` and ``teacher_logits``: ``[..., vocab]`` at the same response positions.
     Returns ``(loss [...], kl [...])``; ``loss`` carries the gradient to ``student_logits``.
     With ``top_k=None`` (or ``top_k >= vocab``) the loss is the full-vocabulary reverse KL.
+    ``scratch``: the caller hands the logits over (nothing else reads them afterwards), so they are divided by
+    the temperature in place instead of copied; otherwise the caller's tensors are never modified.
 
-    Memory: besides the two float32 copies of the logits, only a few ``[..., vocab]`` temporaries
-    exist at once (the log-softmax is never materialised for the top-k loss).
+    Memory: besides the two float32 copies of the logits (none with ``scratch`` and float32 logits), only a
+    few ``[..., vocab]`` temporaries exist at once (the log-softmax is never materialised for the top-k loss).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
     s = student_logits.float()
-    # divide in place when .float() made a fresh copy; never modify the caller's tensor
-    s = s / temperature if s is student_logits else s.div_(temperature)
+    # divide in place when .float() made a fresh copy or the caller handed the tensor over
+    s = s / temperature if (s is student_logits and not scratch) else s.div_(temperature)
     with torch.no_grad():
         t = teacher_logits.float()
-        t = t / temperature if t is teacher_logits else t.div_(temperature)
+        t = t / temperature if (t is teacher_logits and not scratch) else t.div_(temperature)
         lse_t = torch.logsumexp(t, dim=-1, keepdim=True)
     lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
     with torch.no_grad():
@@ -141,7 +144,11 @@ def chunked_opcd_loss(
         with torch.no_grad():
             t_logits = teacher_head(teacher_hidden[sl])
         with torch.set_grad_enabled(backward):
-            loss_tok, kl_tok = opcd_token_loss(s_logits, t_logits, temperature=temperature, top_k=top_k, forward_weight=forward_weight)
+            # the projections are this chunk's own: divided in place, and not held through the backward pass
+            loss_tok, kl_tok = opcd_token_loss(
+                s_logits, t_logits, temperature=temperature, top_k=top_k, forward_weight=forward_weight, scratch=True
+            )
+            del s_logits, t_logits
             chunk_sum = loss_tok.sum()
             if backward:
                 (chunk_sum / (mean_over or n)).backward()
