@@ -783,6 +783,8 @@ class OPCDTrainer:
                 s_graph.backward(grad.to(s_graph.dtype))
             del s_graph, grad
             parts.append(stats)
+            if backward:
+                _release_free_memory()  # the next micro-batch's activations reuse this one's pages, not new ones
         if len(parts) == 1:
             return parts[0]
         if n == 0:
