@@ -14,7 +14,9 @@ all linear layers), batch size and thread count; the answer length is fixed on b
 Each side runs in its own Python process (peak RSS = that process's ``ru_maxrss``, model load
 included); sides alternate for ``--repeats`` rounds, and the best step throughput of each side is
 reported (the machine is shared; the best run is the least disturbed one). Throughput = answer
-tokens / wall time of the timed steps (sampling + scoring + update), after ``--warmup`` steps.
+tokens / wall time of the timed steps (sampling + scoring + update), after ``--warmup`` steps; also per
+CPU second of the process over the same steps (one torch thread: the work done, which other jobs on the
+machine disturb far less than the wall time).
 
 Both sides load the model in the same ``--dtype``; ``auto`` (the default) is what the OPCD trainer picks on
 this machine (bfloat16 where the CPU computes it natively, else float32: on a CPU without it, emulated
@@ -119,15 +121,17 @@ def worker_opcd(args: argparse.Namespace) -> dict:
     load_rss = _rss_now_mb()
     for _ in range(args.warmup):
         trainer.step()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     steps = [trainer.step() for _ in range(args.steps)]
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(s.response_tokens for s in steps)
     return {
         "side": "opcd",
         "tokens": tokens,
         "seconds": wall,
         "tokens_per_s": tokens / wall,
+        "cpu_s": cpu,
+        "tokens_per_cpu_s": tokens / cpu,
         "sample_s": sum(s.sample_seconds for s in steps) / len(steps),
         "train_s": sum(s.train_seconds for s in steps) / len(steps),
         "loss": [round(s.loss, 4) for s in steps],
@@ -195,13 +199,15 @@ def worker_trl(args: argparse.Namespace) -> dict:
         seed=0,
     )
     times: list[float] = []
+    cpu_times: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t)
+            cpu_times.append(time.process_time() - self.c)
 
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SDFTTrainer(
@@ -212,12 +218,15 @@ def worker_trl(args: argparse.Namespace) -> dict:
     timed = times[args.warmup :]
     tokens = args.batch_size * args.response_tokens * len(timed)
     wall = sum(timed)
+    cpu = sum(cpu_times[args.warmup :])
     return {
         "side": "trl",
         "trl_version": trl.__version__,
         "tokens": tokens,
         "seconds": wall,
         "tokens_per_s": tokens / wall,
+        "cpu_s": cpu,
+        "tokens_per_cpu_s": tokens / cpu,
         "peak_rss_mb": _peak_rss_mb(),
         "rss_after_load_mb": load_rss,
         "experience_items": len(exp),
@@ -318,7 +327,7 @@ def main() -> None:
                 runs[side].append(res)
                 print(
                     f"  experience ~{exp_tokens} tok, run {r + 1} {side:4s}: {res['tokens_per_s']:7.2f} tok/s, "
-                    f"peak RSS {res['peak_rss_mb']:7.0f} MB",
+                    f"{res['tokens_per_cpu_s']:7.2f} tok/CPU-s, peak RSS {res['peak_rss_mb']:7.0f} MB",
                     flush=True,
                 )
                 if side not in best or res["tokens_per_s"] > best[side]["tokens_per_s"]:
@@ -330,24 +339,27 @@ def main() -> None:
             "opcd_tokens_per_s": o["tokens_per_s"],
             "trl_tokens_per_s": t["tokens_per_s"],
             "throughput_ratio": o["tokens_per_s"] / t["tokens_per_s"],
+            "opcd_tokens_per_cpu_s": max(x["tokens_per_cpu_s"] for x in runs["opcd"]),
+            "trl_tokens_per_cpu_s": max(x["tokens_per_cpu_s"] for x in runs["trl"]),
             "opcd_peak_rss_mb": max(x["peak_rss_mb"] for x in runs["opcd"]),
             "trl_peak_rss_mb": max(x["peak_rss_mb"] for x in runs["trl"]),
             "trl_version": t.get("trl_version"),
             "runs": runs,
         }
         row["rss_ratio"] = row["opcd_peak_rss_mb"] / row["trl_peak_rss_mb"]
+        row["cpu_ratio"] = row["opcd_tokens_per_cpu_s"] / row["trl_tokens_per_cpu_s"]
         results.append(row)
 
     print()
     print(
         f"{'experience':>10s} {'teacher prompt':>14s} {'OPCD tok/s':>11s} {'TRL tok/s':>10s} {'ratio':>6s} "
-        f"{'OPCD peak RSS':>14s} {'TRL peak RSS':>13s} {'RSS ratio':>9s}"
+        f"{'OPCD peak RSS':>14s} {'TRL peak RSS':>13s} {'RSS ratio':>9s} {'tok/CPU-s ratio':>15s}"
     )
     for row in results:
         print(
             f"{row['experience_tokens']:>10d} {row['teacher_prompt_tokens'] or 0:>14d} {row['opcd_tokens_per_s']:>11.2f} "
             f"{row['trl_tokens_per_s']:>10.2f} {row['throughput_ratio']:>5.2f}x {row['opcd_peak_rss_mb']:>11.0f} MB "
-            f"{row['trl_peak_rss_mb']:>10.0f} MB {row['rss_ratio']:>8.2f}x"
+            f"{row['trl_peak_rss_mb']:>10.0f} MB {row['rss_ratio']:>8.2f}x {row['cpu_ratio']:>14.2f}x"
         )
     print(f"(TRL {results[0]['trl_version']} SDFTTrainer; tokens/s = answer tokens per second of whole steps; best of {args.repeats})")
     if args.json:
