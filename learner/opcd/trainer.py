@@ -30,7 +30,7 @@ Who the teacher is (the frozen round-start weights, without keeping a second cop
   second base model would cost its full size.
 * Full fine-tune: a frozen deep copy of the round-start model (twice the weights in memory).
 
-Two things make a step cheaper than the straightforward implementation, without changing the loss:
+These make a step cheaper than the straightforward implementation, without changing the loss:
 
 * **Teacher prefix cache.** The teacher is frozen for the round, and every teacher prompt with the same
   system message and experience set starts with the same tokens (template opening + experience block,
@@ -41,6 +41,12 @@ Two things make a step cheaper than the straightforward implementation, without 
   updates float32 master weights, which are what ``save`` writes.
   The loss projects hidden states to the vocabulary in chunks, so no ``[tokens, vocab]`` logits
   tensor for the whole batch exists.
+* **Backward micro-batches.** The student's answer forward, loss and backward run a few rows at a time
+  (``backward_chunk_tokens``), so only their activations are held for the backward pass; the
+  gradients add up to the batch's (:meth:`OPCDTrainer._student_micro_batches`).
+* **Plain LoRA decoding.** While sampling, the LoRA layers compute ``base(x) + B(A(x)) * scaling``
+  directly (:func:`plain_lora_forwards`): the same numbers as peft's forward, without its per-call
+  bookkeeping, which costs more than a one-token layer's arithmetic.
 
 The prompts are never truncated: prefixes whose student prompt is longer than
 ``max_prompt_tokens`` are left out (counted in ``skipped_prefixes``); an experience set over
