@@ -14,29 +14,21 @@ all linear layers), batch size and thread count; the answer length is fixed on b
 Each side runs in its own Python process (peak RSS = that process's ``ru_maxrss``, model load
 included); sides alternate for ``--repeats`` rounds, and the best step throughput of each side is
 reported (the machine is shared; the best run is the least disturbed one). Throughput = answer
-tokens / wall time of the timed steps (sampling + scoring + update), after ``--warmup`` steps.
+tokens / wall time of the timed steps (sampling + scoring + update), after ``--warmup`` steps; also per
+CPU second of the process over the same steps (one torch thread: the work done, which other jobs on the
+machine disturb far less than the wall time).
 
-Run (the default model, 2 threads, a short and a long experience)::
+Both sides load the model in the same ``--dtype``; ``auto`` (the default) is what the OPCD trainer picks on
+this machine (bfloat16 where the CPU computes it natively, else float32: on a CPU without it, emulated
+bfloat16 matmuls are many times slower than float32 ones and would swamp any other difference).
 
-    .venv/bin/python bench/bench_opcd_vs_trl.py
-    .venv/bin/python bench/bench_opcd_vs_trl.py --experience-tokens 64 1500 --batch-size 4 --response-tokens 64 --steps 3
-
-Needs ``trl`` (tested with trl 1.16.0; see the project's ``bench`` extra).
-
-Measured on this 2-core machine while other jobs ran (``--threads 1``: with two threads a busy
-machine made single matmuls up to 25x slower for both sides; best of 2 alternating runs;
-SmolLM2-135M-Instruct bf16, batch 4 x 64 answer tokens, LoRA r16, TRL 1.16.0)::
+Run (the default model, one thread, a short and a long experience)::
 
     .venv/bin/python bench/bench_opcd_vs_trl.py --threads 1 --repeats 2
+    .venv/bin/python bench/bench_opcd_vs_trl.py --experience-tokens 64 1500 --batch-size 4 --response-tokens 64 --steps 3
 
-    experience  teacher prompt  OPCD tok/s  TRL tok/s  ratio  OPCD peak RSS  TRL peak RSS  RSS ratio
-            64             134       26.10      19.69  1.33x        1354 MB       1504 MB      0.90x
-          1500            1545       24.16        8.58  2.82x       1389 MB       1524 MB      0.91x
-
-Run to run, each side varied by up to 25% (OPCD 20.98-26.10, TRL 18.81-19.69 tok/s with the short
-experience). With ``--no-prefix-cache`` OPCD made 9.27 tok/s on the long experience (TRL 8.58): the
-long-experience gain is the teacher prefix cache; with a short experience the gain (1.1-1.3x) comes
-from the leaner sampling loop and loss, and the lower memory from the bf16 adapters and the chunked loss.
+Needs ``trl`` (tested with trl 1.16.0; see the project's ``bench`` extra). Measured figures, and why one
+thread: bench/README.md, "OPCD step throughput next to TRL".
 """
 
 from __future__ import annotations
@@ -111,6 +103,8 @@ def worker_opcd(args: argparse.Namespace) -> dict:
     exp = experience_items(tok, args.experience_tokens)
     cfg = OPCDConfig(
         model_path=args.model,
+        dtype=args.dtype,
+        device="cpu",
         batch_size=args.batch_size,
         max_new_tokens=args.response_tokens,
         min_new_tokens=args.response_tokens,
@@ -127,15 +121,17 @@ def worker_opcd(args: argparse.Namespace) -> dict:
     load_rss = _rss_now_mb()
     for _ in range(args.warmup):
         trainer.step()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     steps = [trainer.step() for _ in range(args.steps)]
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(s.response_tokens for s in steps)
     return {
         "side": "opcd",
         "tokens": tokens,
         "seconds": wall,
         "tokens_per_s": tokens / wall,
+        "cpu_s": cpu,
+        "tokens_per_cpu_s": tokens / cpu,
         "sample_s": sum(s.sample_seconds for s in steps) / len(steps),
         "train_s": sum(s.train_seconds for s in steps) / len(steps),
         "loss": [round(s.loss, 4) for s in steps],
@@ -166,7 +162,7 @@ def worker_trl(args: argparse.Namespace) -> dict:
         {"prompt": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "privileged_context": render_experience(exp)}
         for i in range(total_steps * args.batch_size)
     ]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     config = SDFTConfig(
         output_dir=str(Path(args.tmp) / "trl-out"),
         per_device_train_batch_size=args.batch_size,
@@ -203,13 +199,15 @@ def worker_trl(args: argparse.Namespace) -> dict:
         seed=0,
     )
     times: list[float] = []
+    cpu_times: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t)
+            cpu_times.append(time.process_time() - self.c)
 
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SDFTTrainer(
@@ -220,12 +218,15 @@ def worker_trl(args: argparse.Namespace) -> dict:
     timed = times[args.warmup :]
     tokens = args.batch_size * args.response_tokens * len(timed)
     wall = sum(timed)
+    cpu = sum(cpu_times[args.warmup :])
     return {
         "side": "trl",
         "trl_version": trl.__version__,
         "tokens": tokens,
         "seconds": wall,
         "tokens_per_s": tokens / wall,
+        "cpu_s": cpu,
+        "tokens_per_cpu_s": tokens / cpu,
         "peak_rss_mb": _peak_rss_mb(),
         "rss_after_load_mb": load_rss,
         "experience_items": len(exp),
@@ -252,6 +253,8 @@ def run_side(side: str, args: argparse.Namespace, experience_tokens: int) -> dic
         str(args.threads),
         "--experience-tokens",
         str(experience_tokens),
+        "--dtype",
+        args.dtype,
         "--tmp",
         args.tmp,
     ]
@@ -282,6 +285,12 @@ def main() -> None:
         default=[64, 1500],
         help="experience sizes to compare (tokens of the rendered experience)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="weights dtype of both sides; auto = the OPCD trainer's choice on this CPU",
+    )
     p.add_argument("--no-prefix-cache", action="store_true", help="OPCD without its teacher shared-prefix cache")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", choices=["opcd", "trl"], help=argparse.SUPPRESS)
@@ -292,6 +301,10 @@ def main() -> None:
         from oel.settings import load_settings
 
         args.model = str(resolve_model_path(load_settings()))
+    if args.dtype == "auto":
+        from oel.model.hf_backend import resolve_dtype
+
+        args.dtype = resolve_dtype("auto", "cpu")
     if args.worker:
         args.experience_tokens = args.experience_tokens[0]
         out = worker_opcd(args) if args.worker == "opcd" else worker_trl(args)
@@ -300,7 +313,7 @@ def main() -> None:
 
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
     print(
-        f"model {args.model}; batch {args.batch_size} x {args.response_tokens} answer tokens; {args.threads} threads; "
+        f"model {args.model} ({args.dtype}); batch {args.batch_size} x {args.response_tokens} answer tokens; {args.threads} threads; "
         f"{args.warmup} warm-up + {args.steps} timed steps; best of {args.repeats} alternating runs",
         flush=True,
     )
@@ -314,7 +327,7 @@ def main() -> None:
                 runs[side].append(res)
                 print(
                     f"  experience ~{exp_tokens} tok, run {r + 1} {side:4s}: {res['tokens_per_s']:7.2f} tok/s, "
-                    f"peak RSS {res['peak_rss_mb']:7.0f} MB",
+                    f"{res['tokens_per_cpu_s']:7.2f} tok/CPU-s, peak RSS {res['peak_rss_mb']:7.0f} MB",
                     flush=True,
                 )
                 if side not in best or res["tokens_per_s"] > best[side]["tokens_per_s"]:
@@ -326,24 +339,27 @@ def main() -> None:
             "opcd_tokens_per_s": o["tokens_per_s"],
             "trl_tokens_per_s": t["tokens_per_s"],
             "throughput_ratio": o["tokens_per_s"] / t["tokens_per_s"],
+            "opcd_tokens_per_cpu_s": max(x["tokens_per_cpu_s"] for x in runs["opcd"]),
+            "trl_tokens_per_cpu_s": max(x["tokens_per_cpu_s"] for x in runs["trl"]),
             "opcd_peak_rss_mb": max(x["peak_rss_mb"] for x in runs["opcd"]),
             "trl_peak_rss_mb": max(x["peak_rss_mb"] for x in runs["trl"]),
             "trl_version": t.get("trl_version"),
             "runs": runs,
         }
         row["rss_ratio"] = row["opcd_peak_rss_mb"] / row["trl_peak_rss_mb"]
+        row["cpu_ratio"] = row["opcd_tokens_per_cpu_s"] / row["trl_tokens_per_cpu_s"]
         results.append(row)
 
     print()
     print(
         f"{'experience':>10s} {'teacher prompt':>14s} {'OPCD tok/s':>11s} {'TRL tok/s':>10s} {'ratio':>6s} "
-        f"{'OPCD peak RSS':>14s} {'TRL peak RSS':>13s} {'RSS ratio':>9s}"
+        f"{'OPCD peak RSS':>14s} {'TRL peak RSS':>13s} {'RSS ratio':>9s} {'tok/CPU-s ratio':>15s}"
     )
     for row in results:
         print(
             f"{row['experience_tokens']:>10d} {row['teacher_prompt_tokens'] or 0:>14d} {row['opcd_tokens_per_s']:>11.2f} "
             f"{row['trl_tokens_per_s']:>10.2f} {row['throughput_ratio']:>5.2f}x {row['opcd_peak_rss_mb']:>11.0f} MB "
-            f"{row['trl_peak_rss_mb']:>10.0f} MB {row['rss_ratio']:>8.2f}x"
+            f"{row['trl_peak_rss_mb']:>10.0f} MB {row['rss_ratio']:>8.2f}x {row['cpu_ratio']:>14.2f}x"
         )
     print(f"(TRL {results[0]['trl_version']} SDFTTrainer; tokens/s = answer tokens per second of whole steps; best of {args.repeats})")
     if args.json:

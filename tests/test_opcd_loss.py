@@ -83,15 +83,36 @@ def test_topk_loss_equals_brute_force(trainer: OPCDTrainer, top_k: int | None) -
         trainer.config.top_k = 5
 
 
-def test_gradient_equals_autograd_of_brute_force(trainer: OPCDTrainer) -> None:
+@pytest.mark.parametrize("backward_chunk_tokens", [64, 1, 26])
+def test_gradient_equals_autograd_of_brute_force(trainer: OPCDTrainer, backward_chunk_tokens: int) -> None:
     """The chunked, hidden-state backward gives the same gradient as autograd through the plain formula, also
-    through the prompts' keys and values that sampling computed (with their graph) and the loss reuses."""
-    batch = trainer.rollout([3, 4, 0])
+    through the prompts' keys and values that sampling computed (with their graph) and the loss reuses; also when
+    the rows run forward and backward in micro-batches (64: the whole batch at once; 1: every row alone; 26: the
+    four rows of 13 positions (12 answer tokens + the last prompt token) as two pairs)."""
+    batch = trainer.rollout([3, 4, 0, 1])
     assert trainer._sampled_groups is not None and all(g.with_grad for g in trainer._sampled_groups)
     assert len(trainer._sampled_groups) == 2, "two micro-batches of different prompt lengths"
-    trainer.model.zero_grad(set_to_none=True)
-    trainer.loss(batch, backward=True)
+    assert all(len(r.response_ids) == 12 for r in batch), "the parts below assume full-length answers"
+    trainer.config.backward_chunk_tokens = backward_chunk_tokens
+    pieces: list[list[int]] = []
+    split = trainer._student_micro_batches
+
+    def spy(*args, **kwargs):
+        for rows, hidden in split(*args, **kwargs):
+            pieces.append(rows)
+            yield rows, hidden
+
+    trainer._student_micro_batches = spy
+    try:
+        trainer.model.zero_grad(set_to_none=True)
+        stats = trainer.loss(batch, backward=True)
+    finally:
+        trainer.config.backward_chunk_tokens = 64
+        del trainer._student_micro_batches
+    assert sorted(i for rows in pieces for i in rows) == [0, 1, 2, 3]
+    assert max(len(rows) for rows in pieces) == {64: 3, 1: 1, 26: 2}[backward_chunk_tokens]
     assert trainer._sampled_groups is None, "a graph is backpropagated once"
+    assert stats.tokens == 48 and stats.loss == pytest.approx(trainer.loss(batch).loss, rel=1e-5)
     got = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.model.zero_grad(set_to_none=True)
 
@@ -236,3 +257,62 @@ def test_without_prompt_gradient_the_loss_is_the_same_and_only_its_gradient_is_c
     assert mixed_cut == pytest.approx(trainer.loss(mixed).loss, rel=1e-5)
     assert all(g is not None for g in grads) and any(float(g.abs().max()) > 0 for g in grads)
     trainer.model.zero_grad(set_to_none=True)
+
+
+def test_plain_lora_forwards_compute_what_peft_computes(trainer: OPCDTrainer, monkeypatch) -> None:
+    """Decoding runs the LoRA layers without peft's per-call bookkeeping: the same numbers (exactly), the same
+    samples, peft's forward back afterwards, and nothing switched where the adapter is disabled."""
+    from contextlib import contextmanager
+
+    from peft.tuners.lora import Linear as LoraLinear
+
+    import learner.opcd.trainer as trainer_module
+    from learner.opcd.trainer import plain_lora_forwards
+
+    lm = trainer.model
+    lora_layers = [m for m in lm.modules() if isinstance(m, LoraLinear)]
+    assert lora_layers and any(float(m.lora_B["default"].weight.detach().abs().max()) > 0 for m in lora_layers)
+    ids = torch.tensor([trainer.prompt_ids[0], trainer.prompt_ids[0][::-1]])
+    lm.eval()
+    try:
+        with torch.no_grad():
+            expected = lm(input_ids=ids).logits
+            with plain_lora_forwards(lm) as switched:
+                assert switched == len(lora_layers)
+                got = lm(input_ids=ids).logits
+            with lm.disable_adapter(), plain_lora_forwards(lm) as switched_disabled:
+                assert switched_disabled == 0
+    finally:
+        lm.train()
+    assert torch.equal(got, expected)
+    assert not any("forward" in vars(m) for m in lora_layers), "peft's forward is back"
+
+    prompts = [trainer.prompt_ids[i] for i in (0, 2, 5)]
+    trainer.generator.manual_seed(7)
+    plain = trainer.generate(prompts)
+
+    @contextmanager
+    def peft_only(model):
+        yield 0
+
+    monkeypatch.setattr(trainer_module, "plain_lora_forwards", peft_only)
+    trainer.generator.manual_seed(7)
+    assert trainer.generate(prompts) == plain
+
+
+def test_scratch_logits_give_the_same_loss_and_gradient() -> None:
+    """``scratch=True`` divides the handed-over logits in place (no copies); the loss and gradient are the same,
+    and without it the caller's logits are left as they were."""
+    g = torch.Generator().manual_seed(5)
+    s0 = torch.randn(6, 50, generator=g)
+    t0 = torch.randn(6, 50, generator=g)
+    results = {}
+    for scratch in (False, True):
+        leaf = s0.clone().requires_grad_(True)
+        s, t = leaf * 1.0, t0.clone()  # a non-leaf, as a head's output is
+        loss, kl = opcd_token_loss(s, t, temperature=0.7, top_k=7, scratch=scratch)
+        loss.sum().backward()
+        results[scratch] = (loss.detach(), kl, leaf.grad)
+        assert torch.equal(t, t0) != scratch and torch.equal(s.detach(), s0) != scratch
+    for a, b in zip(results[False], results[True]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)

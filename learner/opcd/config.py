@@ -99,6 +99,12 @@ class OPCDConfig:
     unlikely (reverse KL barely raises such tokens)."""
     loss_chunk_tokens: int = 64
     """Answer positions projected to the vocabulary at once (bounds the memory of the logits)."""
+    backward_chunk_tokens: int = 64
+    """Student positions whose activations are held for the backward pass at once: the rows of a batch run the
+    student's forward, loss and backward in micro-batches of at most this many positions (a row's answer and last
+    prompt token; its whole prompt too when the prompt runs again), a row is never split. Bounds the memory of the
+    graph; the loss and its gradient are those of the whole batch (the micro-batches' gradients add up, those
+    through the prompts' keys and values from sampling are backpropagated once at the end)."""
     teacher_cache_tokens: int = 32768
     """The teacher is frozen for the round, so the keys/values of the part of its prompt that every prefix
     shares (chat-template opening + experience block) are computed once per experience set, and those of
@@ -140,7 +146,15 @@ class OPCDConfig:
             raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
         if self.finetune == "full" and self.init_adapter is not None:
             raise ValueError("init_adapter is for LoRA; for a full fine-tune point model_path at the round-start weights")
-        for name in ("steps", "batch_size", "max_new_tokens", "max_prompt_tokens", "experience_token_budget", "loss_chunk_tokens"):
+        for name in (
+            "steps",
+            "batch_size",
+            "max_new_tokens",
+            "max_prompt_tokens",
+            "experience_token_budget",
+            "loss_chunk_tokens",
+            "backward_chunk_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.top_k is not None and self.top_k < 1:

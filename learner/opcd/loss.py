@@ -43,24 +43,27 @@ def opcd_token_loss(
     temperature: float = 0.7,
     top_k: int | None = 256,
     forward_weight: float = 0.0,
+    scratch: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token OPCD loss and per-token full-vocabulary reverse KL (the latter detached, for logging).
 
     ``student_logits`` and ``teacher_logits``: ``[..., vocab]`` at the same response positions.
     Returns ``(loss [...], kl [...])``; ``loss`` carries the gradient to ``student_logits``.
     With ``top_k=None`` (or ``top_k >= vocab``) the loss is the full-vocabulary reverse KL.
+    ``scratch``: the caller hands the logits over (nothing else reads them afterwards), so they are divided by
+    the temperature in place instead of copied; otherwise the caller's tensors are never modified.
 
-    Memory: besides the two float32 copies of the logits, only a few ``[..., vocab]`` temporaries
-    exist at once (the log-softmax is never materialised for the top-k loss).
+    Memory: besides the two float32 copies of the logits (none with ``scratch`` and float32 logits), only a
+    few ``[..., vocab]`` temporaries exist at once (the log-softmax is never materialised for the top-k loss).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
     s = student_logits.float()
-    # divide in place when .float() made a fresh copy; never modify the caller's tensor
-    s = s / temperature if s is student_logits else s.div_(temperature)
+    # divide in place when .float() made a fresh copy or the caller handed the tensor over
+    s = s / temperature if (s is student_logits and not scratch) else s.div_(temperature)
     with torch.no_grad():
         t = teacher_logits.float()
-        t = t / temperature if t is teacher_logits else t.div_(temperature)
+        t = t / temperature if (t is teacher_logits and not scratch) else t.div_(temperature)
         lse_t = torch.logsumexp(t, dim=-1, keepdim=True)
     lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
     with torch.no_grad():
@@ -114,6 +117,7 @@ def chunked_opcd_loss(
     chunk_tokens: int = 64,
     backward: bool = True,
     forward_weight: float = 0.0,
+    mean_over: int | None = None,
 ) -> tuple[LossStats, torch.Tensor | None]:
     """OPCD loss from final hidden states at the response positions (``[n_tokens, hidden]`` each).
 
@@ -121,7 +125,9 @@ def chunked_opcd_loss(
     and (``backward=True``) back-propagates each chunk's share of the mean loss into
     ``student_hidden`` right away, so only one chunk of logits is alive at a time.
     Returns ``(stats, grad)`` where ``grad`` is d(mean loss)/d(student_hidden) (``None`` when
-    ``backward=False``); finish with ``student_hidden_graph.backward(grad)``.
+    ``backward=False``); finish with ``student_hidden_graph.backward(grad)``. ``mean_over``: the number of
+    tokens of the whole batch when these positions are one micro-batch of it (the gradient is then this part's
+    share of the batch's mean; ``stats`` stay this part's own means). Default: these positions.
     """
     n = student_hidden.shape[0]
     if teacher_hidden.shape[0] != n:
@@ -138,10 +144,14 @@ def chunked_opcd_loss(
         with torch.no_grad():
             t_logits = teacher_head(teacher_hidden[sl])
         with torch.set_grad_enabled(backward):
-            loss_tok, kl_tok = opcd_token_loss(s_logits, t_logits, temperature=temperature, top_k=top_k, forward_weight=forward_weight)
+            # the projections are this chunk's own: divided in place, and not held through the backward pass
+            loss_tok, kl_tok = opcd_token_loss(
+                s_logits, t_logits, temperature=temperature, top_k=top_k, forward_weight=forward_weight, scratch=True
+            )
+            del s_logits, t_logits
             chunk_sum = loss_tok.sum()
             if backward:
-                (chunk_sum / n).backward()
+                (chunk_sum / (mean_over or n)).backward()
         total_loss += float(chunk_sum.detach())
         total_kl += float(kl_tok.sum())
     grad = leaf.grad if backward else None

@@ -30,7 +30,7 @@ Who the teacher is (the frozen round-start weights, without keeping a second cop
   second base model would cost its full size.
 * Full fine-tune: a frozen deep copy of the round-start model (twice the weights in memory).
 
-Two things make a step cheaper than the straightforward implementation, without changing the loss:
+These make a step cheaper than the straightforward implementation, without changing the loss:
 
 * **Teacher prefix cache.** The teacher is frozen for the round, and every teacher prompt with the same
   system message and experience set starts with the same tokens (template opening + experience block,
@@ -41,6 +41,12 @@ Two things make a step cheaper than the straightforward implementation, without 
   updates float32 master weights, which are what ``save`` writes.
   The loss projects hidden states to the vocabulary in chunks, so no ``[tokens, vocab]`` logits
   tensor for the whole batch exists.
+* **Backward micro-batches.** The student's answer forward, loss and backward run a few rows at a time
+  (``backward_chunk_tokens``), so only their activations are held for the backward pass; the
+  gradients add up to the batch's (:meth:`OPCDTrainer._student_micro_batches`).
+* **Plain LoRA decoding.** While sampling, the LoRA layers compute ``base(x) + B(A(x)) * scaling``
+  directly (:func:`plain_lora_forwards`): the same numbers as peft's forward, without its per-call
+  bookkeeping, which costs more than a one-token layer's arithmetic.
 
 The prompts are never truncated: prefixes whose student prompt is longer than
 ``max_prompt_tokens`` are left out (counted in ``skipped_prefixes``); an experience set over
@@ -217,6 +223,62 @@ def _release_free_memory() -> None:
 
 
 _malloc_trim: Any = None
+
+
+@contextmanager
+def plain_lora_forwards(model: Any) -> Iterator[int]:
+    """For the duration, every LoRA linear layer of ``model`` (peft's ``lora.Linear``) that runs plain LoRA with one
+    active adapter computes ``base(x) + B(A(x)) * scaling`` (what peft computes, with the same operations in the same
+    order, so the same numbers) directly from its weights, on ``x`` flattened to rows: for decoding, where a step
+    runs every layer on one token per row and peft's per-call bookkeeping (argument checks, adapter lookups, four
+    module calls) costs more than the layer's arithmetic. Layers that are merged, disabled, training (dropout) or
+    run a LoRA variant keep peft's forward. Yields the number of layers switched; for evaluation only (no dropout)."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a dependency of the trainer
+        yield 0
+        return
+    switched: list[Any] = []
+    for mod in model.modules():
+        if not isinstance(mod, LoraLinear) or mod.training or mod.merged or mod.disable_adapters:
+            continue
+        names = list(mod.active_adapters)
+        if len(names) != 1 or names[0] not in mod.lora_A or names[0] in getattr(mod, "lora_variant", {}):
+            continue
+        base = mod.base_layer
+        if not isinstance(base, torch.nn.Linear) or getattr(mod, "fan_in_fan_out", False):
+            continue
+        name = names[0]
+        a, b = mod.lora_A[name], mod.lora_B[name]
+        if not isinstance(a, torch.nn.Linear) or not isinstance(b, torch.nn.Linear) or a.bias is not None or b.bias is not None:
+            continue
+
+        def forward(
+            x: torch.Tensor,
+            *args: Any,
+            _w: torch.Tensor = base.weight,
+            _bias: torch.Tensor | None = base.bias,
+            _a: torch.Tensor = a.weight,
+            _b: torch.Tensor = b.weight,
+            _s: float = mod.scaling[name],
+            **kwargs: Any,
+        ) -> torch.Tensor:
+            shape = x.shape
+            x = x.reshape(-1, shape[-1])
+            result = torch.nn.functional.linear(x, _w, _bias)
+            xa = x if x.dtype == _a.dtype else x.to(_a.dtype)
+            out = result + torch.nn.functional.linear(torch.nn.functional.linear(xa, _a), _b) * _s
+            if out.dtype != result.dtype:
+                out = out.to(result.dtype)
+            return out.view(*shape[:-1], out.shape[-1])
+
+        mod.forward = forward
+        switched.append(mod)
+    try:
+        yield len(switched)
+    finally:
+        for mod in switched:
+            del mod.forward
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -553,7 +615,7 @@ class OPCDTrainer:
 
         When sampling from the student, the keys and values of the prompts but their last token are kept
         (:attr:`_sampled_prompts`), computed with gradient under ``prompt_gradient``: the loss of the same batch
-        at the same weights reuses them instead of running the prompts again (:meth:`_student_answer_hidden`)."""
+        at the same weights reuses them instead of running the prompts again (:meth:`_student_micro_batches`)."""
         from transformers import DynamicCache
 
         cfg = self.config
@@ -585,11 +647,6 @@ class OPCDTrainer:
                     [list(p) for p in prompts], self.step_count, [(k, v) for k, v, *_ in cache], mask[:, :-1].clone(), cfg.prompt_gradient
                 )
                 ids, pos = ids[:, -1:], pos[:, -1:]
-            logits = (
-                lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                .logits[:, -1, :]
-                .float()
-            )
             eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
 
             def choose(logits: torch.Tensor, active: list[int], step: int) -> list[int]:
@@ -597,15 +654,21 @@ class OPCDTrainer:
                     logits[:, eos] = float("-inf")
                 return (logits.argmax(-1) if greedy else self._sample(logits)).tolist()
 
-            responses, reasons = decode_batch(
-                lm,
-                cache,
-                logits,
-                mask,
-                cfg.max_new_tokens,
-                choose,
-                lambda row, response: "stop" if response[-1] in self.eos_ids else None,
-            )
+            with plain_lora_forwards(lm):
+                logits = (
+                    lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    .logits[:, -1, :]
+                    .float()
+                )
+                responses, reasons = decode_batch(
+                    lm,
+                    cache,
+                    logits,
+                    mask,
+                    cfg.max_new_tokens,
+                    choose,
+                    lambda row, response: "stop" if response[-1] in self.eos_ids else None,
+                )
             return list(zip(responses, reasons))
         finally:
             lm.train(was_training)
@@ -692,50 +755,124 @@ class OPCDTrainer:
     # --- loss and update ----------------------------------------------------------------------
 
     def loss(self, batch: Sequence[Rollout], backward: bool = False) -> LossStats:
-        """The OPCD loss of a batch; with ``backward`` the student's gradients are accumulated too."""
+        """The OPCD loss of a batch; with ``backward`` the student's gradients are accumulated too.
+
+        With ``backward``, the student's rows run forward, loss and backward in micro-batches of at most
+        ``backward_chunk_tokens`` positions (:meth:`_student_micro_batches`): each part's gradient is its share of
+        the batch's mean, so the parts add up to the batch's gradient."""
         cfg = self.config
         with torch.no_grad(), self._teacher() as teacher:
             t_hidden = self._teacher_hidden(teacher, batch)
             teacher_head = self._head(teacher, role="teacher")
         student = self._causal_lm("student")
-        s_graph = self._student_answer_hidden(student, batch, backward)
-        stats, grad = chunked_opcd_loss(
-            s_graph,
-            t_hidden,
-            self._head(student),
-            teacher_head,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            chunk_tokens=cfg.loss_chunk_tokens,
-            backward=backward,
-            forward_weight=cfg.forward_kl_weight,
-        )
-        if backward and grad is not None and s_graph.requires_grad:
-            s_graph.backward(grad.to(s_graph.dtype))
-        return stats
+        student_head = self._head(student)
+        starts = [0]
+        for r in batch:
+            starts.append(starts[-1] + len(r.response_ids))
+        n = starts[-1]
+        parts: list[LossStats] = []
+        for rows, s_graph in self._student_micro_batches(student, batch, backward):
+            t_rows = t_hidden if rows == list(range(len(batch))) else torch.cat([t_hidden[starts[i] : starts[i + 1]] for i in rows])
+            stats, grad = chunked_opcd_loss(
+                s_graph,
+                t_rows,
+                student_head,
+                teacher_head,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                chunk_tokens=cfg.loss_chunk_tokens,
+                backward=backward,
+                forward_weight=cfg.forward_kl_weight,
+                mean_over=n,
+            )
+            if backward and grad is not None and s_graph.requires_grad:
+                s_graph.backward(grad.to(s_graph.dtype))
+            del s_graph, grad
+            parts.append(stats)
+            if backward:
+                _release_free_memory()  # the next micro-batch's activations reuse this one's pages, not new ones
+        if len(parts) == 1:
+            return parts[0]
+        if n == 0:
+            return LossStats(0.0, 0.0, 0)
+        return LossStats(sum(p.loss * p.tokens for p in parts) / n, sum(p.kl * p.tokens for p in parts) / n, n)
 
-    def _student_answer_hidden(self, student: Any, batch: Sequence[Rollout], backward: bool) -> torch.Tensor:
-        """The student's final hidden states at the answer positions, [answer tokens, hidden], in batch order.
+    @staticmethod
+    def _micro_batches(sizes: Sequence[int], budget: int | None) -> list[list[int]]:
+        """Consecutive positions 0..len(sizes)-1 split into runs whose sizes add up to at most ``budget`` (a run
+        holds at least one position); ``None``: one run."""
+        if budget is None:
+            return [list(range(len(sizes)))] if sizes else []
+        out: list[list[int]] = []
+        total = 0
+        for i, size in enumerate(sizes):
+            if out and total + size <= budget:
+                out[-1].append(i)
+                total += size
+            else:
+                out.append([i])
+                total = size
+        return out
+
+    def _student_micro_batches(self, student: Any, batch: Sequence[Rollout], backward: bool) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """The student's final hidden states at the answer positions, by micro-batch: ``(rows, [their answer tokens,
+        hidden])``, each row's tokens in order. Without ``backward``, one micro-batch per group of rows.
 
         The keys and values of each prompt but its last token come from sampling when the batch was sampled at
         these very weights (:attr:`_sampled_groups`), and only the last prompt token and the answer run here on top
         of them: with ``prompt_gradient`` (the default) those keys and values carry their graph, so the gradient is
-        the full one and the prompts' forward pass is not run twice. Otherwise, with ``prompt_gradient`` the whole
+        the full one and the prompts' forward pass is not run twice. When a sampled group runs as several
+        micro-batches, each reads those keys and values through a detached copy that collects their gradient, and
+        once the group's last micro-batch has been backpropagated (the caller's backward comes before it asks for
+        the next one) the sum goes through the prompts' graph, once. Otherwise, with ``prompt_gradient`` the whole
         of every prompt runs again in the graph; without it the prompts' keys and values are computed without
         gradient, so the adapter's effect on them gets none (cheaper, approximate)."""
+        budget = self.config.backward_chunk_tokens if backward else None
         groups = self._kept_prompt_groups(batch, backward)
         if groups is None:
             if self.config.prompt_gradient or not all(len(r.student_prompt_ids) > 1 for r in batch):
-                with torch.set_grad_enabled(backward):
-                    return torch.cat(
-                        self._answer_hidden(student, [r.student_prompt_ids for r in batch], [r.response_ids for r in batch]), dim=0
-                    )
+                sizes = [len(r.student_prompt_ids) + len(r.response_ids) for r in batch]
+                for rows in self._micro_batches(sizes, budget):
+                    with torch.set_grad_enabled(backward):
+                        answers = self._answer_hidden(
+                            student, [batch[i].student_prompt_ids for i in rows], [batch[i].response_ids for i in rows]
+                        )
+                        hidden = torch.cat(answers, dim=0)
+                    del answers
+                    yield rows, hidden
+                return
             groups = [self._prompt_kv(student, batch)]
-        out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         for group in groups:
-            for i, h in zip(group.rows, self._tail_hidden(student, [batch[i] for i in group.rows], group, backward)):
-                out[i] = h
-        return torch.cat(out, dim=0)
+            parts = self._micro_batches([1 + len(batch[i].response_ids) for i in group.rows], budget)
+            if len(parts) == 1:
+                hidden = torch.cat(self._tail_hidden(student, [batch[i] for i in group.rows], group, backward), dim=0)
+                yield group.rows, hidden
+                continue
+            through = backward and group.with_grad
+            leaves = [(k.detach().requires_grad_(through), v.detach().requires_grad_(through)) for k, v in group.kv]
+            for part in parts:
+                idx = torch.tensor(part, dtype=torch.long, device=group.mask.device)
+                rows = [group.rows[j] for j in part]
+                sub = _PromptKV(
+                    [group.prompts[j] for j in part],
+                    group.step,
+                    [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in leaves],
+                    group.mask.index_select(0, idx),
+                    group.with_grad,
+                    rows,
+                )
+                hidden = torch.cat(self._tail_hidden(student, [batch[i] for i in rows], sub, backward), dim=0)
+                del sub
+                yield rows, hidden
+            if through:
+                outputs, grads = [], []
+                for pair, leaf_pair in zip(group.kv, leaves):
+                    for t, leaf in zip(pair, leaf_pair):
+                        if leaf.grad is not None and t.requires_grad:
+                            outputs.append(t)
+                            grads.append(leaf.grad)
+                if outputs:
+                    torch.autograd.backward(outputs, grads)
 
     def _kept_prompt_groups(self, batch: Sequence[Rollout], backward: bool) -> list[_PromptKV] | None:
         """Sampling's prompt keys and values, if they are those of this batch at the current weights (and carry
