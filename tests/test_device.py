@@ -76,8 +76,8 @@ def test_settings_reach_the_in_process_and_gate_backends(monkeypatch, fake_gpu) 
 
     seen: list[dict] = []
 
-    def fake_init(self, model_path, dtype="bfloat16", device="cpu", max_batch_size=8):
-        seen.append(dict(dtype=dtype, device=device))
+    def fake_init(self, model_path, dtype="bfloat16", device="cpu", max_batch_size=8, merge_adapters=None):
+        seen.append(dict(dtype=dtype, device=device, merge=merge_adapters))
 
     monkeypatch.setattr(HFBackend, "__init__", fake_init)
     monkeypatch.setattr("oel.model.prepare.resolve_model_path", lambda settings: Path("/models/base"))
@@ -87,8 +87,9 @@ def test_settings_reach_the_in_process_and_gate_backends(monkeypatch, fake_gpu) 
     factory.make_backend(load_settings())
     monkeypatch.setenv("OEL_MODEL__DEVICE", "cpu")
     monkeypatch.setenv("OEL_MODEL__DTYPE", "float32")
+    monkeypatch.setenv("OEL_MODEL__MERGE_ADAPTERS", "off")
     factory.make_backend(load_settings(), max_batch_size=4)
-    assert seen == [dict(dtype="bfloat16", device="cuda:0"), dict(dtype="float32", device="cpu")]
+    assert seen == [dict(dtype="bfloat16", device="cuda:0", merge=None), dict(dtype="float32", device="cpu", merge=False)]
 
 
 def test_learner_start_up_fails_naming_the_setting_without_a_gpu(monkeypatch, no_gpu) -> None:

@@ -263,26 +263,23 @@ def test_the_tokenizer_only_counter_counts_as_the_model_does(backend: HFBackend,
 
 
 def test_merged_adapters_answer_as_peft_does_and_leave_the_base_alone(model_path: Path, adapters: dict) -> None:
-    """With merging on (float32's default) an adapter runs merged into a copy of the weights: the same greedy
-    answers and, to float32 rounding, the same log-probs as peft's unmerged LoRA; the base model and the other
-    adapter are untouched, and unloading drops the merged copy."""
+    """With merging on (float32's default) an adapter generates merged into a copy of the weights: the same greedy
+    answers as peft's unmerged LoRA; the base model and the other adapter are untouched, and unloading drops the
+    merged copy."""
     fp32 = HFBackend(model_path, dtype="float32", max_batch_size=4)
     try:
         assert fp32.merge_adapters, "float32 weights merge by default"
         base_before = fp32.generate(PROMPTS, GREEDY)
         fp32.load_adapter("m/a@1", adapters["a"])
         fp32.load_adapter("m/b@1", adapters["b"])
-        answers, scores = {}, {}
+        answers = {}
         for merge in (False, True):
             fp32.merge_adapters = merge
             for name in ("m/a@1", "m/b@1", "m/a@1"):  # switching back and forth rebuilds the copy
                 answers[merge, name] = _ids(fp32.generate(PROMPTS, GREEDY, adapter=name))
-                scores[merge, name] = fp32.score_ids(adapters["prompt_ids"], adapters["response_ids"], adapter=name)
         assert fp32._merged is not None and fp32._merged[0] == "m/a@1"
         for name in ("m/a@1", "m/b@1"):
             assert answers[True, name] == answers[False, name], f"{name}: merged and unmerged greedy answers differ"
-            diffs = [abs(x - y) for r1, r2 in zip(scores[True, name], scores[False, name]) for x, y in zip(r1, r2)]
-            assert max(diffs) < 1e-3, f"{name}: merged log-probs off by {max(diffs):.2e}"
         assert answers[True, "m/a@1"] != answers[True, "m/b@1"] != _ids(base_before)
         assert _ids(fp32.generate(PROMPTS, GREEDY)) == _ids(base_before), "merging changed the base model"
         fp32.unload_adapter("m/a@1")

@@ -27,7 +27,7 @@ How it works:
   with that adapter's LoRA product added into its weights (peft's ``merge_and_unload``), built on first
   use; the copy of the adapter used last is kept, so a run of calls with one adapter (an evaluation, agents
   serving a version) decodes at the base model's speed instead of paying peft's separate LoRA matmuls on
-  every layer. It costs one more copy of the weights. ``auto`` turns it on for float32 weights, where the
+  every layer. Scoring stays unmerged, so log-probs are bit-identical to the trained peft model's. It costs one more copy of the weights. ``auto`` turns it on for float32 weights, where the
   merged weights equal base + LoRA to float32 rounding; in bfloat16 a LoRA delta below a weight's
   rounding step would be lost, so there the adapter stays unmerged unless merging is asked for.
 * **Scoring**: :meth:`HFBackend.score` returns per-token log-probs of given response tokens under a
@@ -602,7 +602,8 @@ class HFBackend(Backend):
     ) -> list[list[float]]:
         """Like :meth:`score`, from already tokenised prompts."""
         with self._lock:
-            return score_tokens(self._runner(adapter), prompt_token_ids, response_token_ids, self.pad_id, temperature, self.max_batch_size)
+            self._select(adapter)  # unmerged even with merging on: scores are the exact reference (class docstring)
+            return score_tokens(self.model, prompt_token_ids, response_token_ids, self.pad_id, temperature, self.max_batch_size)
 
     def close(self) -> None:
         """Drop the model and adapters."""
