@@ -243,6 +243,21 @@ async def test_bad_events_go_to_the_dlq_with_their_reason_and_good_ones_keep_flo
     assert episode.episode_id == "ok-1" and len(episode.steps) == 2
 
 
+def stub_batch_stage(proc, run_batch) -> tuple[list[str], list]:
+    """Replace the extraction stage's KB work with ``run_batch(namespace, batch)``; returns the namespaces whose KB
+    state was saved and the records released as acked (both filled as the stage runs)."""
+    saved: list[str] = []
+    acked: list = []
+
+    async def release(manual, done: list) -> None:
+        acked.extend(done)
+
+    proc._run_batch = run_batch
+    proc._save_kb_state = lambda namespace, state, event: saved.append(namespace)
+    proc._release = release
+    return saved, acked
+
+
 @in_loop
 async def test_a_flush_record_extracts_the_pending_batch_it_names(proc):
     """oel.episodes carries episodes and flush records (processors/records.py); a flush extracts the pending
@@ -260,19 +275,12 @@ async def test_a_flush_record_extracts_the_pending_batch_it_names(proc):
     record = Record
 
     ran: list[tuple[str, list[str]]] = []
-    saved: list[str] = []
-    acked: list = []
 
     async def run_batch(namespace: str, batch) -> KBState:
         ran.append((namespace, [ep.episode_id for ep in batch.episodes]))
         return KBState(namespace=namespace)
 
-    async def release(manual, done: list) -> None:
-        acked.extend(done)
-
-    proc._run_batch = run_batch
-    proc._save_kb_state = lambda namespace, state, event: saved.append(namespace)
-    proc._release = release
+    saved, acked = stub_batch_stage(proc, run_batch)
     buffer = None
     for event in episode_events("ep-f", "unit-f", turns=1):
         buffer, _ = add_event(buffer, event, 0.0)
@@ -334,12 +342,7 @@ async def test_batches_of_two_namespaces_run_side_by_side_and_one_namespaces_in_
         await finish.setdefault(first, asyncio.Event()).wait()
         return KBState(namespace=namespace)
 
-    async def release(manual, done: list) -> None:
-        return None
-
-    processor._run_batch = run_batch
-    processor._save_kb_state = lambda namespace, state, event: None
-    processor._release = release
+    stub_batch_stage(processor, run_batch)
 
     async def batch_of(eid: str, ns: str) -> None:
         await processor._extract_one(episode_record(eid, ns), None)
@@ -368,19 +371,12 @@ async def test_a_batch_that_ends_after_its_partitions_moved_leaves_its_records_t
     from processors.app import PendingBatch
 
     release = asyncio.Event()
-    saved: list[str] = []
-    acked: list = []
 
     async def run_batch(namespace: str, batch) -> KBState:
         await release.wait()
         return KBState(namespace=namespace)
 
-    async def ack(manual, done: list) -> None:
-        acked.extend(done)
-
-    proc._run_batch = run_batch
-    proc._save_kb_state = lambda namespace, state, event: saved.append(namespace)
-    proc._release = ack
+    saved, acked = stub_batch_stage(proc, run_batch)
     for revoke in (False, True):
         record = SimpleNamespace(message=SimpleNamespace(key=b"unit-r", value=b"{}"))
         proc.pending["unit-r"] = PendingBatch(since=0.0, events=[record])
