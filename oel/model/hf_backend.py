@@ -29,7 +29,8 @@ How it works:
   serving a version) decodes at the base model's speed instead of paying peft's separate LoRA matmuls on
   every layer. Scoring stays unmerged, so log-probs are bit-identical to the trained peft model's. It costs one more copy of the weights. ``auto`` turns it on for float32 weights, where the
   merged weights equal base + LoRA to float32 rounding; in bfloat16 a LoRA delta below a weight's
-  rounding step would be lost, so there the adapter stays unmerged unless merging is asked for.
+  rounding step would be lost, so there the adapter stays unmerged unless merging is asked for. An adapter
+  peft cannot merge (a LoRA bias on a layer without one) runs unmerged, with a warning.
 * **Scoring**: :meth:`HFBackend.score` returns per-token log-probs of given response tokens under a
   conversation, from the same tokenisation and padding rules (used to compare with vLLM and to check
   that a saved adapter reloads exactly). :func:`score_tokens` does the same for any causal LM
@@ -288,6 +289,7 @@ class HFBackend(Backend):
         self._adapters: dict[str, _Adapter] = {}
         self.merge_adapters = dtype == "float32" if merge_adapters is None else bool(merge_adapters)
         self._merged: tuple[str, Any] | None = None  # (adapter name, the model with it merged in)
+        self._unmergeable: set[str] = set()  # adapters peft cannot merge (they run unmerged)
         self._lock = threading.RLock()
         log.info("loaded %s (%s, %s) in %.1f s", self.model_path, dtype, self.device, time.monotonic() - t0)
 
@@ -347,13 +349,18 @@ class HFBackend(Backend):
         (class docstring), the copy of the model with ``adapter`` merged in, made now unless it is the one
         kept; else ``self.model`` with the adapter selected."""
         self._select(adapter)
-        if adapter is None or not self.merge_adapters:
+        if adapter is None or not self.merge_adapters or adapter in self._unmergeable:
             return self.model
         if self._merged is not None and self._merged[0] == adapter:
             return self._merged[1]
         self._merged = None  # free the previous copy before making the next
         t0 = time.monotonic()
-        merged = copy.deepcopy(self._peft).merge_and_unload(adapter_names=[self._adapters[adapter].internal])
+        try:
+            merged = copy.deepcopy(self._peft).merge_and_unload(adapter_names=[self._adapters[adapter].internal])
+        except (RuntimeError, ValueError) as exc:  # e.g. peft cannot merge a LoRA bias into a layer without one
+            log.warning("adapter %s cannot be merged into the weights (%s): it runs unmerged", adapter, exc)
+            self._unmergeable.add(adapter)
+            return self.model
         merged.eval().requires_grad_(False)
         self._merged = (adapter, merged)
         log.info("adapter %s merged into a copy of the weights in %.2f s", adapter, time.monotonic() - t0)
@@ -459,6 +466,7 @@ class HFBackend(Backend):
                 raise BackendError(f"unknown adapter {name!r}")
             if self._merged is not None and self._merged[0] == name:
                 self._merged = None
+            self._unmergeable.discard(name)
             self._peft.delete_adapter(entry.internal)
 
     def list_adapters(self) -> list[str]:
