@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -111,9 +110,6 @@ class KnowledgeWriter:
         self.count_tokens = count_tokens
         self.clock = clock
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="oel-store")
-        self._model = threading.Lock()
-        """One generation at a time: batches of several namespaces may be processed side by side (their store
-        requests overlap), but a model backend is not made to serve two callers at once."""
 
     def _retrying(self) -> Retrying:
         return Retrying(
@@ -173,8 +169,9 @@ class KnowledgeWriter:
             if self.backend is None:
                 raise RuntimeError(f"the {cfg.extraction.variant.value} variant needs a model, and this writer has none")
             t0 = time.monotonic()
-            with self._model:
-                outputs = self._retrying()(self.backend.generate, prompts, params)
+            # batches of several namespaces may call at once: the in-process backend serialises its calls, a
+            # vLLM server batches them together
+            outputs = self._retrying()(self.backend.generate, prompts, params)
             seconds = time.monotonic() - t0
             for ep, out in zip(todo, outputs, strict=True):
                 answers[ep.episode_id] = {

@@ -27,7 +27,8 @@ How it works:
   with that adapter's LoRA product added into its weights (peft's ``merge_and_unload``), built on first
   use; the copy of the adapter used last is kept, so a run of calls with one adapter (an evaluation, agents
   serving a version) decodes at the base model's speed instead of paying peft's separate LoRA matmuls on
-  every layer. Scoring stays unmerged, so log-probs are bit-identical to the trained peft model's. It costs one more copy of the weights. ``auto`` turns it on for float32 weights, where the
+  every layer. Scoring stays unmerged, so log-probs are bit-identical to the trained peft model's. It
+  costs one more copy of the weights. ``auto`` turns it on for float32 weights, where the
   merged weights equal base + LoRA to float32 rounding; in bfloat16 a LoRA delta below a weight's
   rounding step would be lost, so there the adapter stays unmerged unless merging is asked for. An adapter
   peft cannot merge (a LoRA bias on a layer without one) runs unmerged, with a warning.
@@ -484,8 +485,9 @@ class HFBackend(Backend):
 
     def generate(self, conversations: list[Conversation], params: SamplingParams, adapter: str | None = None) -> list[Generation]:
         """Answer every conversation with ``adapter`` (None = the base model); results in input order."""
-        prompts = [self.encode(c) for c in conversations]
-        return self.generate_from_ids(prompts, params, adapter)
+        with self._lock:  # the tokenizer too is used by one caller at a time
+            prompts = [self.encode(c) for c in conversations]
+            return self.generate_from_ids(prompts, params, adapter)
 
     def generate_from_ids(self, prompt_token_ids: list[list[int]], params: SamplingParams, adapter: str | None = None) -> list[Generation]:
         """Like :meth:`generate`, from already tokenised prompts."""
@@ -598,8 +600,9 @@ class HFBackend(Backend):
     ) -> list[list[float]]:
         """Per-token log-probs of each response (token ids following the conversation's generation prompt)
         under ``adapter`` (None = base model), normalised over the full vocabulary, logits / ``temperature``."""
-        prompts = [self.encode(c) for c in conversations]
-        return self.score_ids(prompts, response_token_ids, adapter, temperature)
+        with self._lock:  # the tokenizer too is used by one caller at a time
+            prompts = [self.encode(c) for c in conversations]
+            return self.score_ids(prompts, response_token_ids, adapter, temperature)
 
     def score_ids(
         self,
